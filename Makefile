@@ -1,0 +1,60 @@
+# Two commands: `make demo` runs the pipeline end to end; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STATE ?= .state
+
+.PHONY: setup test lint format lock demo run stop backfill bench clean help
+
+help:
+	@echo "make setup     create .venv and install the pinned stack"
+	@echo "make demo      start MLflow + Airflow standalone, run price_forecast once (synthetic data)"
+	@echo "make run       the same on real Yahoo Finance data (needs internet)"
+	@echo "make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD   backfill through the running stack"
+	@echo "make stop      stop what demo/run started"
+	@echo "make test      run the whole test suite"
+	@echo "make bench     run the benchmarks and write BENCHMARKS.md"
+	@echo "make lock      re-resolve requirements.txt from requirements.in"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet uv==0.13.8
+	$(VENV)/bin/uv pip install --python $(PY) --quiet -r requirements.txt
+	$(VENV)/bin/uv pip install --python $(PY) --quiet --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(VENV)/bin/ruff check ml dags plugins tests bench scripts
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check ml dags plugins tests bench scripts
+	$(VENV)/bin/ruff format --check ml dags plugins tests bench scripts
+
+format: setup
+	$(VENV)/bin/ruff format ml dags plugins tests bench scripts
+
+lock: setup
+	$(VENV)/bin/uv pip compile requirements.in --python-version 3.11 -o requirements.txt
+
+demo: setup
+	PRICE_SOURCE=synthetic $(PY) scripts/stack.py demo
+
+run: setup
+	PRICE_SOURCE=yahoo $(PY) scripts/stack.py demo
+
+stop:
+	@test -x $(PY) && $(PY) scripts/stack.py stop || true
+
+backfill: setup
+	$(PY) scripts/stack.py backfill --from-date $(FROM) --to-date $(TO)
+
+bench: setup
+	$(PY) bench/run.py
+
+clean: stop
+	rm -rf $(STATE)

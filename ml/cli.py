@@ -1,0 +1,136 @@
+"""Command line: `python -m ml ingest|train|forecast|universe|config`.
+
+Each command prints one line per ticker and exits non-zero if any ticker failed (1) or the input
+was bad (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date
+from typing import Any
+
+from ml.config import ConfigError, Settings, get_settings, settings_table
+from ml.universe import UniverseError, load_universe, validate_ticker
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _ticker(text: str) -> str:
+    try:
+        return validate_ticker(text)
+    except UniverseError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ml",
+        description="Daily price forecasting: ingest and validate bars, train and promote models, forecast.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("ingest", "fetch, validate (Great Expectations) and publish bars up to --date"),
+        ("train", "train candidates on bars up to --date, register them, promote if better"),
+        ("forecast", "forecast the bar after --date with each ticker's champion"),
+    ):
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--date", type=_date, required=True, help="logical date (YYYY-MM-DD)")
+        cmd.add_argument(
+            "--tickers", nargs="+", type=_ticker, help="subset of the universe (default: all)"
+        )
+        if name == "train":
+            cmd.add_argument(
+                "--force", action="store_true", help="retrain even if the data did not change"
+            )
+    sub.add_parser("universe", help="list the tickers, asset classes and slugs")
+    sub.add_parser("config", help="print the effective settings")
+    return parser
+
+
+def _run_per_ticker(tickers: Sequence[str], step: Callable[[str], str]) -> int:
+    failed = 0
+    for ticker in tickers:
+        try:
+            line = step(ticker)
+        except Exception as exc:  # report every ticker, then fail
+            failed += 1
+            print(f"{ticker:<10} FAILED  {type(exc).__name__}: {exc}", flush=True)
+        else:
+            print(f"{ticker:<10} {line}", flush=True)
+    if failed:
+        print(f"{failed} of {len(tickers)} ticker(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _fmt_u2(u2: dict[str, Any]) -> str:
+    return " ".join(f"{k}={float(v):.3f}" for k, v in u2.items() if k in ("High", "Low", "Close"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings: Settings = get_settings()
+        universe = load_universe(settings.universe_file)
+        if args.command == "universe":
+            for i in universe:
+                print(f"{i.ticker:<10} {i.asset_class:<7} {i.slug:<10} {i.name}")
+            return 0
+        if args.command == "config":
+            for key, value in settings_table(settings):
+                print(f"{key:<24} {value}")
+            return 0
+        tickers = [i.ticker for i in universe.select(args.tickers)]
+    except (ConfigError, UniverseError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from ml import pipeline
+
+    as_of: date = args.date
+    if args.command == "ingest":
+
+        def ingest(ticker: str) -> str:
+            staged = pipeline.ingest_step(ticker, as_of, settings)
+            published = pipeline.publish_step(ticker, as_of, settings)
+            mode = "incremental" if staged["incremental"] else "full history"
+            return (
+                f"fetched {staged['rows_fetched']:>5} ({mode}, {staged['source']})  "
+                f"added {published['rows_added']:>5}  updated {published['rows_updated']:>3}  "
+                f"validation {published['validation']} ({published['checks']} checks)  "
+                f"history {published['total_rows']} bars to {published['last_date']}"
+            )
+
+        return _run_per_ticker(tickers, ingest)
+
+    if args.command == "train":
+
+        def train(ticker: str) -> str:
+            trained = pipeline.train_step(ticker, as_of, settings, force=args.force)
+            decision = pipeline.promote_step(ticker, as_of, trained, settings)
+            verdict = "PROMOTED" if decision["promoted"] else "not promoted"
+            return (
+                f"{trained['status']:<8} v{trained.get('version')}  U2 vs persistence "
+                f"{_fmt_u2(trained.get('metrics') or {})}  {verdict}: {decision['reason']}"
+            )
+
+        return _run_per_ticker(tickers, train)
+
+    def forecast(ticker: str) -> str:
+        row = pipeline.forecast_step(ticker, as_of, settings)
+        if row is None:
+            return "no champion yet: nothing forecast"
+        return (
+            f"next bar after {row['last_bar_date']}: High {row['pred_high']:.4f}  "
+            f"Low {row['pred_low']:.4f}  Close {row['pred_close']:.4f}  "
+            f"Adj Close {row['pred_adj_close']:.4f}  (v{row['model_version']})"
+        )
+
+    return _run_per_ticker(tickers, forecast)

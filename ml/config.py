@@ -1,0 +1,184 @@
+"""Settings for the whole project, read from environment variables.
+
+Everything configurable lives here, with defaults that run offline on one machine. Importing this
+module only defines things: call `get_settings()` to read the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import date
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRICE_SOURCES = ("yahoo", "synthetic", "files")
+MODEL_KINDS = ("lstm", "gru")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the pipeline cannot use."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters that define a trained model (part of the config fingerprint)."""
+
+    window: int = 6
+    kinds: tuple[str, ...] = MODEL_KINDS
+    units: int = 64
+    dense_units: int = 8
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    max_epochs: int = 40
+    patience: int = 5
+    split: tuple[float, float, float] = (0.7, 0.2, 0.1)
+    seed: int = 42
+    naive_lookback: int = 20
+
+    def fingerprint(self) -> str:
+        """A short, stable hash of the config: equal configs give equal models."""
+        payload = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Promotion thresholds on Theil's U2 against persistence (DESIGN.md section 6)."""
+
+    u2_high_max: float = 1.0
+    u2_low_max: float = 1.0
+    u2_close_max: float = 1.0
+    close_inclusive: bool = True
+    # A candidate must beat the champion's mean U2 by more than this (numerical noise, not skill).
+    min_improvement: float = 1e-4
+
+
+@dataclass(frozen=True)
+class Settings:
+    price_source: str = "synthetic"
+    price_files_dir: Path | None = None
+    data_dir: Path = PROJECT_ROOT / ".state" / "data"
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    experiment_name: str = "price-forecast"
+    universe_file: Path = PROJECT_ROOT / "universe.csv"
+    history_start: date = date(2015, 1, 2)
+    trailing_days: int = 10
+    yahoo_max_retries: int = 5
+    yahoo_backoff_seconds: float = 2.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def with_model(self, **changes: object) -> Settings:
+        return replace(self, model=replace(self.model, **changes))
+
+
+def _parse_date(name: str, raw: str) -> date:
+    try:
+        return date.fromisoformat(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a date (YYYY-MM-DD)") from exc
+
+
+def _parse_number(name: str, raw: str, kind: type) -> int | float:
+    try:
+        value = kind(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _parse_kinds(raw: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip().lower() for k in raw.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in MODEL_KINDS]
+    if not kinds or unknown:
+        raise ConfigError(f"MODEL_KINDS={raw!r}: choose from {', '.join(MODEL_KINDS)}")
+    return kinds
+
+
+_MODEL_ENV = {
+    "window": ("MODEL_WINDOW", int),
+    "units": ("MODEL_UNITS", int),
+    "learning_rate": ("MODEL_LEARNING_RATE", float),
+    "batch_size": ("MODEL_BATCH_SIZE", int),
+    "max_epochs": ("MODEL_MAX_EPOCHS", int),
+    "patience": ("MODEL_PATIENCE", int),
+    "seed": ("MODEL_SEED", int),
+}
+_GATE_ENV = {
+    "u2_high_max": "GATE_U2_HIGH_MAX",
+    "u2_low_max": "GATE_U2_LOW_MAX",
+    "u2_close_max": "GATE_U2_CLOSE_MAX",
+    "min_improvement": "GATE_MIN_IMPROVEMENT",
+}
+
+
+def get_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from `env` (default: the process environment)."""
+    env = os.environ if env is None else env
+    source = env.get("PRICE_SOURCE", "synthetic").strip().lower()
+    if source not in PRICE_SOURCES:
+        raise ConfigError(f"PRICE_SOURCE={source!r}: choose from {', '.join(PRICE_SOURCES)}")
+    files_dir = Path(env["PRICE_FILES_DIR"]) if env.get("PRICE_FILES_DIR") else None
+    if source == "files" and files_dir is None:
+        raise ConfigError(
+            "PRICE_SOURCE=files needs PRICE_FILES_DIR (a folder of <TICKER>.csv/.parquet)"
+        )
+
+    model_changes: dict[str, object] = {}
+    for attr, (name, kind) in _MODEL_ENV.items():
+        if env.get(name):
+            model_changes[attr] = _parse_number(name, env[name], kind)
+    if env.get("MODEL_KINDS"):
+        model_changes["kinds"] = _parse_kinds(env["MODEL_KINDS"])
+    model = replace(ModelConfig(), **model_changes)
+
+    gate_changes = {
+        attr: _parse_number(name, env[name], float)
+        for attr, name in _GATE_ENV.items()
+        if env.get(name)
+    }
+    gate = replace(GateConfig(), **gate_changes)
+
+    defaults = Settings()
+    return Settings(
+        price_source=source,
+        price_files_dir=files_dir,
+        data_dir=Path(env.get("DATA_DIR") or defaults.data_dir),
+        mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or defaults.mlflow_tracking_uri,
+        experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or defaults.experiment_name,
+        universe_file=Path(env.get("UNIVERSE_FILE") or defaults.universe_file),
+        history_start=_parse_date("HISTORY_START", env["HISTORY_START"])
+        if env.get("HISTORY_START")
+        else defaults.history_start,
+        trailing_days=int(_parse_number("TRAILING_DAYS", env["TRAILING_DAYS"], int))
+        if env.get("TRAILING_DAYS")
+        else defaults.trailing_days,
+        yahoo_max_retries=int(_parse_number("YAHOO_MAX_RETRIES", env["YAHOO_MAX_RETRIES"], int))
+        if env.get("YAHOO_MAX_RETRIES")
+        else defaults.yahoo_max_retries,
+        yahoo_backoff_seconds=float(
+            _parse_number("YAHOO_BACKOFF_SECONDS", env["YAHOO_BACKOFF_SECONDS"], float)
+        )
+        if env.get("YAHOO_BACKOFF_SECONDS")
+        else defaults.yahoo_backoff_seconds,
+        model=model,
+        gate=gate,
+    )
+
+
+def settings_table(settings: Settings) -> list[tuple[str, str]]:
+    """(name, value) rows describing the settings, for `python -m ml config`."""
+    rows: list[tuple[str, str]] = []
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in ("model", "gate"):
+            rows.extend((f"{f.name}.{k}", str(v)) for k, v in asdict(value).items())
+        else:
+            rows.append((f.name, str(value)))
+    return rows

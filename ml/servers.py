@@ -1,0 +1,99 @@
+"""Starting and waiting for local servers: the MLflow tracking server used by the demo and tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(
+    url: str, timeout: float = 120.0, process: subprocess.Popen | None = None
+) -> None:
+    """Poll `url` until it answers 200; fail early if `process` exits."""
+    deadline = time.monotonic() + timeout
+    last_error = ""
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"server exited with code {process.returncode} before {url} answered"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last_error = str(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s ({last_error})")
+
+
+@dataclass
+class MlflowServer:
+    process: subprocess.Popen
+    uri: str
+    log_path: Path
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_mlflow_server(
+    backend_store_uri: str,
+    artifacts_dir: Path,
+    log_path: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    workers: int = 2,
+    timeout: float = 120.0,
+) -> MlflowServer:
+    """Start `mlflow server` (artifacts served through it) and wait until /health answers."""
+    port = port or free_port(host)
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [
+        str(mlflow_bin),
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(artifacts_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy()
+        )
+    uri = f"http://{host}:{port}"
+    try:
+        wait_for_http(f"{uri}/health", timeout, process)
+    except Exception:
+        MlflowServer(process, uri, log_path).stop()
+        raise RuntimeError(f"MLflow server did not start; see {log_path}") from None
+    return MlflowServer(process, uri, log_path)

@@ -1,0 +1,186 @@
+"""The price store: per-ticker published history under `DATA_DIR`, staging and quarantine.
+
+Layout (all names are ticker slugs, never raw input):
+
+    prices/<slug>.parquet                 published history, only validated bars
+    staging/<slug>/<as_of>.parquet        a fetched batch waiting for validation
+    quarantine/<slug>/<as_of>/            a batch that failed: batch.parquet + validation.json
+    validation/<slug>/<as_of>.json        the report of a batch that passed
+
+Every write goes to a temp file in the same folder and is renamed into place, so a killed process
+leaves either the old file or the new one. Publishing is an upsert by date under a per-ticker lock;
+a batch that changes nothing writes nothing, so re-ingesting a date leaves files byte-identical.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ml.sources import OUTPUT_COLUMNS, PRICE_COLUMNS
+from ml.universe import Instrument
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temp file beside `path`, fsync it and rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False, engine="pyarrow"))
+
+
+def empty_prices() -> pd.DataFrame:
+    import pandas as pd
+
+    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in OUTPUT_COLUMNS})
+    frame["Date"] = frame["Date"].astype("datetime64[ns]")
+    frame["Ticker"] = frame["Ticker"].astype("object")
+    return frame
+
+
+def data_fingerprint(frame: pd.DataFrame) -> str:
+    """A stable hash of the bars (dates and values): equal data give equal fingerprints."""
+    import pandas as pd
+
+    values = frame[PRICE_COLUMNS].copy()
+    values["Date"] = values["Date"].dt.strftime("%Y-%m-%d")
+    digest = hashlib.sha256(pd.util.hash_pandas_object(values, index=False).to_numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    rows_added: int
+    rows_updated: int
+    total_rows: int
+    last_date: date | None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rows_added or self.rows_updated)
+
+
+@dataclass(frozen=True)
+class PriceStore:
+    root: Path
+
+    def _dir(self, kind: str, instrument: Instrument) -> Path:
+        return self.root / kind / instrument.slug
+
+    def history_path(self, instrument: Instrument) -> Path:
+        return self.root / "prices" / f"{instrument.slug}.parquet"
+
+    def staging_path(self, instrument: Instrument, as_of: date) -> Path:
+        return self._dir("staging", instrument) / f"{as_of.isoformat()}.parquet"
+
+    def quarantine_dir(self, instrument: Instrument, as_of: date) -> Path:
+        return self._dir("quarantine", instrument) / as_of.isoformat()
+
+    def report_path(self, instrument: Instrument, as_of: date) -> Path:
+        return self._dir("validation", instrument) / f"{as_of.isoformat()}.json"
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive lock (flock) on `name`, e.g. a ticker slug while its history is replaced."""
+        path = self.root / "locks" / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def load(self, instrument: Instrument, until: date | None = None) -> pd.DataFrame:
+        """Published bars of `instrument`, optionally only those dated <= `until` (point in time)."""
+        import pandas as pd
+
+        path = self.history_path(instrument)
+        if not path.exists():
+            return empty_prices()
+        frame = pd.read_parquet(path)
+        if until is not None:
+            frame = frame.loc[frame["Date"] <= pd.Timestamp(until)].reset_index(drop=True)
+        return frame
+
+    def last_date(self, instrument: Instrument) -> date | None:
+        frame = self.load(instrument)
+        return None if frame.empty else frame["Date"].iloc[-1].date()
+
+    def stage(self, instrument: Instrument, batch: pd.DataFrame, as_of: date) -> Path:
+        path = self.staging_path(instrument, as_of)
+        _write_parquet(batch.reset_index(drop=True), path)
+        return path
+
+    def read_staged(self, instrument: Instrument, as_of: date) -> pd.DataFrame:
+        import pandas as pd
+
+        path = self.staging_path(instrument, as_of)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{instrument.ticker}: no staged batch for {as_of} at {path}; run ingest first"
+            )
+        return pd.read_parquet(path)
+
+    def quarantine(self, instrument: Instrument, as_of: date, report_json: str) -> Path:
+        """Move the staged batch of `as_of` to quarantine with its validation report."""
+        target = self.quarantine_dir(instrument, as_of)
+        target.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target / "validation.json", report_json)
+        staged = self.staging_path(instrument, as_of)
+        if staged.exists():
+            os.replace(staged, target / "batch.parquet")
+        return target
+
+    def publish(
+        self, instrument: Instrument, batch: pd.DataFrame, as_of: date, report_json: str
+    ) -> PublishResult:
+        """Upsert a validated batch into the published history, atomically and idempotently."""
+        import pandas as pd
+
+        with self.lock(instrument.slug):
+            history = self.load(instrument)
+            batch = batch[OUTPUT_COLUMNS].reset_index(drop=True)
+            overlap = history.loc[history["Date"].isin(batch["Date"])]
+            kept = history.loc[~history["Date"].isin(batch["Date"])]
+            merged = pd.concat([kept, batch], ignore_index=True) if not kept.empty else batch.copy()
+            merged = merged.sort_values("Date", kind="stable").reset_index(drop=True)
+            old = overlap.set_index("Date")[PRICE_COLUMNS[1:]]
+            new = batch.set_index("Date").loc[old.index, PRICE_COLUMNS[1:]]
+            rows_updated = int((~((old == new) | (old.isna() & new.isna()))).any(axis=1).sum())
+            rows_added = len(batch) - len(overlap)
+            if rows_added or rows_updated:
+                _write_parquet(merged[OUTPUT_COLUMNS], self.history_path(instrument))
+            report_path = self.report_path(instrument, as_of)
+            if not report_path.exists() or report_path.read_text() != report_json:
+                atomic_write_text(report_path, report_json)
+            self.staging_path(instrument, as_of).unlink(missing_ok=True)
+            last = merged["Date"].iloc[-1].date() if len(merged) else None
+            return PublishResult(rows_added, rows_updated, len(merged), last)

@@ -1,0 +1,147 @@
+"""The ticker universe: which instruments the pipeline forecasts, and their asset classes.
+
+The universe is data (`universe.csv`, path from `UNIVERSE_FILE`), not code. Tickers end up in file
+names, MLflow model names and URLs, so each one is checked against a strict pattern and mapped to a
+reversible slug before it is used anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ASSET_CLASSES = ("stock", "etf", "forex", "crypto", "future")
+
+# Upper-case Yahoo symbols: an optional index caret, 1-20 letters/digits/dots/dashes, and an optional
+# `=X` (forex) or `=F` (futures) suffix. Nothing else: no slashes, spaces, quotes or separators.
+TICKER_PATTERN = re.compile(r"^\^?[A-Z0-9][A-Z0-9.\-]{0,19}(=[A-Z])?$")
+SLUG_PATTERN = re.compile(r"^_?[A-Z0-9][A-Z0-9.\-]{0,19}(_[A-Z])?$")
+MODEL_NAME_PREFIX = "price-forecast-"
+
+
+class UniverseError(ValueError):
+    """A ticker or the universe file is malformed."""
+
+
+@dataclass(frozen=True)
+class Instrument:
+    ticker: str
+    asset_class: str
+    name: str = ""
+
+    @property
+    def slug(self) -> str:
+        return ticker_slug(self.ticker)
+
+    @property
+    def model_name(self) -> str:
+        return MODEL_NAME_PREFIX + self.slug
+
+    @property
+    def trades_weekends(self) -> bool:
+        return self.asset_class == "crypto"
+
+    @property
+    def has_volume(self) -> bool:
+        return self.asset_class != "forex"
+
+
+def validate_ticker(ticker: object) -> str:
+    """Return `ticker` if it is a well-formed Yahoo symbol, else raise UniverseError."""
+    if not isinstance(ticker, str) or not TICKER_PATTERN.fullmatch(ticker):
+        raise UniverseError(
+            f"malformed ticker {ticker!r}: expected an upper-case Yahoo symbol such as "
+            "'GOOGL', 'SOL-USD', 'EURUSD=X' or 'ZB=F' (pattern "
+            f"{TICKER_PATTERN.pattern})"
+        )
+    return ticker
+
+
+def ticker_slug(ticker: str) -> str:
+    """Map a ticker to a name safe for files, MLflow models and URLs (`EURUSD=X` -> `EURUSD_X`)."""
+    validate_ticker(ticker)
+    slug = ticker.replace("=", "_")
+    return "_" + slug[1:] if slug.startswith("^") else slug
+
+
+def ticker_from_slug(slug: str) -> str:
+    """The inverse of `ticker_slug`."""
+    if not isinstance(slug, str) or not SLUG_PATTERN.fullmatch(slug):
+        raise UniverseError(f"malformed ticker slug {slug!r}")
+    ticker = "^" + slug[1:] if slug.startswith("_") else slug
+    return validate_ticker(ticker.replace("_", "="))
+
+
+@dataclass(frozen=True)
+class Universe:
+    instruments: tuple[Instrument, ...]
+
+    def __len__(self) -> int:
+        return len(self.instruments)
+
+    def __iter__(self):
+        return iter(self.instruments)
+
+    @property
+    def tickers(self) -> list[str]:
+        return [i.ticker for i in self.instruments]
+
+    def get(self, ticker: str) -> Instrument:
+        validate_ticker(ticker)
+        for instrument in self.instruments:
+            if instrument.ticker == ticker:
+                return instrument
+        raise UniverseError(
+            f"unknown ticker {ticker!r}: not in the universe file; add it there with its asset class"
+        )
+
+    def select(self, tickers: Iterable[str] | None) -> list[Instrument]:
+        """The instruments for `tickers` (all when None), in the order given."""
+        if tickers is None:
+            return list(self.instruments)
+        chosen = [self.get(t) for t in tickers]
+        if not chosen:
+            raise UniverseError("no tickers selected")
+        return chosen
+
+
+def parse_universe(rows: Sequence[dict[str, str]], origin: str = "universe") -> Universe:
+    instruments: list[Instrument] = []
+    seen: set[str] = set()
+    for line_no, row in enumerate(rows, start=2):
+        ticker = (row.get("ticker") or "").strip()
+        asset_class = (row.get("asset_class") or "").strip().lower()
+        where = f"{origin}, line {line_no}"
+        try:
+            validate_ticker(ticker)
+        except UniverseError as exc:
+            raise UniverseError(f"{where}: {exc}") from None
+        if asset_class not in ASSET_CLASSES:
+            raise UniverseError(
+                f"{where}: asset class {asset_class!r} for {ticker}: choose from "
+                f"{', '.join(ASSET_CLASSES)}"
+            )
+        if ticker in seen:
+            raise UniverseError(f"{where}: duplicate ticker {ticker}")
+        seen.add(ticker)
+        instruments.append(Instrument(ticker, asset_class, (row.get("name") or "").strip()))
+    if not instruments:
+        raise UniverseError(f"{origin}: the universe is empty")
+    return Universe(tuple(instruments))
+
+
+def load_universe(path: Path) -> Universe:
+    """Read and check the universe file (CSV with columns ticker, asset_class, name)."""
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"ticker", "asset_class"} - set(reader.fieldnames or ())
+            if missing:
+                raise UniverseError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            rows = list(reader)
+    except FileNotFoundError:
+        raise UniverseError(f"universe file not found: {path} (set UNIVERSE_FILE)") from None
+    return parse_universe(rows, origin=str(path))

@@ -1,0 +1,720 @@
+"""Great Expectations 1.x suites for daily price bars, and `validate_prices`, which raises on bad data.
+
+A batch is checked in three steps:
+
+1. before GX: the frame must have rows (an empty batch fails with "no rows"), and its columns and
+   dtypes must be the standard ones; if they are not, a schema-only suite runs on the raw frame so
+   the report names the missing or unexpected columns;
+2. pandas derives helper columns (prefixed `_`) for the checks GX cannot express on raw columns:
+   the tolerant OHLC bounds, the weekday, the gap to the previous bar, the age relative to `as_of`
+   and the log-return of Close (including across the boundary with the already-published history);
+3. one GX suite per instrument (`build_suite`, rules per asset class in `CLASS_RULES`) asserts
+   everything on raw and helper columns alike, so the report is GX's own result: a verdict per
+   expectation, and for each failed one GX's COMPLETE result with the offending rows.
+
+Importing this module does nothing but define things: GX and pandas are imported on first use and
+one ephemeral GX context is created per process on the first validation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from ml.sources import OUTPUT_COLUMNS
+from ml.universe import Instrument
+
+if TYPE_CHECKING:
+    import great_expectations as gx
+    import pandas as pd
+
+# Yahoo's daily bars are not always internally consistent: adjustments and rounding put Open or
+# Close slightly outside [Low, High] now and then (typically by a tick, well under 0.1%). Those
+# bars are real data, so Open/Close may exceed High, or undercut Low, by this relative amount.
+# High >= Low gets no tolerance: an inverted range is always an error.
+DEFAULT_OHLC_TOLERANCE = 0.005
+MAX_OHLC_TOLERANCE = 0.1
+
+PRICE_VALUE_COLUMNS = ["Open", "High", "Low", "Close", "Adj Close"]
+NUMERIC_COLUMNS = [*PRICE_VALUE_COLUMNS, "Volume"]
+DATE_DTYPES = ["datetime64[ns]", "datetime64[us]", "datetime64[ms]", "datetime64[s]"]
+NUMERIC_DTYPES = ["float64", "float32", "int64", "int32", "Float64", "Int64"]
+WEEKDAY_NAMES = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+
+# Derived by `prepare_frame`, asserted by the suite.
+HIGH_TOLERANT = "_high_with_tolerance"
+LOW_TOLERANT = "_low_with_tolerance"
+WEEKDAY = "_weekday"
+GAP_DAYS = "_gap_days"
+AGE_DAYS = "_age_days"
+LOG_RETURN = "_close_log_return"
+HELPER_COLUMNS = [HIGH_TOLERANT, LOW_TOLERANT, WEEKDAY, GAP_DAYS, AGE_DAYS, LOG_RETURN]
+
+# GX result formats: verdicts for the whole suite, then COMPLETE (every offending row's Date and
+# values, and up to REPORT_ROWS whole rows) for the expectations that failed. MESSAGE_ROWS example
+# rows per failed expectation go into the error message.
+VERDICT_FORMAT = "BOOLEAN_ONLY"
+REPORT_ROWS = 20
+MESSAGE_ROWS = 5
+
+
+@dataclass(frozen=True)
+class ClassRules:
+    """Calendar, freshness and jump limits of one asset class."""
+
+    weekdays_only: bool
+    max_gap_days: int  # calendar days between consecutive bars
+    max_age_days: int  # calendar days from the newest bar to as_of
+    max_abs_log_return: float  # |log(Close_t / Close_t-1)|
+
+
+# Weekday classes: a gap of 7 days is a full week off (9/11 closed US markets Tue-Fri); the newest
+# bar may be 5 days old on a run after a weekend plus a holiday. Crypto trades every day. A 100x
+# error moves log(Close) by 4.6; the limits sit well above real daily moves of each class.
+CLASS_RULES: dict[str, ClassRules] = {
+    "stock": ClassRules(True, 7, 5, math.log(3)),
+    "etf": ClassRules(True, 7, 5, math.log(3)),
+    "future": ClassRules(True, 7, 5, math.log(3)),
+    "forex": ClassRules(True, 7, 5, 0.2),
+    "crypto": ClassRules(False, 3, 3, math.log(4)),
+}
+
+
+class PriceValidationError(ValueError):
+    """A price batch failed validation. The message names the ticker, each failed check and
+    example rows; `report` is the full JSON-serializable result (the quarantine report)."""
+
+    def __init__(self, ticker: str, failures: list[dict], report: dict, headline: str) -> None:
+        self.ticker = ticker
+        self.failures = failures
+        self.report = report
+        super().__init__(_format_message(ticker, headline, failures))
+
+    def __reduce__(self):  # picklable across processes (Airflow, multiprocessing)
+        return (_rebuild_error, (self.ticker, self.failures, self.report, str(self)))
+
+
+def _rebuild_error(ticker: str, failures: list[dict], report: dict, message: str):
+    err = PriceValidationError.__new__(PriceValidationError)
+    ValueError.__init__(err, message)
+    err.ticker, err.failures, err.report = ticker, failures, report
+    return err
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """GX's result for one batch, JSON-ready: one dict per expectation, in suite order.
+
+    Passing expectations carry GX's verdict; failing ones its COMPLETE result (every offending
+    row's Date and values, the first `REPORT_ROWS` rows in full). `meta` says what was validated.
+    """
+
+    ticker: str
+    success: bool
+    results: list[dict]
+    statistics: dict
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The whole report (offending rows included) as deterministic JSON."""
+        return json.dumps(asdict(self), sort_keys=True, indent=2, allow_nan=False)
+
+    @property
+    def failures(self) -> list[dict]:
+        return [_summarize_failure(r) for r in self.results if not r.get("success")]
+
+
+# --- suites --------------------------------------------------------------------------------------
+
+
+def rules_for(instrument: Instrument) -> ClassRules:
+    try:
+        return CLASS_RULES[instrument.asset_class]
+    except KeyError:
+        raise ValueError(
+            f"{instrument.ticker}: no validation rules for asset class {instrument.asset_class!r}"
+        ) from None
+
+
+def _expectation(cls_name: str, check: str, reason: str, show: list[str], **kwargs: Any):
+    import great_expectations as gx
+
+    cls = getattr(gx.expectations, cls_name)
+    return cls(**kwargs, meta={"check": check, "reason": reason, "show": show})
+
+
+def _columns_expectation(columns: list[str], reason: str):
+    return _expectation(
+        "ExpectTableColumnsToMatchSet",
+        "columns",
+        reason,
+        [],
+        column_set=list(columns),
+        exact_match=True,
+    )
+
+
+def build_schema_suite(
+    instrument: Instrument, present: list[str] | None = None
+) -> gx.ExpectationSuite:
+    """Columns and dtypes, for a raw frame whose shape is wrong (the full suite cannot run on it).
+
+    Dtype expectations are made only for the `present` columns (all when None): GX raises on an
+    expectation about a missing column, and the column-set expectation already reports it.
+    """
+    import great_expectations as gx
+
+    present_set = set(OUTPUT_COLUMNS if present is None else present)
+    exps = [
+        _columns_expectation(
+            OUTPUT_COLUMNS, f"columns must be exactly: {', '.join(OUTPUT_COLUMNS)}"
+        )
+    ]
+    if "Date" in present_set:
+        exps.append(
+            _expectation(
+                "ExpectColumnValuesToBeInTypeList",
+                "Date_dtype",
+                "Date must be a datetime column without time zone",
+                ["Date"],
+                column="Date",
+                type_list=DATE_DTYPES,
+            )
+        )
+    exps += [
+        _expectation(
+            "ExpectColumnValuesToBeInTypeList",
+            f"{col}_dtype",
+            f"{col} must be numeric",
+            [col],
+            column=col,
+            type_list=NUMERIC_DTYPES,
+        )
+        for col in NUMERIC_COLUMNS
+        if col in present_set
+    ]
+    # Passing the expectations to the constructor, unlike `add_expectation`, needs no active context.
+    return gx.ExpectationSuite(name=f"prices.schema.{instrument.slug}", expectations=exps)
+
+
+def build_suite(
+    instrument: Instrument, *, tolerance: float = DEFAULT_OHLC_TOLERANCE
+) -> gx.ExpectationSuite:
+    """The full suite for one instrument, following its asset class (see `CLASS_RULES`).
+
+    It validates the frame made by `prepare_frame`: the standard columns plus `HELPER_COLUMNS`.
+    Dtypes and a non-empty frame are established before it runs (see `validate_prices`).
+    """
+    import great_expectations as gx
+
+    rules = rules_for(instrument)
+    pct = f"{tolerance:.2%}"
+    exps = [
+        _columns_expectation(
+            [*OUTPUT_COLUMNS, *HELPER_COLUMNS],
+            f"columns must be exactly: {', '.join(OUTPUT_COLUMNS)} (plus the derived _ columns)",
+        )
+    ]
+    exps += [
+        _expectation(
+            "ExpectColumnValuesToNotBeNull",
+            f"{col}_not_null",
+            f"{col} must not be missing",
+            [col],
+            column=col,
+        )
+        for col in OUTPUT_COLUMNS
+    ]
+    exps.append(
+        _expectation(
+            "ExpectColumnValuesToBeInSet",
+            "ticker",
+            f"Ticker must be {instrument.ticker}",
+            ["Ticker"],
+            column="Ticker",
+            value_set=[instrument.ticker],
+        )
+    )
+    exps += [
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            f"{col}_positive",
+            f"{col} must be > 0",
+            [col],
+            column=col,
+            min_value=0,
+            strict_min=True,
+        )
+        for col in PRICE_VALUE_COLUMNS
+    ]
+    exps.append(
+        _expectation(
+            "ExpectColumnPairValuesAToBeGreaterThanB",
+            "high_ge_low",
+            "High must be >= Low (no tolerance)",
+            ["High", "Low"],
+            column_A="High",
+            column_B="Low",
+            or_equal=True,
+            ignore_row_if="either_value_is_missing",
+        )
+    )
+    for bound, side, col in (
+        (HIGH_TOLERANT, "High", "Open"),
+        (HIGH_TOLERANT, "High", "Close"),
+        (LOW_TOLERANT, "Low", "Open"),
+        (LOW_TOLERANT, "Low", "Close"),
+    ):
+        above = side == "High"
+        exps.append(
+            _expectation(
+                "ExpectColumnPairValuesAToBeGreaterThanB",
+                f"{side.lower()}_{'ge' if above else 'le'}_{col.lower()}",
+                f"{side} must be {'>=' if above else '<='} {col} (within {pct} tolerance)",
+                [side, col],
+                column_A=bound if above else col,
+                column_B=col if above else bound,
+                or_equal=True,
+                ignore_row_if="either_value_is_missing",
+            )
+        )
+    exps.append(
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            "volume_non_negative",
+            "Volume must be >= 0",
+            ["Volume"],
+            column="Volume",
+            min_value=0,
+        )
+    )
+    exps += [
+        _expectation(
+            "ExpectColumnValuesToBeUnique",
+            "dates_unique",
+            "dates must be unique",
+            ["Date"],
+            column="Date",
+        ),
+        _expectation(
+            "ExpectColumnValuesToBeIncreasing",
+            "dates_increasing",
+            "dates must be strictly increasing",
+            ["Date"],
+            column="Date",
+            strictly=True,
+        ),
+    ]
+    if rules.weekdays_only:
+        exps.append(
+            _expectation(
+                "ExpectColumnValuesToBeInSet",
+                "no_weekend",
+                f"no weekend bars for {instrument.asset_class}",
+                [WEEKDAY],
+                column=WEEKDAY,
+                value_set=WEEKDAY_NAMES[:5],
+            )
+        )
+    exps += [
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            "max_gap",
+            f"at most {rules.max_gap_days} calendar days between consecutive bars",
+            [GAP_DAYS],
+            column=GAP_DAYS,
+            max_value=rules.max_gap_days,
+        ),
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            "not_after_as_of",
+            "no bar may be dated after as_of (point-in-time)",
+            [AGE_DAYS],
+            column=AGE_DAYS,
+            min_value=0,
+        ),
+        _expectation(
+            "ExpectColumnMinToBeBetween",
+            "fresh",
+            f"the newest bar must be at most {rules.max_age_days} days before as_of (stale data)",
+            [AGE_DAYS],
+            column=AGE_DAYS,
+            max_value=rules.max_age_days,
+        ),
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            "close_jump",
+            f"|log(Close / previous Close)| must be <= {rules.max_abs_log_return:.3g} "
+            f"(x{math.exp(rules.max_abs_log_return):.3g}); larger jumps are bad ticks, unit (100x) "
+            "errors, or a split the published history does not reflect yet",
+            ["Close", LOG_RETURN],
+            column=LOG_RETURN,
+            min_value=-rules.max_abs_log_return,
+            max_value=rules.max_abs_log_return,
+        ),
+    ]
+    checks = [e.meta["check"] for e in exps]
+    assert len(checks) == len(set(checks)), "check names must be unique"
+    return gx.ExpectationSuite(
+        name=f"prices.{instrument.asset_class}.{instrument.slug}",
+        expectations=exps,
+        meta={"asset_class": instrument.asset_class, "tolerance": tolerance},
+    )
+
+
+@lru_cache(maxsize=256)
+def _cached_suite(instrument: Instrument, tolerance: float) -> gx.ExpectationSuite:
+    return build_suite(instrument, tolerance=tolerance)
+
+
+# --- the GX context ------------------------------------------------------------------------------
+
+_CONTEXT_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def _batch_definition():
+    """The process's one ephemeral context, with a pandas data source for whole data frames."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    asset = context.data_sources.add_pandas("prices").add_dataframe_asset("bars")
+    return asset.add_batch_definition_whole_dataframe("whole")
+
+
+def _check(result: dict) -> str:
+    return result["expectation_config"]["meta"]["check"]
+
+
+def _run_suite(frame: pd.DataFrame, suite: gx.ExpectationSuite) -> dict:
+    """GX's result for `suite` on `frame`: verdicts for passing expectations, and for failing ones
+    the COMPLETE result with the offending rows.
+
+    GX's cost is mostly per-expectation bookkeeping, and it doubles for detailed result formats.
+    So the whole suite runs once for verdicts only, and just the failed expectations run again in
+    detail: a passing batch costs one cheap pass, a failing one a little more.
+    """
+    import great_expectations as gx
+
+    with _CONTEXT_LOCK:
+        batch_definition = _batch_definition()
+    batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
+    verdicts = batch.validate(suite, result_format=VERDICT_FORMAT).to_json_dict()
+    if verdicts["success"]:
+        return verdicts
+
+    failed = {_check(r) for r in verdicts["results"] if not r["success"]}
+    retry = gx.ExpectationSuite(
+        name=suite.name,
+        expectations=[e.configuration for e in suite.expectations if e.meta["check"] in failed],
+    )
+    detail_format = {
+        "result_format": "COMPLETE",
+        "unexpected_index_column_names": ["Date"] if "Date" in frame.columns else None,
+        "include_unexpected_rows": True,
+        "partial_unexpected_count": REPORT_ROWS,
+    }
+    detailed = batch.validate(retry, result_format=detail_format).to_json_dict()
+    by_check = {_check(r): r for r in detailed["results"]}
+    verdicts["results"] = [by_check.get(_check(r), r) for r in verdicts["results"]]
+    passed = sum(bool(r["success"]) for r in verdicts["results"])
+    total = len(verdicts["results"])
+    verdicts["success"] = passed == total
+    verdicts["statistics"] = {
+        "evaluated_expectations": total,
+        "successful_expectations": passed,
+        "unsuccessful_expectations": total - passed,
+        "success_percent": 100.0 * passed / total if total else None,
+    }
+    return verdicts
+
+
+# --- data preparation ----------------------------------------------------------------------------
+
+
+def _schema_ok(frame: pd.DataFrame) -> bool:
+    import pandas as pd
+
+    if set(frame.columns) != set(OUTPUT_COLUMNS) or frame.columns.duplicated().any():
+        return False
+    dtypes = frame.dtypes
+    if not pd.api.types.is_datetime64_dtype(dtypes["Date"]) or isinstance(
+        dtypes["Date"], pd.DatetimeTZDtype
+    ):
+        return False
+    return all(
+        pd.api.types.is_numeric_dtype(dtypes[c]) and not pd.api.types.is_bool_dtype(dtypes[c])
+        for c in NUMERIC_COLUMNS
+    )
+
+
+def _last_bar_before(previous: pd.DataFrame | None, first: pd.Timestamp) -> pd.Series | None:
+    """The last published bar strictly before the batch (batches overlap the recent history)."""
+    if previous is None or previous.empty or first is None or first != first:
+        return None
+    earlier = previous.loc[previous["Date"] < first, ["Date", "Close"]].dropna()
+    if earlier.empty:
+        return None
+    return earlier.sort_values("Date").iloc[-1]
+
+
+def prepare_frame(
+    batch: pd.DataFrame,
+    as_of: date,
+    *,
+    previous: pd.DataFrame | None = None,
+    tolerance: float = DEFAULT_OHLC_TOLERANCE,
+) -> pd.DataFrame:
+    """The batch (standard columns, original order) plus the helper columns the suite asserts on."""
+    import numpy as np
+    import pandas as pd
+
+    df = batch[OUTPUT_COLUMNS].reset_index(drop=True).copy()
+    dates = df["Date"]
+    df[HIGH_TOLERANT] = df["High"] * (1 + tolerance)
+    df[LOW_TOLERANT] = df["Low"] * (1 - tolerance)
+    weekday = dates.dt.dayofweek
+    df[WEEKDAY] = weekday.map(dict(enumerate(WEEKDAY_NAMES))).astype(object)
+
+    prev_dates = dates.shift(1)
+    closes = df["Close"].astype("float64")
+    prev_closes = closes.shift(1)
+    boundary = _last_bar_before(previous, dates.iloc[0])
+    if boundary is not None:
+        prev_dates.iloc[0] = boundary["Date"]
+        prev_closes.iloc[0] = float(boundary["Close"])
+    df[GAP_DAYS] = (dates - prev_dates).dt.days.astype("float64")
+    df[AGE_DAYS] = (pd.Timestamp(as_of) - dates).dt.days.astype("float64")
+    ratio = (closes / prev_closes).where((closes > 0) & (prev_closes > 0))
+    df[LOG_RETURN] = np.log(ratio.to_numpy(dtype="float64", na_value=np.nan))
+    return df
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def validate_prices(
+    batch: pd.DataFrame,
+    instrument: Instrument,
+    as_of: date,
+    *,
+    previous: pd.DataFrame | None = None,
+    tolerance: float = DEFAULT_OHLC_TOLERANCE,
+) -> ValidationReport:
+    """Validate one batch of bars of `instrument` as seen on the run's logical date `as_of`.
+
+    `previous` is the already-published history (or None): its last bar before the batch anchors
+    the gap and jump checks of the batch's first bar. Returns the report when every expectation
+    passes, raises PriceValidationError (carrying the same report) otherwise.
+    """
+    import pandas as pd
+
+    if not isinstance(batch, pd.DataFrame):
+        raise TypeError(f"{instrument.ticker}: expected a pandas DataFrame, got {type(batch)}")
+    if not 0 <= tolerance <= MAX_OHLC_TOLERANCE:
+        raise ValueError(f"tolerance must be within [0, {MAX_OHLC_TOLERANCE}], got {tolerance}")
+    if isinstance(as_of, datetime):
+        as_of = as_of.date()
+    rules_for(instrument)
+    meta = {
+        "asset_class": instrument.asset_class,
+        "as_of": as_of.isoformat(),
+        "rows": len(batch),
+        "tolerance": tolerance,
+    }
+
+    if batch.empty:
+        report = _empty_report(instrument, meta)
+        raise PriceValidationError(
+            instrument.ticker,
+            report.failures,
+            json.loads(report.to_json()),
+            f"the batch has no rows (as_of {as_of})",
+        )
+
+    if _schema_ok(batch):
+        frame = prepare_frame(batch, as_of, previous=previous, tolerance=tolerance)
+        suite = _cached_suite(instrument, tolerance)
+    else:
+        frame = batch
+        suite = build_schema_suite(instrument, [str(c) for c in batch.columns])
+    raw = _run_suite(frame, suite)
+    report = _make_report(instrument, raw, suite, meta)
+    if report.success:
+        return report
+
+    failures = [_summarize_failure(r, frame) for r in report.results if not r.get("success")]
+    stats = report.statistics
+    raise PriceValidationError(
+        instrument.ticker,
+        failures,
+        json.loads(report.to_json()),
+        f"{stats.get('unsuccessful_expectations')} of {stats.get('evaluated_expectations')} "
+        f"checks of suite {suite.name!r} failed on {len(batch)} rows (as_of {as_of})",
+    )
+
+
+def _make_report(
+    instrument: Instrument, raw: dict, suite: gx.ExpectationSuite, meta: dict
+) -> ValidationReport:
+    order = {exp.meta["check"]: i for i, exp in enumerate(suite.expectations)}
+    results = sorted(
+        raw["results"],
+        key=lambda r: order.get(r["expectation_config"]["meta"].get("check"), len(order)),
+    )
+    gx_meta = raw.get("meta") or {}
+    markers = gx_meta.get("batch_markers") or {}
+    return ValidationReport(
+        ticker=instrument.ticker,
+        success=bool(raw["success"]),
+        results=_json_safe(results),
+        statistics=_json_safe(raw["statistics"]),
+        meta={
+            **meta,
+            "suite_name": suite.name,
+            "great_expectations_version": gx_meta.get("great_expectations_version"),
+            # GX's load time is left out so that equal inputs give equal reports.
+            "data_fingerprint": markers.get("pandas_data_fingerprint"),
+            "result_format": {"passed": VERDICT_FORMAT, "failed": "COMPLETE"},
+        },
+    )
+
+
+def _empty_report(instrument: Instrument, meta: dict) -> ValidationReport:
+    result = {
+        "success": False,
+        "expectation_config": {
+            "type": "expect_table_row_count_to_be_between",
+            "kwargs": {"min_value": 1},
+            "meta": {"check": "rows", "reason": "the batch must have rows: no rows", "show": []},
+        },
+        "result": {"observed_value": 0},
+        "exception_info": {"raised_exception": False},
+        "meta": {"checked_before_gx": True},
+    }
+    return ValidationReport(
+        ticker=instrument.ticker,
+        success=False,
+        results=[result],
+        statistics={
+            "evaluated_expectations": 1,
+            "successful_expectations": 0,
+            "unsuccessful_expectations": 1,
+            "success_percent": 0.0,
+        },
+        meta={**meta, "suite_name": None},
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    """GX's JSON dicts with non-finite floats as None, so the report is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+def _summarize_failure(result: dict, frame: pd.DataFrame | None = None) -> dict:
+    config = result.get("expectation_config") or {}
+    kwargs = config.get("kwargs") or {}
+    meta = config.get("meta") or {}
+    body = result.get("result") or {}
+    columns = [kwargs[k] for k in ("column", "column_A", "column_B") if k in kwargs]
+    show = meta.get("show") or columns
+    examples = [_pick(row, show) for row in (body.get("unexpected_rows") or [])[:MESSAGE_ROWS]]
+    observed = body.get("observed_value")
+    if not examples and frame is not None and observed is not None and "column" in kwargs:
+        # An aggregate (e.g. the newest bar's age): show the rows that have the observed value.
+        col = kwargs["column"]
+        if col in frame.columns:
+            hits = frame.loc[frame[col] == observed].head(MESSAGE_ROWS)
+            examples = [_pick(_json_safe(row), show) for row in hits.to_dict("records")]
+    failure = {
+        "expectation": config.get("type"),
+        "check": meta.get("check"),
+        "columns": columns,
+        "reason": meta.get("reason", ""),
+        "unexpected_count": body.get("unexpected_count"),
+        "observed_value": observed,
+        "details": body.get("details"),
+        "examples": examples,
+    }
+    info = result.get("exception_info") or {}
+    if info.get("raised_exception"):
+        failure["exception"] = info.get("exception_message")
+    return _json_safe(failure)
+
+
+def _pick(row: dict, show: list[str]) -> dict:
+    picked = {"Date": _short_date(row.get("Date"))}
+    for col in show:
+        if col != "Date" and col in row:
+            picked[col] = row[col]
+    return picked
+
+
+def _short_date(value: Any) -> Any:
+    if isinstance(value, str) and value.endswith("T00:00:00"):
+        return value[:10]
+    if hasattr(value, "isoformat"):
+        text = value.isoformat()
+        return text[:10] if text.endswith("T00:00:00") else text
+    return value
+
+
+def _format_message(ticker: str, headline: str, failures: list[dict]) -> str:
+    lines = [f"{ticker}: price validation failed: {headline}"]
+    for f in failures:
+        cols = ", ".join(str(c) for c in f["columns"]) or "table"
+        line = f"  - [{f['check']}] {f['expectation']}({cols}): {f['reason']}"
+        if f.get("unexpected_count"):
+            line += f"; {f['unexpected_count']} bad row(s)"
+        details = f.get("details") or {}
+        mismatched = details.get("mismatched") if isinstance(details, dict) else None
+        if mismatched:
+            parts = [f"{k} {', '.join(map(str, v))}" for k, v in sorted(mismatched.items()) if v]
+            line += f"; {'; '.join(parts)}"
+        elif f.get("observed_value") is not None and not f.get("unexpected_count"):
+            line += f"; observed {_fmt(f['observed_value'])}"
+        if f.get("exception"):
+            line += f"; raised {f['exception']}"
+        lines.append(line)
+        for row in f["examples"]:
+            values = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "Date")
+            lines.append(f"      {row.get('Date')}  {values}".rstrip())
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "NaN"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+__all__ = [
+    "CLASS_RULES",
+    "DEFAULT_OHLC_TOLERANCE",
+    "HELPER_COLUMNS",
+    "ClassRules",
+    "PriceValidationError",
+    "ValidationReport",
+    "build_schema_suite",
+    "build_suite",
+    "prepare_frame",
+    "validate_prices",
+]

@@ -1,0 +1,188 @@
+"""Windowing, chronological split and train-only scaling.
+
+A window is `window` consecutive bars of features; its target is the next bar's High, Low, Close and
+Adj Close, learned as log-ratios to the window's last Close (last Adj Close for Adj Close) and
+returned to users as prices. Inside each window, prices and volume are expressed relative to the
+window's last bar. Windows are split chronologically (train / validation / test); scaling
+statistics come from the train block only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ml.features import FEATURES, PRICE_FEATURES, TARGETS, build_features
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+MIN_WINDOWS = 60
+# Each feature that is re-expressed relative to the window's last bar, and the column it is relative to.
+_RELATIVE_TO = {
+    **{c: "Close" for c in PRICE_FEATURES if c != "Adj Close"},
+    "Adj Close": "Adj Close",
+    "Volume": "Volume",
+}
+
+
+class InsufficientHistoryError(ValueError):
+    """Too few bars to cut train, validation and test windows."""
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Per-column standardization fitted on training data only."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> Scaler:
+        import numpy as np
+
+        flat = values.reshape(-1, values.shape[-1])
+        std = flat.std(axis=0)
+        return cls(flat.mean(axis=0), np.where(std < 1e-12, 1.0, std))
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return (values - self.mean) / self.std
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        return values * self.std + self.mean
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[float]]) -> Scaler:
+        import numpy as np
+
+        return cls(
+            np.asarray(data["mean"], dtype="float64"), np.asarray(data["std"], dtype="float64")
+        )
+
+
+@dataclass(frozen=True)
+class WindowSet:
+    """Windows and everything needed to turn their predictions into prices and score them."""
+
+    x: np.ndarray  # (n, window, n_features) relative features
+    y: np.ndarray  # (n, 4) log-ratio targets
+    last_close: np.ndarray  # (n,)
+    last_adj_close: np.ndarray  # (n,)
+    actual: np.ndarray  # (n, 4) next bar's prices
+    high_ratio: np.ndarray  # (n,) trailing mean of High_t / Close_{t-1}, up to the window's end
+    low_ratio: np.ndarray  # (n,)
+    target_dates: np.ndarray  # (n,) dates of the predicted bars
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, start: int, stop: int) -> WindowSet:
+        return WindowSet(*(getattr(self, f)[start:stop] for f in self.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class SplitData:
+    train: WindowSet
+    val: WindowSet
+    test: WindowSet
+    x_scaler: Scaler
+    y_scaler: Scaler
+
+    def scaled(self, part: WindowSet) -> tuple[np.ndarray, np.ndarray]:
+        return self.x_scaler.transform(part.x), self.y_scaler.transform(part.y)
+
+
+def _relative_inputs(features: pd.DataFrame, window: int) -> np.ndarray:
+    """(n_windows_incl_last, window, n_features) with prices/volume relative to each window's last bar."""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    values = features[list(FEATURES)].to_numpy(dtype="float64")
+    windows = sliding_window_view(values, window, axis=0).transpose(0, 2, 1).copy()
+    last = windows[:, -1:, :].copy()
+    for col, anchor in _RELATIVE_TO.items():
+        windows[:, :, FEATURES.index(col)] -= last[:, :, FEATURES.index(anchor)]
+    return np.ascontiguousarray(windows)
+
+
+def _trailing_ratio(ratio: np.ndarray, lookback: int) -> np.ndarray:
+    import pandas as pd
+
+    return pd.Series(ratio).rolling(lookback, min_periods=1).mean().to_numpy()
+
+
+def make_windows(history: pd.DataFrame, window: int, naive_lookback: int = 20) -> WindowSet:
+    """Cut every window whose next bar exists in `history` (sorted by date, validated)."""
+    import numpy as np
+
+    feats = build_features(history)
+    if len(feats) < window + 1:
+        raise InsufficientHistoryError(
+            f"{len(history)} bars is too few for windows of {window} plus a target"
+        )
+    x_all = _relative_inputs(feats, window)
+    ends = np.arange(window - 1, len(feats) - 1)  # feature row of each window's last bar
+    log_close = feats["Close"].to_numpy()
+    log_adj = feats["Adj Close"].to_numpy()
+    prev_log_close = log_close - feats["Return"].to_numpy()
+    high_ratio = _trailing_ratio(np.exp(feats["High"].to_numpy() - prev_log_close), naive_lookback)
+    low_ratio = _trailing_ratio(np.exp(feats["Low"].to_numpy() - prev_log_close), naive_lookback)
+    nxt = ends + 1
+    y = np.stack(
+        [
+            feats["High"].to_numpy()[nxt] - log_close[ends],
+            feats["Low"].to_numpy()[nxt] - log_close[ends],
+            log_close[nxt] - log_close[ends],
+            log_adj[nxt] - log_adj[ends],
+        ],
+        axis=1,
+    )
+    prices = history.iloc[1:].reset_index(drop=True)
+    actual = prices[list(TARGETS)].to_numpy(dtype="float64")[nxt]
+    return WindowSet(
+        x=x_all[: len(ends)],
+        y=y,
+        last_close=prices["Close"].to_numpy(dtype="float64")[ends],
+        last_adj_close=prices["Adj Close"].to_numpy(dtype="float64")[ends],
+        actual=actual,
+        high_ratio=high_ratio[ends],
+        low_ratio=low_ratio[ends],
+        target_dates=feats["Date"].to_numpy()[nxt],
+    )
+
+
+def latest_window(history: pd.DataFrame, window: int) -> np.ndarray:
+    """The single window ending at the last bar of `history`: the input for the next forecast."""
+    feats = build_features(history)
+    if len(feats) < window:
+        raise InsufficientHistoryError(f"{len(history)} bars is too few for a window of {window}")
+    return _relative_inputs(feats.iloc[-window:].reset_index(drop=True), window)
+
+
+def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    n_train = int(n * fractions[0])
+    n_val = int(n * fractions[1])
+    return n_train, n_val, n - n_train - n_val
+
+
+def prepare(
+    history: pd.DataFrame,
+    window: int,
+    fractions: tuple[float, float, float] = (0.7, 0.2, 0.1),
+    naive_lookback: int = 20,
+) -> SplitData:
+    """Windows split chronologically, with scalers fitted on the train block only."""
+    windows = make_windows(history, window, naive_lookback)
+    if len(windows) < MIN_WINDOWS:
+        raise InsufficientHistoryError(
+            f"{len(windows)} windows from {len(history)} bars; need at least {MIN_WINDOWS}"
+        )
+    n_train, n_val, _ = split_sizes(len(windows), fractions)
+    train = windows.take(0, n_train)
+    val = windows.take(n_train, n_train + n_val)
+    test = windows.take(n_train + n_val, len(windows))
+    return SplitData(train, val, test, Scaler.fit(train.x), Scaler.fit(train.y))

@@ -1,0 +1,357 @@
+"""Daily bars from Yahoo Finance through yfinance, with errors raised, classified and retried.
+
+yfinance hides failures by default (`yf.download` only logs them; `Ticker.history` logs and returns
+an empty frame unless `yf.config.debug.hide_exceptions` is False), and the exceptions it does raise
+do not always say what Yahoo answered: a 500 on the time-zone probe surfaces as
+"possibly delisted; no timezone found", a 404 as an `HTTPError` from its quoteSummary fallback.
+So `fetch_yahoo`:
+
+* calls `yf.Ticker(ticker, session=session).history(..., auto_adjust=False)` with
+  `hide_exceptions` switched off for the call;
+* watches the HTTP status codes of the Yahoo data calls the session makes for that attempt (a thin
+  wrapper around `session.request`, installed once per session; it only records, never alters);
+* clears yfinance's in-process response cache (`YfData.cache_get`, an lru_cache that also keeps
+  error responses) before each attempt, so a retry really asks Yahoo again;
+* classifies the outcome: HTTP 429 / `YFRateLimitError` -> retry, then `YahooRateLimited`;
+  HTTP 5xx, connection errors, timeouts, non-JSON bodies -> retry, then `YahooError`;
+  HTTP 404 or an unresolvable ticker -> `YahooTickerNotFound` at once; a valid ticker with no
+  sessions in the range -> an empty frame; anything else -> `YahooError` at once.
+
+Retries wait `backoff_seconds * 2**attempt` (attempt = 0, 1, ...) through the injected `sleep`;
+`max_retries` counts the retries, so at most `max_retries + 1` attempts are made.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ml.sources import PRICE_COLUMNS, PriceSourceError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_SECONDS = 30.0
+# Yahoo endpoints whose status code tells about the ticker (cookie/crumb/consent calls do not).
+_DATA_PATHS = ("/v8/finance/chart/", "/v10/finance/quoteSummary/", "/v7/finance/quote")
+_TRANSIENT_NAMES = frozenset(
+    {
+        "Timeout",
+        "TimeoutError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "ConnectionError",
+        "ChunkedEncodingError",
+        "RemoteDisconnected",
+        "IncompleteRead",
+        "DNSError",
+        "SSLError",
+        "ProxyError",
+    }
+)
+
+
+class YahooError(PriceSourceError):
+    """Yahoo Finance did not deliver bars for a ticker."""
+
+
+class YahooRateLimited(YahooError):
+    """Yahoo Finance kept answering HTTP 429 Too Many Requests through every retry."""
+
+
+class YahooTickerNotFound(YahooError):
+    """Yahoo Finance does not know the ticker (unknown or delisted symbol)."""
+
+
+# --- observing the HTTP status codes of one attempt ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    url: str
+    status: int | None
+    error: BaseException | None = None
+
+
+_exchanges: contextvars.ContextVar[list[_Exchange] | None] = contextvars.ContextVar(
+    "ml_yahoo_exchanges", default=None
+)
+
+
+def _observe(session: Any) -> None:
+    """Make `session.request` report each answer to the attempt being run in this context."""
+    if getattr(session, "_ml_yahoo_observed", False):
+        return
+    inner = session.request
+
+    @functools.wraps(inner)
+    def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        seen = _exchanges.get()
+        try:
+            response = inner(method, url, *args, **kwargs)
+        except BaseException as exc:
+            if seen is not None:
+                seen.append(_Exchange(url, None, exc))
+            raise
+        if seen is not None:
+            seen.append(_Exchange(url, getattr(response, "status_code", None)))
+        return response
+
+    try:
+        session.request = request
+        session._ml_yahoo_observed = True
+    except (AttributeError, TypeError):  # a session that refuses attributes: classify blind
+        log.debug("cannot observe %r; classifying Yahoo errors from exceptions only", session)
+
+
+class _RaiseErrors:
+    """Switch yfinance's `hide_exceptions` off while at least one fetch runs (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: Any = None
+
+    @contextmanager
+    def __call__(self, config: Any) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = config.debug.hide_exceptions
+                config.debug.hide_exceptions = False
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    config.debug.hide_exceptions = self._saved
+
+
+_raise_errors = _RaiseErrors()
+
+
+# --- classification ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Failure:
+    kind: str  # "rate_limited" | "transient" | "not_found" | "empty" | "error"
+    detail: str
+    exc: BaseException | None = None
+
+
+def _is_data_url(url: str) -> bool:
+    return any(p in url for p in _DATA_PATHS)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _TRANSIENT_NAMES:
+        return True
+    if isinstance(exc, json.JSONDecodeError):  # an HTML error page or a truncated body
+        return True
+    # yfinance's YFDataException for Yahoo's "Will be right back" maintenance page:
+    return "CURRENTLY DOWN" in str(exc)
+
+
+def _classify(exc: BaseException, seen: list[_Exchange]) -> _Failure:
+    from yfinance.exceptions import (
+        YFPricesMissingError,
+        YFRateLimitError,
+        YFTzMissingError,
+    )
+
+    # `seen` holds this attempt's exchanges only (the context variable is per thread).
+    codes = [e.status for e in seen if e.status is not None and _is_data_url(e.url)]
+    response = getattr(exc, "response", None)
+    if getattr(response, "status_code", None) is not None:
+        codes.append(response.status_code)
+    status = f"HTTP {', '.join(map(str, dict.fromkeys(codes)))}" if codes else "no HTTP answer"
+    what = f"{type(exc).__name__}: {exc}"
+
+    if isinstance(exc, YFRateLimitError) or 429 in codes:
+        return _Failure("rate_limited", "HTTP 429 Too Many Requests", exc)
+    server = [c for c in codes if c >= 500]
+    if server:
+        return _Failure("transient", f"HTTP {server[-1]} from Yahoo ({what})", exc)
+    if _is_transient(exc):
+        return _Failure("transient", f"{what} ({status})", exc)
+    reason = getattr(exc, "yahoo_reason", None) or ""
+    if 404 in codes or "symbol may be delisted" in reason or isinstance(exc, YFTzMissingError):
+        return _Failure("not_found", f"{status}; {what}", exc)
+    if isinstance(exc, YFPricesMissingError) and (not reason or reason.startswith("Data doesn't")):
+        return _Failure("empty", what, exc)
+    return _Failure("error", f"{what} ({status})", exc)
+
+
+# --- frames --------------------------------------------------------------------------------------
+
+
+def empty_price_frame() -> pd.DataFrame:
+    """A frame with the standard columns and no rows."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            col: pd.Series(dtype="datetime64[ns]" if col == "Date" else "float64")
+            for col in PRICE_COLUMNS
+        }
+    )
+
+
+def _to_price_frame(raw: pd.DataFrame | None, ticker: str, start: date, end: date) -> pd.DataFrame:
+    """yfinance's frame (tz-aware DatetimeIndex in the exchange time zone) -> standard columns."""
+    import pandas as pd
+
+    if raw is None or raw.empty:
+        return empty_price_frame()
+    missing = [c for c in PRICE_COLUMNS[1:] if c not in raw.columns]
+    if missing:
+        raise YahooError(
+            f"{ticker}: yfinance returned no {missing} column(s) (got {list(raw.columns)})"
+        )
+    index = pd.DatetimeIndex(raw.index)
+    if index.tz is not None:
+        index = index.tz_localize(None)  # wall-clock time at the exchange: its session date
+    frame = pd.DataFrame({"Date": index.normalize().astype("datetime64[ns]")})
+    for col in PRICE_COLUMNS[1:]:
+        frame[col] = raw[col].to_numpy(dtype="float64")
+    mask = (frame["Date"] >= pd.Timestamp(start)) & (frame["Date"] <= pd.Timestamp(end))
+    return frame.loc[mask].sort_values("Date").reset_index(drop=True)
+
+
+# --- fetch ---------------------------------------------------------------------------------------
+
+
+def _default_session() -> Any:
+    """The session yfinance itself uses (its process-wide YfData singleton's)."""
+    from yfinance.data import YfData
+
+    session = getattr(YfData(), "_session", None)
+    if session is None:  # pragma: no cover - layout of a future yfinance
+        from curl_cffi import requests as curl_requests
+
+        session = curl_requests.Session(impersonate="chrome")
+    return session
+
+
+def _clear_response_cache() -> None:
+    from yfinance.data import YfData
+
+    cache_clear = getattr(getattr(YfData, "cache_get", None), "cache_clear", None)
+    if cache_clear is not None:
+        cache_clear()
+
+
+def _attempt(ticker: str, start: date, end: date, session: Any) -> pd.DataFrame | _Failure:
+    import yfinance as yf
+
+    _clear_response_cache()
+    seen: list[_Exchange] = []
+    token = _exchanges.set(seen)
+    try:
+        with _raise_errors(yf.config):
+            raw = yf.Ticker(ticker, session=session).history(
+                start=start,
+                end=end + timedelta(days=1),  # yfinance's end is exclusive
+                interval="1d",
+                auto_adjust=False,
+                back_adjust=False,
+                actions=False,
+                repair=False,
+                keepna=False,
+                prepost=False,
+                rounding=False,
+                timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+    except Exception as exc:
+        return _classify(exc, seen)
+    finally:
+        _exchanges.reset(token)
+    return _to_price_frame(raw, ticker, start, end)
+
+
+def fetch_yahoo(
+    ticker: str,
+    start: date,
+    end: date,
+    *,
+    max_retries: int = 5,
+    backoff_seconds: float = 2.0,
+    session: Any = None,
+    sleep: Callable[[float], object] = time.sleep,
+) -> pd.DataFrame:
+    """Daily bars of `ticker` with start <= Date <= end (both inclusive) from Yahoo Finance.
+
+    Returns columns `Date, Open, High, Low, Close, Adj Close, Volume`: `Date` is the session date
+    (tz-naive midnight, datetime64[ns]), the others float64; `Adj Close` is Yahoo's dividend and
+    split adjusted close, kept apart from `Close`. A valid ticker without sessions in the range
+    gives an empty frame with these columns.
+
+    `session`: a curl_cffi (or requests) Session for yfinance; None uses yfinance's own.
+    Raises YahooTickerNotFound (no retry), YahooRateLimited or YahooError (after retries).
+    """
+    if not isinstance(ticker, str) or not ticker.strip():
+        raise YahooError(f"invalid ticker {ticker!r}")
+    if start > end:
+        raise YahooError(f"{ticker}: start {start} is after end {end}")
+    if max_retries < 0 or backoff_seconds < 0:
+        raise ValueError("max_retries and backoff_seconds must be >= 0")
+    session = _default_session() if session is None else session
+    _observe(session)
+
+    attempts = max_retries + 1
+    failure: _Failure | None = None
+    for attempt in range(attempts):
+        outcome = _attempt(ticker, start, end, session)
+        if not isinstance(outcome, _Failure):
+            return outcome
+        failure = outcome
+        if failure.kind == "empty":
+            log.info("%s: Yahoo has no sessions in %s..%s (%s)", ticker, start, end, failure.detail)
+            return empty_price_frame()
+        if failure.kind == "not_found":
+            raise YahooTickerNotFound(
+                f"{ticker}: unknown or delisted ticker: Yahoo Finance has no data for this symbol "
+                f"({failure.detail}). Check the symbol in the universe file."
+            ) from failure.exc
+        if failure.kind == "error":
+            raise YahooError(
+                f"{ticker}: Yahoo Finance request failed: {failure.detail}"
+            ) from failure.exc
+        if attempt + 1 < attempts:
+            wait = backoff_seconds * 2**attempt
+            log.warning(
+                "%s: %s on attempt %d/%d; retrying in %.1fs",
+                ticker,
+                failure.detail,
+                attempt + 1,
+                attempts,
+                wait,
+            )
+            sleep(wait)
+
+    assert failure is not None
+    span = f"{start}..{end}"
+    if failure.kind == "rate_limited":
+        raise YahooRateLimited(
+            f"{ticker}: Yahoo Finance rate limit (HTTP 429 Too Many Requests) persisted through "
+            f"{attempts} attempts for {span} (max_retries={max_retries}, "
+            f"backoff {backoff_seconds}s doubling)"
+        ) from failure.exc
+    raise YahooError(
+        f"{ticker}: Yahoo Finance still failing after {attempts} attempts for {span}: "
+        f"{failure.detail}"
+    ) from failure.exc

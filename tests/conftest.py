@@ -1,0 +1,54 @@
+"""Shared fixtures: a real MLflow tracking server on a free port, settings on a temp store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+from ml.config import Settings, get_settings  # noqa: E402
+from ml.servers import MlflowServer, start_mlflow_server  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """`mlflow server` with a SQLite backend and served artifacts in a temp folder."""
+    root = tmp_path_factory.mktemp("mlflow")
+    server = start_mlflow_server(
+        f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log"
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    """Default settings (synthetic source) on an empty temp store."""
+    return replace(get_settings({}), data_dir=data_dir)
+
+
+@pytest.fixture
+def fast_settings(settings: Settings, mlflow_server: MlflowServer, request) -> Settings:
+    """Small, quick models logging to the test MLflow server, one experiment per test."""
+    experiment = f"test-{request.node.name}"[:200]
+    return replace(
+        settings,
+        mlflow_tracking_uri=mlflow_server.uri,
+        experiment_name=experiment,
+        history_start=__import__("datetime").date(2021, 1, 4),
+    ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
