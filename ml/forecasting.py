@@ -1,0 +1,206 @@
+"""From a trained network to prices: the forecaster, its MLflow pyfunc wrapper, the forecasts table.
+
+`PriceForecaster` bundles the Keras network with the train-only scalers; it takes raw bars and
+returns the next bar's High, Low, Close and Adj Close in prices. The registered MLflow model is that
+same object behind the pyfunc interface, so `models:/price-forecast-<slug>@champion` predicts
+prices from a frame of recent bars.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ml.features import TARGETS
+from ml.windows import Scaler, _relative_inputs
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
+    import pandas as pd
+
+    from ml.config import Settings
+    from ml.universe import Instrument
+
+FORECAST_COLUMNS = [
+    "ticker",
+    "logical_date",
+    "last_bar_date",
+    "last_close",
+    "pred_high",
+    "pred_low",
+    "pred_close",
+    "pred_adj_close",
+    "model_name",
+    "model_version",
+    "source",
+]
+KERAS_FILE = "model.keras"
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+@dataclass
+class PriceForecaster:
+    kind: str
+    window: int
+    model: keras.Model
+    x_scaler: Scaler
+    y_scaler: Scaler
+    # Per-target shrinkage toward persistence in log-ratio space, fitted on the validation block
+    # (see ml.training.fit_skill_weights): 0 = persistence, 1 = the raw network.
+    skill_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+
+    def raw_log_ratios(self, x: np.ndarray) -> np.ndarray:
+        """The network's log-ratio predictions for relative windows `x`, before shrinkage."""
+        import numpy as np
+
+        scaled = self.model.predict(self.x_scaler.transform(x), verbose=0, batch_size=1024)
+        return self.y_scaler.inverse(np.asarray(scaled, dtype="float64"))
+
+    def predict_windows(
+        self, x: np.ndarray, last_close: np.ndarray, last_adj_close: np.ndarray
+    ) -> np.ndarray:
+        """Prices (n, 4) for relative windows `x` (n, window, n_features)."""
+        import numpy as np
+
+        if len(x) == 0:
+            return np.empty((0, len(TARGETS)))
+        log_ratio = self.raw_log_ratios(x) * np.asarray(self.skill_weights)
+        anchors = np.stack([last_close, last_close, last_close, last_adj_close], axis=1)
+        return anchors * np.exp(log_ratio)
+
+    def predict_frame(self, bars: pd.DataFrame) -> pd.DataFrame:
+        """One forecast per window of `bars`: row i predicts the bar after `Date` (window's end)."""
+        import pandas as pd
+
+        from ml.features import build_features
+
+        bars = bars.sort_values("Date").reset_index(drop=True)
+        bars["Date"] = pd.to_datetime(bars["Date"]).astype("datetime64[ns]")
+        feats = build_features(bars)
+        if len(feats) < self.window:
+            raise ValueError(
+                f"need at least {self.window + 1} consecutive bars to forecast, got {len(bars)}"
+            )
+        x = _relative_inputs(feats, self.window)
+        ends = bars.iloc[self.window :].reset_index(drop=True)
+        prices = self.predict_windows(
+            x, ends["Close"].to_numpy(dtype="float64"), ends["Adj Close"].to_numpy(dtype="float64")
+        )
+        out = pd.DataFrame(prices, columns=list(TARGETS))
+        out.insert(0, "Date", ends["Date"].to_numpy())
+        return out
+
+    def save(self, directory: Path) -> dict[str, str]:
+        """Write the network and scalers to `directory`; returns the artifact paths by name."""
+        directory.mkdir(parents=True, exist_ok=True)
+        keras_path = directory / KERAS_FILE
+        self.model.save(keras_path)
+        prep_path = directory / PREPROCESSING_FILE
+        prep_path.write_text(
+            json.dumps(
+                {
+                    "kind": self.kind,
+                    "window": self.window,
+                    "x_scaler": self.x_scaler.to_dict(),
+                    "y_scaler": self.y_scaler.to_dict(),
+                    "skill_weights": list(self.skill_weights),
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+        return {"keras_model": str(keras_path), "preprocessing": str(prep_path)}
+
+    @classmethod
+    def load(cls, keras_path: str | Path, preprocessing_path: str | Path) -> PriceForecaster:
+        import keras
+
+        prep = json.loads(Path(preprocessing_path).read_text())
+        return cls(
+            kind=prep["kind"],
+            window=int(prep["window"]),
+            model=keras.saving.load_model(keras_path, compile=False),
+            x_scaler=Scaler.from_dict(prep["x_scaler"]),
+            y_scaler=Scaler.from_dict(prep["y_scaler"]),
+            skill_weights=tuple(prep.get("skill_weights", (1.0, 1.0, 1.0, 1.0))),
+        )
+
+
+# --- the forecasts table -------------------------------------------------------------------------
+
+
+def forecasts_path(settings: Settings) -> Path:
+    return settings.data_dir / "forecasts" / "forecasts.csv"
+
+
+def read_forecasts(settings: Settings) -> pd.DataFrame:
+    import pandas as pd
+
+    path = forecasts_path(settings)
+    if not path.exists():
+        return pd.DataFrame(columns=FORECAST_COLUMNS)
+    return pd.read_csv(path, dtype={"model_version": "string"})
+
+
+def upsert_forecast(settings: Settings, row: dict[str, Any]) -> Path:
+    """Insert or replace the (ticker, logical_date) row of the forecasts table, atomically."""
+    import pandas as pd
+
+    from ml.store import PriceStore, atomic_write
+
+    store = PriceStore(settings.data_dir)
+    path = forecasts_path(settings)
+    with store.lock("forecasts"):
+        table = read_forecasts(settings)
+        keep = ~(
+            (table["ticker"] == row["ticker"]) & (table["logical_date"] == row["logical_date"])
+        )
+        new = pd.DataFrame([row], columns=FORECAST_COLUMNS)
+        table = pd.concat([table.loc[keep], new], ignore_index=True) if keep.any() else new
+        table = table.sort_values(["logical_date", "ticker"], kind="stable").reset_index(drop=True)
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    return path
+
+
+def forecast_next_bar(
+    forecaster: PriceForecaster, history: pd.DataFrame
+) -> tuple[pd.Timestamp, dict[str, float]]:
+    """The next bar after the last bar of `history`, in prices."""
+    tail = history.iloc[-(forecaster.window + 1) :]
+    predicted = forecaster.predict_frame(tail).iloc[-1]
+    return predicted["Date"], {t: float(predicted[t]) for t in TARGETS}
+
+
+def forecast_ticker(
+    instrument: Instrument, as_of: date, settings: Settings, *, alias: str = "champion"
+) -> dict[str, Any] | None:
+    """Forecast the bar after `as_of` with the ticker's champion; None if it has no champion."""
+    from ml.registry import load_forecaster
+
+    loaded = load_forecaster(instrument, settings, alias=alias)
+    if loaded is None:
+        return None
+    forecaster, version = loaded
+    from ml.store import PriceStore
+
+    history = PriceStore(settings.data_dir).load(instrument, until=as_of)
+    last_date, prices = forecast_next_bar(forecaster, history)
+    row = {
+        "ticker": instrument.ticker,
+        "logical_date": as_of.isoformat(),
+        "last_bar_date": last_date.date().isoformat(),
+        "last_close": float(history["Close"].iloc[-1]),
+        "pred_high": prices["High"],
+        "pred_low": prices["Low"],
+        "pred_close": prices["Close"],
+        "pred_adj_close": prices["Adj Close"],
+        "model_name": instrument.model_name,
+        "model_version": str(version),
+        "source": settings.price_source,
+    }
+    upsert_forecast(settings, row)
+    return row

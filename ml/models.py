@@ -1,0 +1,39 @@
+"""Model factory: the notebook's recurrent network and its GRU twin."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ml.config import MODEL_KINDS
+
+if TYPE_CHECKING:
+    import keras
+
+
+def build_model(
+    kind: str,
+    window: int,
+    n_features: int,
+    n_targets: int,
+    *,
+    units: int = 64,
+    dense_units: int = 8,
+    learning_rate: float = 1e-3,
+) -> keras.Model:
+    """`LSTM(units) -> Dense(dense_units, relu) -> Dense(n_targets)` (or GRU), Adam + MSE."""
+    import keras
+
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}: choose from {', '.join(MODEL_KINDS)}")
+    recurrent = keras.layers.LSTM if kind == "lstm" else keras.layers.GRU
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(window, n_features)),
+            recurrent(units, name=kind),
+            keras.layers.Dense(dense_units, activation="relu", name="hidden"),
+            keras.layers.Dense(n_targets, name="targets"),
+        ],
+        name=f"{kind}_w{window}",
+    )
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+    return model

@@ -1,0 +1,35 @@
+"""The MLflow pyfunc face of a `PriceForecaster` (imported only when logging or loading models)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+from ml.forecasting import PriceForecaster
+from ml.sources import PRICE_COLUMNS
+
+
+class PriceForecastModel(mlflow.pyfunc.PythonModel):
+    """Input: consecutive daily bars (Date, Open, High, Low, Close, Adj Close, Volume), oldest first.
+
+    Output: for each window end `Date`, the next bar's High, Low, Close and Adj Close in prices; the
+    last row is the forecast for the bar after the input.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from ml.training import configure_tensorflow
+
+        configure_tensorflow()
+        self.forecaster = PriceForecaster.load(
+            context.artifacts["keras_model"], context.artifacts["preprocessing"]
+        )
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        missing = [c for c in PRICE_COLUMNS if c not in model_input.columns]
+        if missing:
+            raise ValueError(f"input is missing column(s) {missing}")
+        return self.forecaster.predict_frame(model_input[PRICE_COLUMNS].copy())

@@ -1,0 +1,445 @@
+"""MLflow: one run per (ticker, logical date), one registered model per ticker, alias promotion.
+
+Everything goes through the tracking server URI (`MLFLOW_TRACKING_URI`); no task opens the MLflow
+database. The newest candidate holds the `challenger` alias; `champion` moves only through
+`promote_if_better`, serialized per ticker, after the gate of DESIGN.md section 6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ml.config import PROJECT_ROOT, GateConfig, Settings
+from ml.features import TARGETS
+from ml.universe import Instrument
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+    from ml.forecasting import PriceForecaster
+    from ml.training import TrainResult
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+GATE_TARGETS = ("High", "Low", "Close")
+# Explicit requirements: inferring them re-imports the model in a subprocess (~6 s per model).
+PIP_REQUIREMENTS = [
+    "mlflow==3.17.2",
+    "tensorflow-cpu==2.21.0",
+    "keras==3.15.1",
+    "numpy==2.4.6",
+    "pandas==3.1.1",
+]
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of the code that trained a model (or CODE_VERSION, or 'unknown')."""
+    if os.environ.get("CODE_VERSION"):
+        return os.environ["CODE_VERSION"]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def get_client(settings: Settings) -> MlflowClient:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    uri = settings.mlflow_tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another task
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def find_versions(client: MlflowClient, name: str, **tags: str) -> list[ModelVersion]:
+    """Versions of `name` whose tags match all of `tags`, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'", max_results=1000)
+    except MlflowException:
+        return []
+    matching = [v for v in versions if all(v.tags.get(k) == val for k, val in tags.items())]
+    return sorted(matching, key=lambda v: int(v.version), reverse=True)
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What `train` reports: a new version, a reused one, or a skip because data did not change."""
+
+    ticker: str
+    logical_date: str
+    status: str  # "trained" | "reused" | "skipped"
+    version: str | None
+    run_id: str | None
+    reason: str
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def existing_outcome(
+    instrument: Instrument, as_of: date, data_fp: str, config_fp: str, settings: Settings
+) -> TrainingOutcome | None:
+    """A version trained on exactly these bars and config, if one exists (no retrain needed)."""
+    client = get_client(settings)
+    matches = find_versions(
+        client, instrument.model_name, data_fingerprint=data_fp, config_fingerprint=config_fp
+    )
+    if not matches:
+        return None
+    version = matches[0]
+    same_day = version.tags.get("logical_date") == as_of.isoformat()
+    metrics = json.loads(version.tags.get("test_u2", "{}"))
+    reason = (
+        f"version {version.version} was already trained for {as_of} on the same data and config"
+        if same_day
+        else f"no new bars since version {version.version} ({version.tags.get('logical_date')})"
+    )
+    return TrainingOutcome(
+        instrument.ticker,
+        as_of.isoformat(),
+        "reused" if same_day else "skipped",
+        version.version,
+        version.run_id,
+        reason,
+        metrics,
+    )
+
+
+def _plot_test_block(result: TrainResult) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = result.split.test
+    fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    for ax, target in zip(axes, GATE_TARGETS, strict=True):
+        j = TARGETS.index(target)
+        ax.plot(test.target_dates, test.actual[:, j], label="actual", color="black", lw=1)
+        ax.plot(test.target_dates, result.test_predictions[:, j], label="model", lw=1)
+        ax.plot(test.target_dates, test.last_close, label="persistence", lw=0.8, ls="--")
+        ax.set_ylabel(target)
+    axes[0].legend(loc="upper left")
+    axes[0].set_title(f"{result.ticker}: test block, next-bar forecasts ({result.forecaster.kind})")
+    fig.tight_layout()
+    return fig
+
+
+def _input_example(result: TrainResult):
+    from ml.sources import PRICE_COLUMNS
+
+    return (
+        result.history[PRICE_COLUMNS].iloc[-(result.forecaster.window + 1) :].reset_index(drop=True)
+    )
+
+
+def log_candidate(
+    result: TrainResult,
+    instrument: Instrument,
+    settings: Settings,
+    *,
+    validation_report: Path | None = None,
+) -> TrainingOutcome:
+    """Log the run (params, losses, metrics, plot, model) and register it as the `challenger`."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.models import infer_signature
+
+    from ml.pyfunc import PriceForecastModel
+
+    client = get_client(settings)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    experiment_id = ensure_experiment(client, settings.experiment_name)
+    as_of = result.as_of.isoformat()
+    model_tags = {
+        "ticker": instrument.ticker,
+        "asset_class": instrument.asset_class,
+        "logical_date": as_of,
+        "data_fingerprint": result.data_fingerprint,
+        "config_fingerprint": result.config_fingerprint,
+        "code_version": code_version(),
+        "price_source": settings.price_source,
+        "model_kind": result.forecaster.kind,
+    }
+    metrics = result.evaluation.as_metrics()
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"{instrument.slug}-{as_of}", tags=model_tags
+    ) as run:
+        cfg = asdict(settings.model)
+        params = {
+            k: (",".join(v) if isinstance(v, tuple) and k == "kinds" else v) for k, v in cfg.items()
+        }
+        params.update(
+            chosen_kind=result.forecaster.kind,
+            n_bars=len(result.history),
+            history_start=str(result.history["Date"].iloc[0].date()),
+            history_end=str(result.history["Date"].iloc[-1].date()),
+            n_train=len(result.split.train),
+            n_val=len(result.split.val),
+            n_test=len(result.split.test),
+        )
+        mlflow.log_params(params)
+        now = int(time.time() * 1000)
+        epoch_metrics = [
+            Metric(f"{c.kind}_{key}", value, now, step)
+            for c in result.candidates
+            for key, series in (("loss", c.loss), ("val_loss", c.val_loss))
+            for step, value in enumerate(series, start=1)
+        ]
+        epoch_metrics += [
+            Metric(f"{c.kind}_best_val_loss", c.best_val_loss, now, 0) for c in result.candidates
+        ]
+        epoch_metrics += [
+            Metric(k, float(v), now, 0)
+            for k, v in metrics.items()
+            if v == v  # drop NaN
+        ]
+        for i in range(0, len(epoch_metrics), 900):
+            client.log_batch(run.info.run_id, metrics=epoch_metrics[i : i + 900])
+        fig = _plot_test_block(result)
+        mlflow.log_figure(fig, "plots/test_predictions.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        if validation_report is not None and validation_report.exists():
+            mlflow.log_artifact(str(validation_report), artifact_path="validation")
+        mlflow.log_dict(
+            {"candidates": [asdict(c) for c in result.candidates], "test": metrics},
+            "training_summary.json",
+        )
+        example = _input_example(result)
+        with tempfile.TemporaryDirectory() as tmp:
+            artifacts = result.forecaster.save(Path(tmp))
+            output = result.forecaster.predict_frame(example)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=PriceForecastModel(),
+                artifacts=artifacts,
+                signature=infer_signature(example, output),
+                input_example=example,
+                pip_requirements=PIP_REQUIREMENTS,
+                code_paths=[str(PROJECT_ROOT / "ml")],
+            )
+        u2 = {t: round(float(v), 6) for t, v in result.evaluation.u2().items()}
+        version = mlflow.register_model(
+            info.model_uri,
+            instrument.model_name,
+            tags={
+                **model_tags,
+                "test_u2": json.dumps(u2, sort_keys=True),
+                "run_id": run.info.run_id,
+            },
+        )
+    client.set_registered_model_alias(instrument.model_name, CHALLENGER, version.version)
+    return TrainingOutcome(
+        instrument.ticker,
+        as_of,
+        "trained",
+        version.version,
+        run.info.run_id,
+        f"registered version {version.version} ({result.forecaster.kind})",
+        u2,
+    )
+
+
+# --- promotion -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    ticker: str
+    version: str
+    promoted: bool
+    reason: str
+    champion_version: str | None
+    candidate_score: float | None
+    champion_score: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gate_failures(u2: dict[str, float], gate: GateConfig) -> list[str]:
+    """Reasons the candidate fails to beat persistence (empty when it passes)."""
+    import math
+
+    failures = []
+    for target, limit, inclusive in (
+        ("High", gate.u2_high_max, False),
+        ("Low", gate.u2_low_max, False),
+        ("Close", gate.u2_close_max, gate.close_inclusive),
+    ):
+        value = u2.get(target, float("nan"))
+        ok = (value <= limit) if inclusive else (value < limit)
+        if math.isnan(value) or not ok:
+            op = "<=" if inclusive else "<"
+            failures.append(f"U2 {target} {value:.4f} not {op} {limit}")
+    return failures
+
+
+def score(u2: dict[str, float]) -> float:
+    """One number to compare two models on the same block: the mean U2 over High, Low, Close."""
+    return sum(u2[t] for t in GATE_TARGETS) / len(GATE_TARGETS)
+
+
+def load_forecaster(
+    instrument: Instrument, settings: Settings, alias: str = CHAMPION, version: str | None = None
+) -> tuple[PriceForecaster, str] | None:
+    """Load `models:/<name>@<alias>` (or a version) through the registry; None if it is unset."""
+    import mlflow
+
+    client = get_client(settings)
+    if version is None:
+        mv = get_alias(client, instrument.model_name, alias)
+        if mv is None:
+            return None
+        version = mv.version
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{instrument.model_name}/{version}")
+    return model.unwrap_python_model().forecaster, str(version)
+
+
+def rescore_u2(forecaster: PriceForecaster, history: Any, test: Any) -> dict[str, float]:
+    """U2 against persistence of `forecaster` on the test windows `test` of `history`."""
+    import numpy as np
+
+    from ml.evaluation import persistence_forecast, theil_u2
+
+    frame = forecaster.predict_frame(history)
+    by_end = dict(zip(frame["Date"].to_numpy(), frame[list(TARGETS)].to_numpy(), strict=True))
+    dates = history["Date"].to_numpy()
+    idx = np.searchsorted(dates, test.target_dates) - 1
+    predicted = np.stack([by_end[dates[i]] for i in idx])
+    reference = persistence_forecast(test.last_close, test.last_adj_close)
+    values = theil_u2(test.actual, predicted, reference)
+    return {t: float(v) for t, v in zip(TARGETS, values, strict=True)}
+
+
+def promote_if_better(
+    instrument: Instrument, as_of: date, version: str, settings: Settings
+) -> PromotionDecision:
+    """Move `champion` to `version` if it passes the gate and beats the champion on its test block."""
+    from ml.store import PriceStore
+    from ml.windows import prepare
+
+    client = get_client(settings)
+    name = instrument.model_name
+    store = PriceStore(settings.data_dir)
+    with store.lock(f"promote-{instrument.slug}"):
+        candidate = client.get_model_version(name, version)
+        if candidate.tags.get("gate_status") in ("promoted", "rejected"):
+            current = get_alias(client, name, CHAMPION)
+            return PromotionDecision(
+                instrument.ticker,
+                version,
+                candidate.tags["gate_status"] == "promoted",
+                candidate.tags.get("gate_reason", "decided earlier"),
+                current.version if current else None,
+                None,
+                None,
+            )
+        u2 = json.loads(candidate.tags.get("test_u2", "{}"))
+        cand_score = score(u2) if all(t in u2 for t in GATE_TARGETS) else None
+        failures = gate_failures(u2, settings.gate)
+        champion = get_alias(client, name, CHAMPION)
+        champ_score: float | None = None
+        if failures:
+            promoted, reason = False, "fails the persistence gate: " + "; ".join(failures)
+        elif champion is None:
+            promoted, reason = True, "first champion: beats persistence"
+        elif champion.version == candidate.version:
+            promoted, reason = True, "already champion"
+        else:
+            history = store.load(instrument, until=as_of)
+            split = prepare(
+                history, settings.model.window, settings.model.split, settings.model.naive_lookback
+            )
+            loaded = load_forecaster(instrument, settings, version=champion.version)
+            assert loaded is not None
+            champ_u2 = rescore_u2(loaded[0], history, split.test)
+            champ_score = score(champ_u2)
+            assert cand_score is not None
+            if cand_score < champ_score - settings.gate.min_improvement:
+                promoted = True
+                reason = (
+                    f"beats persistence and champion v{champion.version} "
+                    f"(mean U2 {cand_score:.4f} < {champ_score:.4f})"
+                )
+            else:
+                promoted = False
+                reason = (
+                    f"does not beat champion v{champion.version} on the same test block "
+                    f"(mean U2 {cand_score:.4f} >= {champ_score:.4f})"
+                )
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_model_version_tag(
+            name, version, "gate_status", "promoted" if promoted else "rejected"
+        )
+        client.set_model_version_tag(name, version, "gate_reason", reason)
+        client.set_model_version_tag(
+            name, version, "validation_status", "passed" if promoted else "failed"
+        )
+        client.set_model_version_tag(name, version, "validation_reason", reason)
+        return PromotionDecision(
+            instrument.ticker,
+            version,
+            promoted,
+            reason,
+            version if promoted else (champion.version if champion else None),
+            cand_score,
+            champ_score,
+        )
