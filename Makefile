@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet uv==0.13.8
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -r requirements.txt
+	$(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode -r requirements.txt
 	$(VENV)/bin/uv pip install --python $(PY) --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -149,7 +149,9 @@ def price_forecast():
 
             _name_instance(ticker)
             settings = _settings(get_current_context()["params"])
-            return run_recorded("ingest", ticker, _run_key(), settings, ingest_step, ticker, _as_of(), settings)
+            return run_recorded(
+                "ingest", ticker, _run_key(), settings, ingest_step, ticker, _as_of(), settings
+            )
 
         @task(map_index_template="{{ ticker_name }}")
         def validate_publish(ticker: str, staged: dict) -> dict:
@@ -159,11 +161,24 @@ def price_forecast():
             _name_instance(ticker)
             settings = _settings(get_current_context()["params"])
             try:
-                return run_recorded("publish", ticker, _run_key(), settings, publish_step, ticker, _as_of(), settings)
+                return run_recorded(
+                    "publish",
+                    ticker,
+                    _run_key(),
+                    settings,
+                    publish_step,
+                    ticker,
+                    _as_of(),
+                    settings,
+                )
             except PriceValidationError as exc:
                 raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
 
-        @task(pool=TRAINING_POOL, map_index_template="{{ ticker_name }}", execution_timeout=timedelta(minutes=45))
+        @task(
+            pool=TRAINING_POOL,
+            map_index_template="{{ ticker_name }}",
+            execution_timeout=timedelta(minutes=45),
+        )
         def train(ticker: str, published: dict) -> dict:
             from ml.pipeline import run_recorded, train_step
 
@@ -171,7 +186,14 @@ def price_forecast():
             params = get_current_context()["params"]
             settings = _settings(params)
             return run_recorded(
-                "train", ticker, _run_key(), settings, train_step, ticker, _as_of(), settings,
+                "train",
+                ticker,
+                _run_key(),
+                settings,
+                train_step,
+                ticker,
+                _as_of(),
+                settings,
                 force=bool(params.get("force_retrain")),
             )
 
@@ -181,7 +203,17 @@ def price_forecast():
 
             _name_instance(ticker)
             settings = _settings(get_current_context()["params"])
-            return run_recorded("promote", ticker, _run_key(), settings, promote_step, ticker, _as_of(), trained, settings)
+            return run_recorded(
+                "promote",
+                ticker,
+                _run_key(),
+                settings,
+                promote_step,
+                ticker,
+                _as_of(),
+                trained,
+                settings,
+            )
 
         @task(map_index_template="{{ ticker_name }}", outlets=[FORECASTS])
         def forecast(ticker: str, decision: dict) -> dict | None:
@@ -189,7 +221,9 @@ def price_forecast():
 
             _name_instance(ticker)
             settings = _settings(get_current_context()["params"])
-            return run_recorded("forecast", ticker, _run_key(), settings, forecast_step, ticker, _as_of(), settings)
+            return run_recorded(
+                "forecast", ticker, _run_key(), settings, forecast_step, ticker, _as_of(), settings
+            )
 
         staged = ingest(ticker)
         published = validate_publish(ticker, staged)
@@ -208,7 +242,9 @@ def price_forecast():
         print(f"run summary written to {path}")
         failed = [r for r in rows if r["state"] == "failed"]
         if failed:
-            details = "; ".join(f"{r['ticker']} ({r.get('failed_step')}): {r.get('error')}" for r in failed)
+            details = "; ".join(
+                f"{r['ticker']} ({r.get('failed_step')}): {r.get('error')}" for r in failed
+            )
             raise AirflowFailException(f"{len(failed)} of {len(rows)} ticker(s) failed: {details}")
         return {"report": str(path), "tickers": len(rows), "failed": 0}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -83,13 +84,15 @@ def _parse_date(name: str, raw: str) -> date:
         raise ConfigError(f"{name}={raw!r} is not a date (YYYY-MM-DD)") from exc
 
 
-def _parse_number(name: str, raw: str, kind: type) -> int | float:
+def _parse_number(name: str, raw: str, kind: type, *, allow_zero: bool = False) -> int | float:
     try:
         value = kind(raw)
     except ValueError as exc:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be positive")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(
+            f"{name}={raw!r} must be a finite {'non-negative' if allow_zero else 'positive'} number"
+        )
     return value
 
 
@@ -133,13 +136,13 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
     model_changes: dict[str, object] = {}
     for attr, (name, kind) in _MODEL_ENV.items():
         if env.get(name):
-            model_changes[attr] = _parse_number(name, env[name], kind)
+            model_changes[attr] = _parse_number(name, env[name], kind, allow_zero=attr == "seed")
     if env.get("MODEL_KINDS"):
         model_changes["kinds"] = _parse_kinds(env["MODEL_KINDS"])
     model = replace(ModelConfig(), **model_changes)
 
     gate_changes = {
-        attr: _parse_number(name, env[name], float)
+        attr: _parse_number(name, env[name], float, allow_zero=attr == "min_improvement")
         for attr, name in _GATE_ENV.items()
         if env.get(name)
     }

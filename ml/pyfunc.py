@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Offline by design: no usage telemetry from MLflow (it would write under ~/.config and call out).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow.pyfunc
 import pandas as pd

@@ -69,6 +69,7 @@ def code_version() -> str:
 
 def get_client(settings: Settings) -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
     uri = settings.mlflow_tracking_uri
@@ -91,22 +92,27 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
 
 def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version behind `alias`, None if the model or alias does not exist. Any other error
+    (server down, internal error) is raised: it must never look like "no champion"."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def find_versions(client: MlflowClient, name: str, **tags: str) -> list[ModelVersion]:
     """Versions of `name` whose tags match all of `tags`, newest first."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client.search_model_versions(f"name = '{name}'", max_results=1000)
-    except MlflowException:
-        return []
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            break
     matching = [v for v in versions if all(v.tags.get(k) == val for k, val in tags.items())]
     return sorted(matching, key=lambda v: int(v.version), reverse=True)
 

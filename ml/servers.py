@@ -86,9 +86,12 @@ def start_mlflow_server(
         "--workers",
         str(workers),
     ]
+    # The server's background job runner (GenAI evaluation jobs) is not used here: it would start
+    # eight more processes per server.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy()
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
     uri = f"http://{host}:{port}"
     try:

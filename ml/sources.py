@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ml.config import Settings
+from ml.config import ConfigError, Settings
 from ml.universe import Instrument
 
 if TYPE_CHECKING:
@@ -36,6 +36,26 @@ class PriceSource(Protocol):
         ...
 
 
+def _session_dates(values: pd.Series) -> pd.Series:
+    """Each value's local session date: time zones (even mixed, across a DST change) are dropped,
+    never converted, so a bar stays on the exchange's own calendar day."""
+    import pandas as pd
+
+    try:
+        dates = pd.to_datetime(values, utc=False)
+    except (ValueError, TypeError):
+        dates = pd.Series(
+            [
+                pd.Timestamp(v).tz_localize(None) if pd.Timestamp(v).tzinfo else pd.Timestamp(v)
+                for v in values
+            ],
+            index=values.index,
+        )
+    if getattr(dates.dt, "tz", None) is not None:
+        dates = dates.dt.tz_localize(None)
+    return dates
+
+
 def normalize_frame(frame: pd.DataFrame, ticker: str, start: date, end: date) -> pd.DataFrame:
     """Bring a frame in yfinance's column layout to the standard shape.
 
@@ -54,9 +74,7 @@ def normalize_frame(frame: pd.DataFrame, ticker: str, start: date, end: date) ->
     missing = [c for c in PRICE_COLUMNS if c not in df.columns]
     if missing:
         raise PriceSourceError(f"{ticker}: source frame is missing column(s) {missing}")
-    dates = pd.to_datetime(df["Date"], utc=False)
-    if getattr(dates.dt, "tz", None) is not None:
-        dates = dates.dt.tz_localize(None)
+    dates = _session_dates(df["Date"])
     df["Date"] = dates.dt.normalize().astype("datetime64[ns]")
     df = df[PRICE_COLUMNS]
     for col in PRICE_COLUMNS[1:]:
@@ -276,6 +294,7 @@ def get_source(settings: Settings) -> PriceSource:
     if settings.price_source == "synthetic":
         return SyntheticSource()
     if settings.price_source == "files":
-        assert settings.price_files_dir is not None
+        if settings.price_files_dir is None:
+            raise ConfigError("PRICE_SOURCE=files needs PRICE_FILES_DIR")
         return FileSource(settings.price_files_dir)
     return YahooSource(settings.yahoo_max_retries, settings.yahoo_backoff_seconds)

@@ -178,8 +178,10 @@ class PriceStore:
             rows_added = len(batch) - len(overlap)
             if rows_added or rows_updated:
                 _write_parquet(merged[OUTPUT_COLUMNS], self.history_path(instrument))
+            # The report of the batch that last changed this date's data stays: a re-run that
+            # changes nothing writes nothing, so every file stays byte-identical.
             report_path = self.report_path(instrument, as_of)
-            if not report_path.exists() or report_path.read_text() != report_json:
+            if rows_added or rows_updated or not report_path.exists():
                 atomic_write_text(report_path, report_json)
             self.staging_path(instrument, as_of).unlink(missing_ok=True)
             last = merged["Date"].iloc[-1].date() if len(merged) else None

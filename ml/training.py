@@ -140,7 +140,7 @@ def fit_skill_weights(
         slope = float(p @ y) / denom
         resid = y - slope * p
         se = float(np.sqrt((resid @ resid) / (len(p) - 1) / denom))
-        significant = se > 0 and slope / se >= z
+        significant = slope > 0 and (se == 0 or slope / se >= z)
         weights.append(float(np.clip(slope, 0.0, 1.0)) if significant else 0.0)
     return tuple(round(w, 6) for w in weights)
 

@@ -108,10 +108,15 @@ class Universe:
         return chosen
 
 
-def parse_universe(rows: Sequence[dict[str, str]], origin: str = "universe") -> Universe:
+def parse_universe(
+    rows: Sequence[dict[str, str]],
+    origin: str = "universe",
+    line_numbers: Sequence[int] | None = None,
+) -> Universe:
     instruments: list[Instrument] = []
     seen: set[str] = set()
-    for line_no, row in enumerate(rows, start=2):
+    numbers = line_numbers or range(2, len(rows) + 2)
+    for line_no, row in zip(numbers, rows, strict=True):
         ticker = (row.get("ticker") or "").strip()
         asset_class = (row.get("asset_class") or "").strip().lower()
         where = f"{origin}, line {line_no}"
@@ -136,12 +141,16 @@ def parse_universe(rows: Sequence[dict[str, str]], origin: str = "universe") -> 
 def load_universe(path: Path) -> Universe:
     """Read and check the universe file (CSV with columns ticker, asset_class, name)."""
     try:
-        with open(path, newline="") as fh:
+        # utf-8-sig: a file saved by Excel starts with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             missing = {"ticker", "asset_class"} - set(reader.fieldnames or ())
             if missing:
                 raise UniverseError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-            rows = list(reader)
+            rows, lines = [], []
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)
     except FileNotFoundError:
         raise UniverseError(f"universe file not found: {path} (set UNIVERSE_FILE)") from None
-    return parse_universe(rows, origin=str(path))
+    return parse_universe(rows, origin=str(path), line_numbers=lines)

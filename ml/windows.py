@@ -9,6 +9,7 @@ statistics come from the train block only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -119,6 +120,10 @@ def make_windows(history: pd.DataFrame, window: int, naive_lookback: int = 20) -
     """Cut every window whose next bar exists in `history` (sorted by date, validated)."""
     import numpy as np
 
+    if len(history) < window + 2:
+        raise InsufficientHistoryError(
+            f"{len(history)} bars is too few for windows of {window} plus a target"
+        )
     feats = build_features(history)
     if len(feats) < window + 1:
         raise InsufficientHistoryError(
@@ -157,6 +162,8 @@ def make_windows(history: pd.DataFrame, window: int, naive_lookback: int = 20) -
 
 def latest_window(history: pd.DataFrame, window: int) -> np.ndarray:
     """The single window ending at the last bar of `history`: the input for the next forecast."""
+    if len(history) < window + 1:
+        raise InsufficientHistoryError(f"{len(history)} bars is too few for a window of {window}")
     feats = build_features(history)
     if len(feats) < window:
         raise InsufficientHistoryError(f"{len(history)} bars is too few for a window of {window}")
@@ -164,8 +171,9 @@ def latest_window(history: pd.DataFrame, window: int) -> np.ndarray:
 
 
 def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
-    n_train = int(n * fractions[0])
-    n_val = int(n * fractions[1])
+    # The epsilon keeps products such as 90 * 0.7 = 62.999... from losing a window to rounding.
+    n_train = math.floor(n * fractions[0] + 1e-9)
+    n_val = math.floor(n * fractions[1] + 1e-9)
     return n_train, n_val, n - n_train - n_val
 
 

@@ -11,9 +11,10 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from ml.config import Settings, get_settings  # noqa: E402
-from ml.servers import MlflowServer, start_mlflow_server  # noqa: E402
+from ml.config import Settings, get_settings
+from ml.servers import MlflowServer, start_mlflow_server
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,293 @@
+"""Tests of `ml.config`: offline defaults, environment overrides, clear errors, import hygiene."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from ml.config import (
+    MODEL_KINDS,
+    PROJECT_ROOT,
+    ConfigError,
+    GateConfig,
+    ModelConfig,
+    get_settings,
+    settings_table,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY_MODULES = ("tensorflow", "keras", "mlflow", "great_expectations", "airflow", "yfinance")
+# `ml.pyfunc` is the MLflow model wrapper: it imports mlflow by nature, so it is imported last and
+# only checked for side effects.
+WRAPPER_MODULES = ("pyfunc",)
+
+# Runs in a fresh interpreter: records every file or folder created, written, moved or removed
+# (Python audit events) while importing every `ml` module, and which heavy packages got imported.
+IMPORT_PROBE = r"""
+import importlib, json, os, pkgutil, sys
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "os.symlink",
+          "os.link", "os.truncate", "os.chmod", "os.utime", "shutil.copyfile", "shutil.rmtree"}
+writes = []
+
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if str(path).startswith("/dev/"):
+            return
+        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            mode is None and isinstance(flags, int) and flags & WRITE_FLAGS
+        ):
+            writes.append(f"open({path!r}, {mode!r})")
+    elif event in EVENTS:
+        writes.append(f"{event}({args[0]!r})")
+
+sys.addaudithook(hook)
+import ml
+
+wrappers = set(sys.argv[1].split(","))
+names = sorted(m.name for m in pkgutil.iter_modules(ml.__path__) if m.name != "__main__")
+for name in names:
+    if name not in wrappers:
+        importlib.import_module(f"ml.{name}")
+heavy = sorted(m for m in sys.argv[2].split(",") if m in sys.modules)
+library_writes = list(writes)
+for name in sorted(wrappers & set(names)):
+    importlib.import_module(f"ml.{name}")
+print(json.dumps({"modules": names, "heavy": heavy, "library_writes": library_writes,
+                  "wrapper_writes": writes[len(library_writes):]}))
+"""
+
+
+def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """A minimal environment: none of the developer's settings, a private HOME."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp / "home"),
+        "PYTHONPATH": str(REPO),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "DATA_DIR": str(tmp / "data"),
+    }
+    # A project-wide opt-out of MLflow telemetry, once someone sets it, reaches the probe too.
+    for name in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def import_probe(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("import-probe")
+    cwd = tmp / "cwd"
+    cwd.mkdir()
+    (tmp / "home").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, ",".join(WRAPPER_MODULES), ",".join(HEAVY_MODULES)],
+        cwd=cwd,
+        env=clean_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["tmp"] = tmp
+    return result
+
+
+# --- defaults ------------------------------------------------------------------------------------
+
+
+def test_defaults_run_offline() -> None:
+    settings = get_settings({})
+    assert settings.price_source == "synthetic"
+    assert settings.price_files_dir is None
+    assert settings.data_dir == PROJECT_ROOT / ".state" / "data"
+    assert settings.mlflow_tracking_uri == "http://127.0.0.1:5000"
+    assert settings.universe_file == PROJECT_ROOT / "universe.csv"
+    assert settings.universe_file.is_file()
+    assert settings.model == ModelConfig()
+    assert settings.gate == GateConfig()
+    assert settings.model.window == 6
+    assert settings.model.kinds == MODEL_KINDS == ("lstm", "gru")
+    assert settings.model.split == (0.7, 0.2, 0.1)
+
+
+def test_defaults_ignore_the_process_environment_when_given_a_mapping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PRICE_SOURCE", "yahoo")
+    monkeypatch.setenv("MODEL_WINDOW", "9")
+    assert get_settings({}).price_source == "synthetic"
+    assert get_settings().price_source == "yahoo"
+    assert get_settings().model.window == 9
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+
+def test_environment_overrides_every_setting(tmp_path: Path) -> None:
+    env = {
+        "PRICE_SOURCE": " Files ",
+        "PRICE_FILES_DIR": str(tmp_path / "replay"),
+        "DATA_DIR": str(tmp_path / "data"),
+        "MLFLOW_TRACKING_URI": "http://mlflow.internal:5001",
+        "MLFLOW_EXPERIMENT_NAME": "nightly",
+        "UNIVERSE_FILE": str(tmp_path / "u.csv"),
+        "HISTORY_START": "2020-03-02",
+        "TRAILING_DAYS": "15",
+        "YAHOO_MAX_RETRIES": "7",
+        "YAHOO_BACKOFF_SECONDS": "0.5",
+        "MODEL_WINDOW": "10",
+        "MODEL_UNITS": "32",
+        "MODEL_LEARNING_RATE": "0.005",
+        "MODEL_BATCH_SIZE": "128",
+        "MODEL_MAX_EPOCHS": "12",
+        "MODEL_PATIENCE": "3",
+        "MODEL_SEED": "7",
+        "MODEL_KINDS": "GRU, lstm",
+        "GATE_U2_HIGH_MAX": "0.95",
+        "GATE_U2_LOW_MAX": "0.9",
+        "GATE_U2_CLOSE_MAX": "1.02",
+        "GATE_MIN_IMPROVEMENT": "0.01",
+    }
+    s = get_settings(env)
+    assert s.price_source == "files"
+    assert s.price_files_dir == tmp_path / "replay"
+    assert s.data_dir == tmp_path / "data"
+    assert s.mlflow_tracking_uri == "http://mlflow.internal:5001"
+    assert s.experiment_name == "nightly"
+    assert s.universe_file == tmp_path / "u.csv"
+    assert s.history_start == date(2020, 3, 2)
+    assert s.trailing_days == 15
+    assert s.yahoo_max_retries == 7
+    assert s.yahoo_backoff_seconds == 0.5
+    assert s.model == ModelConfig(
+        window=10,
+        kinds=("gru", "lstm"),
+        units=32,
+        learning_rate=0.005,
+        batch_size=128,
+        max_epochs=12,
+        patience=3,
+        seed=7,
+    )
+    assert isinstance(s.model.window, int) and isinstance(s.model.learning_rate, float)
+    assert s.gate == GateConfig(
+        u2_high_max=0.95, u2_low_max=0.9, u2_close_max=1.02, min_improvement=0.01
+    )
+    table = dict(settings_table(s))
+    assert table["model.window"] == "10"
+    assert table["gate.u2_close_max"] == "1.02"
+    assert table["price_source"] == "files"
+
+
+def test_empty_values_mean_default() -> None:
+    s = get_settings({"DATA_DIR": "", "MODEL_WINDOW": "", "MLFLOW_TRACKING_URI": ""})
+    assert s == get_settings({})
+
+
+@pytest.mark.parametrize(
+    ("env", "fragments"),
+    [
+        ({"PRICE_SOURCE": "foo"}, ["PRICE_SOURCE", "'foo'", "yahoo, synthetic, files"]),
+        ({"PRICE_SOURCE": "files"}, ["PRICE_SOURCE=files", "PRICE_FILES_DIR"]),
+        ({"MODEL_MAX_EPOCHS": "abc"}, ["MODEL_MAX_EPOCHS", "'abc'", "int"]),
+        ({"MODEL_WINDOW": "6.5"}, ["MODEL_WINDOW", "'6.5'", "int"]),
+        ({"MODEL_WINDOW": "0"}, ["MODEL_WINDOW", "positive"]),
+        ({"MODEL_BATCH_SIZE": "-32"}, ["MODEL_BATCH_SIZE", "positive"]),
+        ({"MODEL_LEARNING_RATE": "fast"}, ["MODEL_LEARNING_RATE", "'fast'", "float"]),
+        ({"MODEL_KINDS": "transformer"}, ["MODEL_KINDS", "'transformer'", "lstm, gru"]),
+        ({"MODEL_KINDS": "lstm,transformer"}, ["MODEL_KINDS", "lstm, gru"]),
+        ({"MODEL_KINDS": " , "}, ["MODEL_KINDS", "lstm, gru"]),
+        ({"GATE_U2_HIGH_MAX": "high"}, ["GATE_U2_HIGH_MAX", "'high'"]),
+        ({"HISTORY_START": "2024-13-01"}, ["HISTORY_START", "'2024-13-01'", "YYYY-MM-DD"]),
+        ({"TRAILING_DAYS": "ten"}, ["TRAILING_DAYS", "'ten'"]),
+        ({"YAHOO_MAX_RETRIES": "0"}, ["YAHOO_MAX_RETRIES", "positive"]),
+    ],
+    ids=lambda v: ",".join(f"{k}={val}" for k, val in v.items()) if isinstance(v, dict) else "",
+)
+def test_bad_values_raise_config_error_naming_the_variable(
+    env: dict[str, str], fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        get_settings(env)
+    message = str(excinfo.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize("name", ["MODEL_LEARNING_RATE", "GATE_U2_CLOSE_MAX"])
+def test_nan_is_not_a_valid_number(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        get_settings({name: "nan"})
+
+
+# --- fingerprint ---------------------------------------------------------------------------------
+
+
+def test_model_fingerprint_is_stable_and_tracks_every_param() -> None:
+    base = ModelConfig()
+    fp = base.fingerprint()
+    assert fp == ModelConfig().fingerprint()
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    # The same values read from the environment give the same fingerprint.
+    assert get_settings({"MODEL_WINDOW": "6", "MODEL_KINDS": "lstm,gru"}).model.fingerprint() == fp
+    changed = [
+        replace(base, window=7),
+        replace(base, kinds=("lstm",)),
+        replace(base, kinds=("gru", "lstm")),
+        replace(base, units=32),
+        replace(base, learning_rate=2e-3),
+        replace(base, split=(0.6, 0.2, 0.2)),
+        replace(base, seed=43),
+        get_settings({}).with_model(max_epochs=41).model,
+    ]
+    fingerprints = {c.fingerprint() for c in changed}
+    assert fp not in fingerprints
+    assert len(fingerprints) == len(changed)
+
+
+def test_model_fingerprint_is_the_same_in_another_process(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ml.config import ModelConfig; print(ModelConfig().fingerprint())",
+        ],
+        env=clean_env(tmp_path, PYTHONHASHSEED="123"),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert proc.stdout.strip() == ModelConfig().fingerprint()
+
+
+# --- import hygiene ------------------------------------------------------------------------------
+
+
+def test_importing_ml_modules_imports_no_heavy_framework(import_probe: dict) -> None:
+    assert "config" in import_probe["modules"] and "cli" in import_probe["modules"]
+    assert import_probe["heavy"] == []
+
+
+def test_importing_ml_modules_creates_no_files_or_folders(import_probe: dict) -> None:
+    tmp: Path = import_probe["tmp"]
+    assert import_probe["library_writes"] == []
+    assert not (tmp / "data").exists()
+    assert list((tmp / "cwd").iterdir()) == []
+
+
+def test_importing_the_mlflow_wrapper_creates_no_files(import_probe: dict) -> None:
+    assert import_probe["wrapper_writes"] == []
+    assert list((import_probe["tmp"] / "home").iterdir()) == []

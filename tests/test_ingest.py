@@ -1,0 +1,391 @@
+"""Tests of ingestion: the command line over the whole universe, incremental runs, and bad input
+through the real stage -> validate (Great Expectations) -> publish/quarantine path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml import pipeline
+from ml.config import Settings, get_settings
+from ml.ingest import ingest_ticker, publish_staged, stage_ticker
+from ml.sources import PRICE_COLUMNS, FileSource, PriceSourceError, SyntheticSource
+from ml.store import PriceStore
+from ml.universe import Instrument, load_universe
+from ml.validation import PriceValidationError
+
+REPO = Path(__file__).resolve().parent.parent
+UNIVERSE = load_universe(REPO / "universe.csv")
+HISTORY_START = date(2023, 1, 2)
+AS_OF = date(2024, 6, 28)  # a Friday
+NEXT_DAY = date(2024, 7, 1)  # the Monday after
+CONFIG_PREFIXES = ("PRICE_", "MODEL_", "GATE_", "MLFLOW_", "YAHOO_")
+CONFIG_NAMES = {"DATA_DIR", "UNIVERSE_FILE", "HISTORY_START", "TRAILING_DAYS"}
+
+
+def cli_env(data_dir: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES
+    }
+    env.update(
+        PYTHONPATH=str(REPO),
+        PRICE_SOURCE="synthetic",
+        DATA_DIR=str(data_dir),
+        HISTORY_START=HISTORY_START.isoformat(),
+    )
+    return env
+
+
+def run_ingest(data_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ml", "ingest", *args],
+        cwd=cwd,
+        env=cli_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def digests(root: Path, *folders: str) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file under `folders` of `root`."""
+    out = {}
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file():
+                out[str(path.relative_to(root))] = (
+                    hashlib.sha256(path.read_bytes()).hexdigest(),
+                    path.stat().st_mtime_ns,
+                )
+    return out
+
+
+def only_sha(d: dict[str, tuple[str, int]]) -> dict[str, str]:
+    return {k: v[0] for k, v in d.items()}
+
+
+# --- the command line over the whole universe ----------------------------------------------------
+
+
+@dataclass
+class CliRun:
+    data_dir: Path
+    proc: subprocess.CompletedProcess
+    files: dict[str, tuple[str, int]]
+
+
+@pytest.fixture(scope="module")
+def first_ingest(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    tmp = tmp_path_factory.mktemp("cli-ingest")
+    data_dir = tmp / "data"
+    proc = run_ingest(data_dir, tmp, "--date", AS_OF.isoformat())
+    return CliRun(data_dir, proc, digests(data_dir, "prices", "validation"))
+
+
+@pytest.fixture(scope="module")
+def second_ingest(first_ingest: CliRun) -> CliRun:
+    data_dir = first_ingest.data_dir
+    proc = run_ingest(data_dir, data_dir.parent, "--date", AS_OF.isoformat())
+    return CliRun(data_dir, proc, digests(data_dir, "prices", "validation"))
+
+
+def test_cli_ingest_publishes_every_ticker(first_ingest: CliRun) -> None:
+    proc, data_dir = first_ingest.proc, first_ingest.data_dir
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 31
+    for instrument, line in zip(UNIVERSE, lines, strict=True):
+        assert line.split()[0] == instrument.ticker
+        assert "full history, synthetic" in line and "validation passed" in line, line
+        assert line.endswith(f"to {AS_OF.isoformat()}"), line
+
+    prices = sorted(p.name for p in (data_dir / "prices").iterdir())
+    assert prices == sorted(f"{i.slug}.parquet" for i in UNIVERSE)
+    store = PriceStore(data_dir)
+    source = SyntheticSource()
+    for instrument in UNIVERSE:
+        history = store.load(instrument)
+        pd.testing.assert_frame_equal(history, source.fetch(instrument, HISTORY_START, AS_OF))
+        report = json.loads(store.report_path(instrument, AS_OF).read_text())
+        assert report["success"] is True and report["ticker"] == instrument.ticker
+    assert not [p for p in (data_dir / "staging").rglob("*") if p.is_file()]
+    assert not (data_dir / "quarantine").exists()
+
+
+def test_rerunning_the_same_date_leaves_prices_byte_identical(
+    first_ingest: CliRun, second_ingest: CliRun
+) -> None:
+    assert second_ingest.proc.returncode == 0, second_ingest.proc.stderr
+    lines = second_ingest.proc.stdout.strip().splitlines()
+    assert len(lines) == 31
+    for line in lines:
+        assert "incremental" in line and "added     0  updated   0" in line, line
+    prices = {k: v for k, v in first_ingest.files.items() if k.startswith("prices/")}
+    assert len(prices) == 31
+    assert {k: v for k, v in second_ingest.files.items() if k.startswith("prices/")} == prices
+
+
+def test_rerunning_the_same_date_leaves_validation_reports_byte_identical(
+    first_ingest: CliRun, second_ingest: CliRun
+) -> None:
+    assert second_ingest.proc.returncode == 0
+    reports = {k: v for k, v in only_sha(first_ingest.files).items() if k.startswith("validation/")}
+    assert len(reports) == 31
+    assert {
+        k: v for k, v in only_sha(second_ingest.files).items() if k.startswith("validation/")
+    } == reports
+
+
+def test_next_day_fetches_only_the_trailing_window(
+    first_ingest: CliRun, settings: Settings, tmp_path: Path
+) -> None:
+    assert first_ingest.proc.returncode == 0
+    data_dir = tmp_path / "next-day"
+    shutil.copytree(first_ingest.data_dir, data_dir)
+    settings = replace(settings, data_dir=data_dir, history_start=HISTORY_START)
+    store = PriceStore(data_dir)
+    amd_before = (data_dir / "prices" / "AMD.parquet").read_bytes()
+
+    # Friday -> Monday: one new bar for weekday classes, three (Sat, Sun, Mon) for crypto.
+    for ticker, new_bars in (("GOOGL", 1), ("EURUSD=X", 1), ("ZB=F", 1), ("SOL-USD", 3)):
+        instrument = UNIVERSE.get(ticker)
+        before = store.load(instrument)
+        staged = pipeline.ingest_step(ticker, NEXT_DAY, settings)
+        assert staged["incremental"] is True
+        # The trailing window is counted in calendar days back from the last published bar.
+        assert date.fromisoformat(staged["start"]) == AS_OF - timedelta(settings.trailing_days)
+        if instrument.asset_class == "stock":
+            assert staged["rows_fetched"] <= settings.trailing_days + 1
+        assert staged["rows_fetched"] <= (NEXT_DAY - AS_OF).days + settings.trailing_days + 1
+        published = pipeline.publish_step(ticker, NEXT_DAY, settings)
+        assert (published["rows_added"], published["rows_updated"]) == (new_bars, 0), ticker
+        after = store.load(instrument)
+        assert len(after) == len(before) + new_bars
+        pd.testing.assert_frame_equal(after.iloc[: len(before)], before)
+        expected = SyntheticSource().fetch(instrument, AS_OF + timedelta(1), NEXT_DAY)
+        pd.testing.assert_frame_equal(after.iloc[len(before) :].reset_index(drop=True), expected)
+    assert (data_dir / "prices" / "AMD.parquet").read_bytes() == amd_before
+
+
+# --- bad input through the real pipeline ---------------------------------------------------------
+
+GOOD_AS_OF = date(2024, 6, 27)
+REPLAY_START = date(2024, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of good CSVs (to AS_OF) and a store after a good ingest of GOOD_AS_OF."""
+    root = tmp_path_factory.mktemp("replay")
+    files = root / "files"
+    files.mkdir()
+    settings = replace(
+        get_settings({}),
+        data_dir=root / "data",
+        history_start=REPLAY_START,
+        price_source="files",
+        price_files_dir=files,
+    )
+    for ticker in ("GOOGL", "EURUSD=X"):
+        instrument = UNIVERSE.get(ticker)
+        bars = SyntheticSource().fetch(instrument, REPLAY_START, AS_OF)
+        bars.drop(columns="Ticker").to_csv(files / f"{ticker}.csv", index=False)
+        result = ingest_ticker(instrument, GOOD_AS_OF, settings, FileSource(files))
+        assert result.rows_added == len(bars) - 1 and result.last_date == "2024-06-27"
+    return root
+
+
+@dataclass
+class Case:
+    settings: Settings
+    files: Path
+    store: PriceStore
+
+    def csv(self, ticker: str) -> Path:
+        return self.files / f"{ticker}.csv"
+
+    def rewrite(self, ticker: str, change: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+        path = self.csv(ticker)
+        change(pd.read_csv(path)).to_csv(path, index=False)
+
+
+@pytest.fixture
+def case(replay: Path, tmp_path: Path) -> Case:
+    root = tmp_path / "case"
+    shutil.copytree(replay, root)
+    settings = replace(
+        get_settings({}),
+        data_dir=root / "data",
+        history_start=REPLAY_START,
+        price_source="files",
+        price_files_dir=root / "files",
+    )
+    return Case(settings, root / "files", PriceStore(root / "data"))
+
+
+def run_pipeline(case: Case, instrument: Instrument, as_of: date) -> None:
+    source = FileSource(case.files)
+    stage_ticker(instrument, as_of, case.settings, source)
+    publish_staged(instrument, as_of, case.settings)
+
+
+def on_last_row(**values: float) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def change(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.copy()
+        for col, value in values.items():
+            frame.loc[frame.index[-1], col] = value
+        return frame
+
+    return change
+
+
+def high_below_low(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    last = frame.index[-1]
+    high, low = float(frame.loc[last, "High"]), float(frame.loc[last, "Low"])
+    frame.loc[last, "High"], frame.loc[last, "Low"] = low, high
+    return frame
+
+
+def spike_100x(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.loc[frame.index[-1], PRICE_COLUMNS[1:6]] *= 100
+    return frame
+
+
+def duplicate_last(frame: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([frame, frame.iloc[[-1]]], ignore_index=True)
+
+
+def swap_two_dates(frame: pd.DataFrame) -> pd.DataFrame:
+    order = [*range(len(frame) - 3), len(frame) - 2, len(frame) - 3, len(frame) - 1]
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def header_only(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.iloc[0:0]
+
+
+def nothing_in_range(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.loc[frame["Date"] < "2024-05-31"]
+
+
+def gap_of_two_weeks(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.loc[(frame["Date"] < "2024-06-18") | (frame["Date"] > "2024-06-26")]
+
+
+def weekend_bar(frame: pd.DataFrame) -> pd.DataFrame:
+    saturday = frame.loc[frame["Date"] == "2024-06-21"].assign(Date="2024-06-22")
+    return pd.concat([frame, saturday]).sort_values("Date", kind="stable")
+
+
+def unchanged(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame
+
+
+BAD_BATCHES = [
+    ("nan-close", "GOOGL", on_last_row(Close=np.nan), AS_OF, "Close_not_null"),
+    ("nan-close-forex", "EURUSD=X", on_last_row(Close=np.nan), AS_OF, "Close_not_null"),
+    ("high-below-low", "GOOGL", high_below_low, AS_OF, "high_ge_low"),
+    ("zero-low", "GOOGL", on_last_row(Low=0.0), AS_OF, "Low_positive"),
+    (
+        "negative-adj-close",
+        "GOOGL",
+        on_last_row(**{"Adj Close": -1.0}),
+        AS_OF,
+        "Adj Close_positive",
+    ),
+    ("duplicate-date", "GOOGL", duplicate_last, AS_OF, "dates_unique"),
+    ("unordered-dates", "GOOGL", swap_two_dates, AS_OF, "dates_increasing"),
+    ("spike-100x", "GOOGL", spike_100x, AS_OF, "close_jump"),
+    ("header-only", "GOOGL", header_only, AS_OF, "rows"),
+    ("no-rows-in-range", "GOOGL", nothing_in_range, AS_OF, "rows"),
+    ("gap", "GOOGL", gap_of_two_weeks, AS_OF, "max_gap"),
+    ("weekend-bar", "GOOGL", weekend_bar, AS_OF, "no_weekend"),
+    ("stale", "GOOGL", unchanged, AS_OF + timedelta(days=30), "fresh"),
+]
+
+
+@pytest.mark.parametrize(
+    ("ticker", "corrupt", "as_of", "check"),
+    [b[1:] for b in BAD_BATCHES],
+    ids=[b[0] for b in BAD_BATCHES],
+)
+def test_bad_batch_is_quarantined_and_nothing_is_published(
+    case: Case,
+    ticker: str,
+    corrupt: Callable[[pd.DataFrame], pd.DataFrame],
+    as_of: date,
+    check: str,
+) -> None:
+    instrument = UNIVERSE.get(ticker)
+    prices_before = digests(case.store.root, "prices")
+    history_before = case.store.load(instrument)
+    case.rewrite(ticker, corrupt)
+
+    with pytest.raises(PriceValidationError) as excinfo:
+        run_pipeline(case, instrument, as_of)
+    err = excinfo.value
+    message = str(err)
+    assert err.ticker == ticker
+    assert message.splitlines()[0].startswith(f"{ticker}: price validation failed"), message
+    assert f"[{check}]" in message, message
+    assert check in {f["check"] for f in err.failures}
+
+    assert digests(case.store.root, "prices") == prices_before
+    pd.testing.assert_frame_equal(case.store.load(instrument), history_before)
+    quarantine = case.store.quarantine_dir(instrument, as_of)
+    assert quarantine == case.store.root / "quarantine" / instrument.slug / as_of.isoformat()
+    batch = pd.read_parquet(quarantine / "batch.parquet")
+    report = json.loads((quarantine / "validation.json").read_text())
+    assert report["success"] is False and report["ticker"] == ticker
+    failed = {
+        r["expectation_config"]["meta"]["check"] for r in report["results"] if not r["success"]
+    }
+    assert check in failed
+    assert report["meta"]["rows"] == len(batch)
+    if check != "rows":
+        assert len(batch) > 0
+    assert not case.store.staging_path(instrument, as_of).exists()
+    assert not case.store.report_path(instrument, as_of).exists()
+
+
+def test_missing_column_fails_before_staging_and_publishes_nothing(case: Case) -> None:
+    instrument = UNIVERSE.get("GOOGL")
+    prices_before = digests(case.store.root, "prices")
+    case.rewrite("GOOGL", lambda f: f.drop(columns="Volume"))
+    with pytest.raises(PriceSourceError) as excinfo:
+        run_pipeline(case, instrument, AS_OF)
+    assert "GOOGL" in str(excinfo.value) and "'Volume'" in str(excinfo.value)
+    assert digests(case.store.root, "prices") == prices_before
+    assert not case.store.staging_path(instrument, AS_OF).exists()
+    assert not (case.store.root / "quarantine").exists()
+
+
+def test_a_fixed_file_publishes_after_a_quarantined_batch(case: Case) -> None:
+    instrument = UNIVERSE.get("GOOGL")
+    good = case.csv("GOOGL").read_bytes()
+    case.rewrite("GOOGL", on_last_row(Close=np.nan))
+    with pytest.raises(PriceValidationError):
+        run_pipeline(case, instrument, AS_OF)
+
+    case.csv("GOOGL").write_bytes(good)
+    result = ingest_ticker(instrument, AS_OF, case.settings, FileSource(case.files))
+    assert (result.rows_added, result.rows_updated, result.last_date) == (1, 0, "2024-06-28")
+    assert result.incremental and result.validation == "passed"
+    assert (case.store.quarantine_dir(instrument, AS_OF) / "batch.parquet").is_file()
+    assert json.loads(case.store.report_path(instrument, AS_OF).read_text())["success"] is True

@@ -1,0 +1,301 @@
+"""Tests of `ml.sources`: the deterministic synthetic source, file replay and source selection."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml.config import Settings
+from ml.sources import (
+    ANCHOR_DATE,
+    ANCHOR_PRICES,
+    OUTPUT_COLUMNS,
+    PRICE_COLUMNS,
+    FileSource,
+    PriceSourceError,
+    SyntheticSource,
+    YahooSource,
+    get_source,
+)
+from ml.universe import Instrument, Universe, load_universe
+
+REPO = Path(__file__).resolve().parent.parent
+START, END = date(2024, 1, 1), date(2024, 6, 28)
+GOOGL = Instrument("GOOGL", "stock")
+EURUSD = Instrument("EURUSD=X", "forex")
+SOL = Instrument("SOL-USD", "crypto")
+
+
+@pytest.fixture(scope="module")
+def universe() -> Universe:
+    return load_universe(REPO / "universe.csv")
+
+
+@pytest.fixture(scope="module")
+def frames(universe: Universe) -> dict[str, pd.DataFrame]:
+    """Synthetic bars of every default ticker over the first half of 2024."""
+    source = SyntheticSource()
+    return {i.ticker: source.fetch(i, START, END) for i in universe}
+
+
+def csv_digest(frame: pd.DataFrame) -> str:
+    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
+
+
+# --- synthetic -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("instrument", [GOOGL, EURUSD, SOL], ids=lambda i: i.ticker)
+def test_synthetic_bars_depend_only_on_ticker_and_date(instrument: Instrument) -> None:
+    source = SyntheticSource()
+    a = source.fetch(instrument, date(2024, 1, 1), date(2024, 6, 28))
+    b = source.fetch(instrument, date(2023, 6, 1), date(2024, 3, 29))
+    overlap_a = a.loc[a["Date"] <= pd.Timestamp(2024, 3, 29)].reset_index(drop=True)
+    overlap_b = b.loc[b["Date"] >= pd.Timestamp(2024, 1, 1)].reset_index(drop=True)
+    assert len(overlap_a) > 50
+    pd.testing.assert_frame_equal(overlap_a, overlap_b, check_exact=True)
+
+
+def test_synthetic_bars_are_identical_in_another_process() -> None:
+    code = (
+        "from datetime import date; import hashlib; from ml.sources import SyntheticSource; "
+        "from ml.universe import Instrument; "
+        "f = SyntheticSource().fetch(Instrument('GOOGL', 'stock'), date(2024, 1, 1), "
+        "date(2024, 6, 28)); print(hashlib.sha256(f.to_csv(index=False).encode()).hexdigest())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "987", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == csv_digest(SyntheticSource().fetch(GOOGL, START, END))
+
+
+def test_different_tickers_get_different_paths(frames: dict[str, pd.DataFrame]) -> None:
+    returns = {
+        t: np.diff(np.log(f["Close"].to_numpy())) for t, f in frames.items() if t != "SOL-USD"
+    }
+    assert returns["SPY"].std() > 0
+    assert not np.allclose(returns["SPY"], returns["IVV"])
+    assert not np.allclose(returns["GOOGL"], returns["AMD"])
+
+
+def test_calendars_follow_the_asset_class(
+    universe: Universe, frames: dict[str, pd.DataFrame]
+) -> None:
+    for instrument in universe:
+        weekdays = frames[instrument.ticker]["Date"].dt.dayofweek
+        if instrument.trades_weekends:
+            assert set(weekdays) == set(range(7)), instrument.ticker
+            expected = pd.date_range(START, END, freq="D")
+            assert list(frames[instrument.ticker]["Date"]) == list(expected)
+        else:
+            assert weekdays.max() <= 4, instrument.ticker
+            assert set(weekdays) == set(range(5)), instrument.ticker
+
+
+def test_bars_are_consistent_positive_and_have_class_volume(
+    universe: Universe, frames: dict[str, pd.DataFrame]
+) -> None:
+    for instrument in universe:
+        f = frames[instrument.ticker]
+        prices = f[["Open", "High", "Low", "Close", "Adj Close"]]
+        assert (prices > 0).all().all(), instrument.ticker
+        assert not f[PRICE_COLUMNS[1:]].isna().any().any(), instrument.ticker
+        assert (f["Low"] <= f[["Open", "Close"]].min(axis=1)).all(), instrument.ticker
+        assert (f["High"] >= f[["Open", "Close"]].max(axis=1)).all(), instrument.ticker
+        assert (f["High"] > f["Low"]).mean() > 0.99, instrument.ticker
+        if instrument.has_volume:
+            assert (f["Volume"] > 0).all(), instrument.ticker
+        else:
+            assert (f["Volume"] == 0).all(), instrument.ticker
+
+
+def test_price_levels_are_near_the_anchor(
+    universe: Universe, frames: dict[str, pd.DataFrame]
+) -> None:
+    assert ANCHOR_DATE == END
+    for instrument in universe:
+        f = frames[instrument.ticker]
+        close = f.loc[f["Date"] == pd.Timestamp(ANCHOR_DATE), "Close"]
+        assert len(close) == 1, instrument.ticker
+        anchor = ANCHOR_PRICES[instrument.ticker]
+        assert abs(close.iloc[0] / anchor - 1) < 0.01, (instrument.ticker, close.iloc[0])
+    googl = frames["GOOGL"]
+    assert googl["Close"].iloc[-1] == pytest.approx(182.0, rel=0.01)
+
+
+def test_output_columns_and_dtypes(frames: dict[str, pd.DataFrame]) -> None:
+    for ticker, f in frames.items():
+        assert list(f.columns) == OUTPUT_COLUMNS
+        assert str(f["Date"].dtype) == "datetime64[ns]"
+        assert (f["Date"] == f["Date"].dt.normalize()).all()
+        assert f["Date"].is_monotonic_increasing and f["Date"].is_unique
+        assert f["Date"].min() >= pd.Timestamp(START) and f["Date"].max() <= pd.Timestamp(END)
+        for col in PRICE_COLUMNS[1:]:
+            assert f[col].dtype == np.float64, (ticker, col)
+        assert (f["Ticker"] == ticker).all()
+        assert f.index.equals(pd.RangeIndex(len(f)))
+
+
+def test_start_after_end_raises() -> None:
+    with pytest.raises(PriceSourceError, match="GOOGL: start 2024-06-28 is after end 2024-06-01"):
+        SyntheticSource().fetch(GOOGL, date(2024, 6, 28), date(2024, 6, 1))
+
+
+def test_dates_outside_the_synthetic_span_raise() -> None:
+    with pytest.raises(PriceSourceError, match="synthetic data span"):
+        SyntheticSource().fetch(GOOGL, date(1999, 1, 4), date(2000, 2, 1))
+
+
+def test_a_weekend_range_has_no_equity_bars_but_crypto_bars() -> None:
+    saturday, sunday = date(2024, 6, 29), date(2024, 6, 30)
+    assert SyntheticSource().fetch(GOOGL, saturday, sunday).empty
+    assert list(SyntheticSource().fetch(SOL, saturday, sunday)["Date"].dt.day) == [29, 30]
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def yfinance_layout(frame: pd.DataFrame, tz: str | None = None) -> pd.DataFrame:
+    """A frame as yfinance's `Ticker.history()` returns it: Date index, extra columns."""
+    out = frame.drop(columns="Ticker").set_index("Date")
+    if tz:
+        out.index = out.index.tz_localize(tz)
+    out["Dividends"] = 0.0
+    out["Stock Splits"] = 0.0
+    return out
+
+
+@pytest.fixture(scope="module")
+def googl() -> pd.DataFrame:
+    return SyntheticSource().fetch(GOOGL, START, END)
+
+
+def test_file_source_reads_csv_with_a_date_column(tmp_path: Path, googl: pd.DataFrame) -> None:
+    googl.drop(columns="Ticker").to_csv(tmp_path / "GOOGL.csv", index=False)
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    pd.testing.assert_frame_equal(got, googl)
+
+
+def test_file_source_reads_csv_written_from_the_date_index(
+    tmp_path: Path, googl: pd.DataFrame
+) -> None:
+    yfinance_layout(googl).to_csv(tmp_path / "GOOGL.csv")
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    pd.testing.assert_frame_equal(got, googl)
+
+
+def test_file_source_reads_parquet_with_a_tz_aware_date_index(
+    tmp_path: Path, googl: pd.DataFrame
+) -> None:
+    yfinance_layout(googl, tz="America/New_York").to_parquet(tmp_path / "GOOGL.parquet")
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    assert str(got["Date"].dtype) == "datetime64[ns]"
+    pd.testing.assert_frame_equal(got, googl)
+
+
+def test_file_source_keeps_the_local_session_date_east_of_utc(
+    tmp_path: Path, googl: pd.DataFrame
+) -> None:
+    yfinance_layout(googl, tz="Asia/Tokyo").to_parquet(tmp_path / "GOOGL.parquet")
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    pd.testing.assert_frame_equal(got, googl)
+
+
+def test_file_source_reads_csv_with_a_single_utc_offset(
+    tmp_path: Path, googl: pd.DataFrame
+) -> None:
+    winter = googl.loc[googl["Date"] < pd.Timestamp(2024, 3, 1)].reset_index(drop=True)
+    yfinance_layout(winter, tz="America/New_York").to_csv(tmp_path / "GOOGL.csv")
+    assert "-05:00" in (tmp_path / "GOOGL.csv").read_text().splitlines()[1]
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    pd.testing.assert_frame_equal(got, winter)
+
+
+def test_file_source_reads_csv_spanning_a_dst_change(tmp_path: Path, googl: pd.DataFrame) -> None:
+    yfinance_layout(googl, tz="America/New_York").to_csv(tmp_path / "GOOGL.csv")
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    pd.testing.assert_frame_equal(got, googl)
+
+
+def test_file_source_drops_rows_outside_the_range(tmp_path: Path, googl: pd.DataFrame) -> None:
+    googl.drop(columns="Ticker").to_csv(tmp_path / "GOOGL.csv", index=False)
+    got = FileSource(tmp_path).fetch(GOOGL, date(2024, 3, 1), date(2024, 3, 31))
+    assert got["Date"].min() == pd.Timestamp(2024, 3, 1)
+    assert got["Date"].max() == pd.Timestamp(2024, 3, 29)
+    assert len(got) == 21
+
+
+@pytest.mark.parametrize("file_name", ["EURUSD_X.csv", "EURUSD=X.csv", "EURUSD_X.parquet"])
+def test_file_source_finds_the_slug_or_the_ticker_file(tmp_path: Path, file_name: str) -> None:
+    bars = SyntheticSource().fetch(EURUSD, START, END)
+    raw = bars.drop(columns="Ticker")
+    path = tmp_path / file_name
+    raw.to_parquet(path) if path.suffix == ".parquet" else raw.to_csv(path, index=False)
+    pd.testing.assert_frame_equal(FileSource(tmp_path).fetch(EURUSD, START, END), bars)
+
+
+def test_missing_file_names_the_expected_file(tmp_path: Path) -> None:
+    (tmp_path / "GOOGL.csv").write_text("not for this ticker")
+    with pytest.raises(PriceSourceError) as excinfo:
+        FileSource(tmp_path).fetch(EURUSD, START, END)
+    message = str(excinfo.value)
+    assert message.startswith("EURUSD=X:")
+    assert "EURUSD_X.csv" in message and str(tmp_path) in message
+
+
+def test_missing_column_raises_naming_it(tmp_path: Path, googl: pd.DataFrame) -> None:
+    googl.drop(columns=["Ticker", "Adj Close"]).to_csv(tmp_path / "GOOGL.csv", index=False)
+    with pytest.raises(PriceSourceError) as excinfo:
+        FileSource(tmp_path).fetch(GOOGL, START, END)
+    assert "GOOGL" in str(excinfo.value) and "'Adj Close'" in str(excinfo.value)
+
+
+def test_unreadable_file_raises_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "GOOGL.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(PriceSourceError) as excinfo:
+        FileSource(tmp_path).fetch(GOOGL, START, END)
+    assert "GOOGL" in str(excinfo.value) and "GOOGL.parquet" in str(excinfo.value)
+
+
+def test_bad_values_reach_validation_instead_of_being_dropped(
+    tmp_path: Path, googl: pd.DataFrame
+) -> None:
+    raw = googl.drop(columns="Ticker").astype({"Close": object})
+    raw.loc[3, "Close"] = "n/a"
+    raw.to_csv(tmp_path / "GOOGL.csv", index=False)
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    assert len(got) == len(googl)
+    assert got["Close"].isna().sum() == 1 and np.isnan(got.loc[3, "Close"])
+
+
+# --- source selection ----------------------------------------------------------------------------
+
+
+def test_get_source_returns_the_named_source(settings: Settings, tmp_path: Path) -> None:
+    assert isinstance(get_source(settings), SyntheticSource)
+    yahoo = get_source(replace(settings, price_source="yahoo", yahoo_max_retries=2))
+    assert isinstance(yahoo, YahooSource) and yahoo.max_retries == 2
+    files = get_source(replace(settings, price_source="files", price_files_dir=tmp_path))
+    assert isinstance(files, FileSource) and files.directory == tmp_path
+
+
+def test_files_with_a_missing_folder_raise_instead_of_falling_back(
+    settings: Settings, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-folder"
+    source = get_source(replace(settings, price_source="files", price_files_dir=missing))
+    assert not isinstance(source, SyntheticSource)
+    with pytest.raises(PriceSourceError) as excinfo:
+        source.fetch(GOOGL, START, END)
+    assert str(missing) in str(excinfo.value)
