@@ -1,0 +1,257 @@
+"""ml.forecasting: the forecasts table written by `forecast_step`, and PriceForecaster save/load.
+
+Uses the real MLflow server fixture and its own universe (tickers nobody else registers, since
+registered model names are global on the session-wide server).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ml.config import Settings, get_settings
+from ml.features import TARGETS
+
+AS_OF = date(2023, 12, 29)  # Friday
+NEXT = date(2024, 1, 2)  # Tuesday: two more business-day bars (synthetic data has no holidays)
+TICKER = "TFCST"
+NO_CHAMPION = "TNOCH"
+
+
+@pytest.fixture(scope="module")
+def fc_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Settings:
+    root: Path = tmp_path_factory.mktemp("forecasting")
+    universe = root / "universe.csv"
+    universe.write_text(
+        f"ticker,asset_class,name\n{TICKER},stock,Forecast test\n{NO_CHAMPION},stock,No model\n"
+    )
+    (root / "data").mkdir()
+    return replace(
+        get_settings({}),
+        data_dir=root / "data",
+        universe_file=universe,
+        mlflow_tracking_uri=mlflow_server.uri,
+        experiment_name=f"test-forecasting-{uuid.uuid4().hex[:8]}",
+        history_start=date(2021, 1, 4),
+    ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
+
+
+def _ingest(ticker: str, as_of: date, settings: Settings) -> None:
+    from ml.pipeline import ingest_step, publish_step
+
+    ingest_step(ticker, as_of, settings)
+    publish_step(ticker, as_of, settings)
+
+
+def _history(settings: Settings, ticker: str, as_of: date):
+    from ml.pipeline import instrument_for
+    from ml.store import PriceStore
+
+    return PriceStore(settings.data_dir).load(instrument_for(ticker, settings), until=as_of)
+
+
+@pytest.fixture(scope="module")
+def champion(fc_settings: Settings) -> dict[str, Any]:
+    """TICKER ingested up to NEXT, trained on AS_OF and promoted to champion."""
+    from ml.pipeline import promote_step, train_step
+
+    _ingest(TICKER, AS_OF, fc_settings)
+    trained = train_step(TICKER, AS_OF, fc_settings)
+    decision = promote_step(TICKER, AS_OF, trained, fc_settings)
+    assert decision["promoted"] is True, decision
+    _ingest(TICKER, NEXT, fc_settings)  # later bars exist: forecasts must stay point-in-time
+    return decision
+
+
+def _table(settings: Settings):
+    from ml.forecasting import read_forecasts
+
+    return read_forecasts(settings)
+
+
+def _rows(settings: Settings, ticker: str, as_of: date):
+    table = _table(settings)
+    return table.loc[(table["ticker"] == ticker) & (table["logical_date"] == as_of.isoformat())]
+
+
+@pytest.mark.slow
+def test_forecast_step_writes_one_row_and_is_idempotent(
+    champion: dict[str, Any], fc_settings: Settings
+) -> None:
+    from ml.forecasting import FORECAST_COLUMNS, forecasts_path
+    from ml.pipeline import forecast_step
+
+    first = forecast_step(TICKER, AS_OF, fc_settings)
+    assert first is not None
+    path = forecasts_path(fc_settings)
+    assert path == fc_settings.data_dir / "forecasts" / "forecasts.csv"
+    assert path.exists()
+    table = _table(fc_settings)
+    assert list(table.columns) == FORECAST_COLUMNS
+    assert len(_rows(fc_settings, TICKER, AS_OF)) == 1
+    content = path.read_bytes()
+
+    second = forecast_step(TICKER, AS_OF, fc_settings)
+    assert second == first
+    assert len(_rows(fc_settings, TICKER, AS_OF)) == 1
+    assert path.read_bytes() == content
+    assert not table.duplicated(["ticker", "logical_date"]).any()
+
+
+@pytest.mark.slow
+def test_forecast_row_holds_prices_from_the_champion(
+    champion: dict[str, Any], fc_settings: Settings
+) -> None:
+    from ml.pipeline import forecast_step
+
+    row = forecast_step(TICKER, AS_OF, fc_settings)
+    assert row is not None
+    history = _history(fc_settings, TICKER, AS_OF)
+    assert row["ticker"] == TICKER
+    assert row["logical_date"] == AS_OF.isoformat()
+    # Point in time: bars after AS_OF are published but not used.
+    assert row["last_bar_date"] == AS_OF.isoformat()
+    assert row["last_close"] == pytest.approx(float(history["Close"].iloc[-1]))
+    assert row["model_name"] == f"price-forecast-{TICKER}"
+    assert row["model_version"] == champion["champion_version"]
+    assert row["source"] == "synthetic"
+
+    last_close = row["last_close"]
+    for key in ("pred_high", "pred_low", "pred_close", "pred_adj_close"):
+        assert 0.8 * last_close < row[key] < 1.2 * last_close, (key, row[key], last_close)
+    assert row["pred_high"] >= row["pred_low"]
+
+    # The stored row matches the registered model served through pyfunc.
+    import mlflow
+
+    from ml.sources import PRICE_COLUMNS
+
+    mlflow.set_tracking_uri(fc_settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(fc_settings.mlflow_tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/price-forecast-{TICKER}@champion")
+    served = model.predict(history[PRICE_COLUMNS].tail(20).reset_index(drop=True)).iloc[-1]
+    stored = _rows(fc_settings, TICKER, AS_OF).iloc[0]
+    for target, key in zip(
+        TARGETS, ("pred_high", "pred_low", "pred_close", "pred_adj_close"), strict=True
+    ):
+        assert stored[key] == pytest.approx(served[target], abs=1e-6)
+    assert str(stored["model_version"]) == champion["champion_version"]
+
+
+@pytest.mark.slow
+def test_forecasts_for_two_dates_are_both_kept(
+    champion: dict[str, Any], fc_settings: Settings
+) -> None:
+    from ml.pipeline import forecast_step
+
+    first = forecast_step(TICKER, AS_OF, fc_settings)
+    second = forecast_step(TICKER, NEXT, fc_settings)
+    assert first is not None and second is not None
+    assert second["last_bar_date"] == NEXT.isoformat()
+    assert second["last_close"] == pytest.approx(
+        float(_history(fc_settings, TICKER, NEXT)["Close"].iloc[-1])
+    )
+    assert second["pred_close"] != first["pred_close"]
+
+    table = _table(fc_settings)
+    mine = table.loc[table["ticker"] == TICKER]
+    assert sorted(mine["logical_date"]) == [AS_OF.isoformat(), NEXT.isoformat()]
+    assert len(_rows(fc_settings, TICKER, AS_OF)) == 1
+    assert len(_rows(fc_settings, TICKER, NEXT)) == 1
+    # Re-running the earlier date does not disturb the later one.
+    forecast_step(TICKER, AS_OF, fc_settings)
+    again = _rows(fc_settings, TICKER, NEXT).iloc[0]
+    assert again["pred_close"] == pytest.approx(second["pred_close"], abs=1e-6)
+    assert list(_table(fc_settings)["logical_date"]) == sorted(_table(fc_settings)["logical_date"])
+    for _, row in _table(fc_settings).iterrows():
+        assert 0.8 * row["last_close"] < row["pred_close"] < 1.2 * row["last_close"]
+        assert row["pred_high"] >= row["pred_low"]
+
+
+@pytest.mark.slow
+def test_ticker_without_champion_returns_none_and_writes_nothing(
+    fc_settings: Settings, tmp_path: Path
+) -> None:
+    from ml.forecasting import forecasts_path
+    from ml.pipeline import forecast_step
+
+    # On a fresh store: no table is created.
+    fresh = replace(fc_settings, data_dir=tmp_path / "data")
+    _ingest(NO_CHAMPION, AS_OF, fresh)
+    assert forecast_step(NO_CHAMPION, AS_OF, fresh) is None
+    assert not forecasts_path(fresh).exists()
+
+    # On the shared store: an existing table is left byte-identical.
+    path = forecasts_path(fc_settings)
+    before = path.read_bytes() if path.exists() else None
+    assert forecast_step(NO_CHAMPION, AS_OF, fc_settings) is None
+    after = path.read_bytes() if path.exists() else None
+    assert after == before
+
+
+@pytest.mark.slow
+def test_forecast_with_unreachable_registry_fails_loudly(
+    fc_settings: Settings, tmp_path: Path, monkeypatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from ml.forecasting import forecasts_path
+    from ml.pipeline import forecast_step
+    from ml.servers import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    down = replace(
+        fc_settings,
+        data_dir=tmp_path / "data",
+        mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
+    )
+    _ingest(TICKER, AS_OF, down)
+    try:
+        result = forecast_step(TICKER, AS_OF, down)
+    except MlflowException:
+        assert not forecasts_path(down).exists()
+        return
+    raise AssertionError(f"forecast_step returned {result!r} with the registry unreachable")
+
+
+@pytest.mark.slow
+def test_price_forecaster_save_load_round_trip(
+    champion: dict[str, Any], fc_settings: Settings, tmp_path: Path
+) -> None:
+    from ml.forecasting import KERAS_FILE, PREPROCESSING_FILE, PriceForecaster
+    from ml.pipeline import instrument_for
+    from ml.registry import load_forecaster
+
+    loaded = load_forecaster(instrument_for(TICKER, fc_settings), fc_settings)
+    assert loaded is not None
+    forecaster, version = loaded
+    assert version == champion["champion_version"]
+    forecaster.skill_weights = (0.75, 0.5, 0.25, 1.0)  # non-default values must survive too
+
+    paths = forecaster.save(tmp_path / "saved")
+    assert Path(paths["keras_model"]).name == KERAS_FILE
+    assert Path(paths["preprocessing"]).name == PREPROCESSING_FILE
+    restored = PriceForecaster.load(paths["keras_model"], paths["preprocessing"])
+
+    assert restored.kind == forecaster.kind
+    assert restored.window == forecaster.window
+    assert restored.skill_weights == forecaster.skill_weights
+    np.testing.assert_array_equal(restored.x_scaler.mean, forecaster.x_scaler.mean)
+    np.testing.assert_array_equal(restored.y_scaler.std, forecaster.y_scaler.std)
+    for a, b in zip(forecaster.model.get_weights(), restored.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    history = _history(fc_settings, TICKER, NEXT).tail(120).reset_index(drop=True)
+    expected = forecaster.predict_frame(history)
+    actual = restored.predict_frame(history)
+    assert list(actual["Date"]) == list(expected["Date"])
+    np.testing.assert_allclose(
+        actual[list(TARGETS)].to_numpy(), expected[list(TARGETS)].to_numpy(), rtol=1e-12
+    )

@@ -1,0 +1,75 @@
+"""ml.models: the notebook's network, `recurrent(units) -> Dense(8, relu) -> Dense(4)`, Adam + MSE."""
+
+from __future__ import annotations
+
+import pytest
+
+from ml.config import MODEL_KINDS
+from ml.models import build_model
+
+WINDOW, N_FEATURES, N_TARGETS = 6, 8, 4
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_build_model_has_the_notebook_shape(kind: str) -> None:
+    import keras
+
+    model = build_model(kind, WINDOW, N_FEATURES, N_TARGETS, units=12)
+    recurrent_cls = keras.layers.LSTM if kind == "lstm" else keras.layers.GRU
+
+    layers = model.layers
+    assert len(layers) == 3
+    recurrent, hidden, out = layers
+    assert type(recurrent) is recurrent_cls
+    assert recurrent.units == 12
+    assert not recurrent.return_sequences  # one vector per window, not a sequence
+    assert isinstance(hidden, keras.layers.Dense)
+    assert hidden.units == 8
+    assert hidden.activation is keras.activations.relu
+    assert isinstance(out, keras.layers.Dense)
+    assert out.units == N_TARGETS
+    assert out.activation is keras.activations.linear
+
+    assert tuple(model.input_shape) == (None, WINDOW, N_FEATURES)
+    assert tuple(model.output_shape) == (None, N_TARGETS)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_build_model_default_units_is_64(kind: str) -> None:
+    model = build_model(kind, WINDOW, N_FEATURES, N_TARGETS)
+    assert model.layers[0].units == 64
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_build_model_is_compiled_with_adam_and_mse(kind: str) -> None:
+    import keras
+    import numpy as np
+
+    model = build_model(kind, 5, 3, 2, units=4, learning_rate=0.005)
+    assert model.compiled
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.005)
+    assert model.loss in ("mse", "mean_squared_error") or isinstance(
+        model.loss, keras.losses.MeanSquaredError
+    )
+
+    # The compiled loss really is the mean squared error of the outputs.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5, 3)).astype("float32")
+    y = rng.normal(size=(7, 2)).astype("float32")
+    predicted = model.predict(x, verbose=0)
+    expected = float(np.mean((predicted - y) ** 2))
+    assert model.evaluate(x, y, verbose=0, batch_size=7) == pytest.approx(expected, rel=1e-4)
+
+
+def test_build_model_honours_window_features_and_dense_units() -> None:
+    model = build_model("gru", 10, 3, 2, units=5, dense_units=7)
+    assert tuple(model.input_shape) == (None, 10, 3)
+    assert tuple(model.output_shape) == (None, 2)
+    assert model.layers[1].units == 7
+
+
+@pytest.mark.parametrize("kind", ["rnn", "LSTM", "", "transformer"])
+def test_build_model_unknown_kind_raises(kind: str) -> None:
+    with pytest.raises(ValueError, match="unknown model kind"):
+        build_model(kind, WINDOW, N_FEATURES, N_TARGETS)

@@ -1,0 +1,575 @@
+"""ml.registry against a real `mlflow server`: logging, registration, aliases, the promotion gate.
+
+The registered model names are global on the (session-wide) test server, so this module uses its
+own universe file with tickers no other test registers; the data are the synthetic source's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import uuid
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ml.config import GateConfig, Settings, get_settings
+from ml.features import TARGETS
+from ml.registry import (
+    CHALLENGER,
+    CHAMPION,
+    gate_failures,
+    get_alias,
+    get_client,
+    log_candidate,
+    promote_if_better,
+    score,
+)
+
+AS_OF = date(2023, 12, 29)  # a Friday
+SATURDAY = date(2023, 12, 30)
+MAIN = "TREG"  # the main flow: first train, reuse, skip, a worse candidate
+RACE = "TRACE"  # two good versions racing to promote
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Gate (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gate_passes_a_candidate_that_beats_persistence() -> None:
+    assert gate_failures({"High": 0.7, "Low": 0.8, "Close": 0.99}, GateConfig()) == []
+
+
+def test_gate_high_and_low_are_strict() -> None:
+    failures = gate_failures({"High": 1.0, "Low": 0.5, "Close": 0.5}, GateConfig())
+    assert len(failures) == 1 and "High" in failures[0] and "<" in failures[0]
+    failures = gate_failures({"High": 0.5, "Low": 1.0, "Close": 0.5}, GateConfig())
+    assert len(failures) == 1 and "Low" in failures[0]
+
+
+def test_gate_close_is_inclusive_by_default() -> None:
+    # Persistence itself (U2 == 1) is acceptable on Close, where skill is rare.
+    assert gate_failures({"High": 0.9, "Low": 0.9, "Close": 1.0}, GateConfig()) == []
+    failures = gate_failures({"High": 0.9, "Low": 0.9, "Close": 1.0001}, GateConfig())
+    assert len(failures) == 1 and "Close" in failures[0] and "<=" in failures[0]
+
+
+@pytest.mark.parametrize("target", ["High", "Low", "Close"])
+def test_gate_fails_closed_on_nan_and_missing_values(target: str) -> None:
+    u2 = {"High": 0.5, "Low": 0.5, "Close": 0.5}
+    assert len(gate_failures({**u2, target: math.nan}, GateConfig())) == 1
+    del u2[target]
+    assert len(gate_failures(u2, GateConfig())) == 1
+
+
+@pytest.mark.slow
+def test_unreachable_registry_is_an_error_not_a_missing_champion(monkeypatch) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from ml.servers import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    down = replace(get_settings({}), mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
+    client = get_client(down)
+    try:
+        get_alias(client, f"price-forecast-{MAIN}", CHAMPION)
+    except MlflowException:
+        return
+    raise AssertionError("get_alias returned instead of raising on an unreachable server")
+
+
+def test_gate_reports_every_failing_target() -> None:
+    failures = gate_failures({"High": 1.2, "Low": 1.1, "Close": 1.05}, GateConfig())
+    assert len(failures) == 3
+
+
+def test_gate_honours_configured_thresholds() -> None:
+    gate = GateConfig(u2_high_max=0.8, u2_low_max=0.9, u2_close_max=0.95)
+    assert gate_failures({"High": 0.79, "Low": 0.89, "Close": 0.95}, gate) == []
+    assert len(gate_failures({"High": 0.85, "Low": 0.89, "Close": 0.95}, gate)) == 1
+    assert len(gate_failures({"High": 0.79, "Low": 0.9, "Close": 0.95}, gate)) == 1
+    assert len(gate_failures({"High": 0.79, "Low": 0.89, "Close": 0.96}, gate)) == 1
+    strict_close = replace(gate, close_inclusive=False)
+    assert len(gate_failures({"High": 0.79, "Low": 0.89, "Close": 0.95}, strict_close)) == 1
+    loose = GateConfig(u2_high_max=1.2, u2_low_max=1.2, u2_close_max=1.2)
+    assert gate_failures({"High": 1.1, "Low": 1.1, "Close": 1.1}, loose) == []
+
+
+def test_score_is_the_mean_u2_over_high_low_close() -> None:
+    assert score({"High": 0.6, "Low": 0.9, "Close": 1.2, "Adj Close": 99.0}) == pytest.approx(0.9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures: a universe, a data dir and an experiment of our own on the shared MLflow server
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reg_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Settings:
+    root: Path = tmp_path_factory.mktemp("registry")
+    universe = root / "universe.csv"
+    universe.write_text(
+        f"ticker,asset_class,name\n{MAIN},stock,Registry test\n{RACE},stock,Race test\n"
+    )
+    (root / "data").mkdir()
+    return replace(
+        get_settings({}),
+        data_dir=root / "data",
+        universe_file=universe,
+        mlflow_tracking_uri=mlflow_server.uri,
+        experiment_name=f"test-registry-{uuid.uuid4().hex[:8]}",
+        history_start=date(2021, 1, 4),
+    ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
+
+
+def _ingest(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
+    from ml.pipeline import ingest_step, publish_step
+
+    ingest_step(ticker, as_of, settings)
+    return publish_step(ticker, as_of, settings)
+
+
+def _versions(settings: Settings, ticker: str) -> list:
+    from ml.pipeline import instrument_for
+
+    name = instrument_for(ticker, settings).model_name
+    return get_client(settings).search_model_versions(f"name = '{name}'")
+
+
+def _history(settings: Settings, ticker: str, as_of: date):
+    from ml.pipeline import instrument_for
+    from ml.store import PriceStore
+
+    return PriceStore(settings.data_dir).load(instrument_for(ticker, settings), until=as_of)
+
+
+@pytest.fixture(scope="module")
+def first_run(reg_settings: Settings) -> dict[str, Any]:
+    """Ingest MAIN, then the first train_step + promote_step for it."""
+    from ml.pipeline import promote_step, train_step
+
+    _ingest(MAIN, AS_OF, reg_settings)
+    trained = train_step(MAIN, AS_OF, reg_settings)
+    client = get_client(reg_settings)
+    name = f"price-forecast-{MAIN}"
+    challenger_after_train = get_alias(client, name, CHALLENGER)
+    promoted = promote_step(MAIN, AS_OF, trained, reg_settings)
+    return {
+        "trained": trained,
+        "promoted": promoted,
+        "name": name,
+        "challenger_after_train": challenger_after_train,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# First training: version, tags, aliases, run contents, logged model
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_first_train_registers_version_one_as_challenger(
+    first_run: dict[str, Any], reg_settings: Settings
+) -> None:
+    trained = first_run["trained"]
+    assert trained["status"] == "trained"
+    assert trained["version"] == "1"
+    assert trained["ticker"] == MAIN
+    assert trained["logical_date"] == AS_OF.isoformat()
+    assert set(trained["candidates"]) == {"lstm", "gru"}
+    assert trained["chosen_kind"] in ("lstm", "gru")
+    assert set(trained["metrics"]) == set(TARGETS)  # the test U2 per target
+    assert first_run["challenger_after_train"].version == "1"
+    # The newest version always holds `challenger`.
+    client = get_client(reg_settings)
+    newest = max(int(v.version) for v in _versions(reg_settings, MAIN))
+    assert get_alias(client, first_run["name"], CHALLENGER).version == str(newest)
+
+
+@pytest.mark.slow
+def test_first_version_tags(first_run: dict[str, Any], reg_settings: Settings) -> None:
+    from ml.store import data_fingerprint
+
+    client = get_client(reg_settings)
+    mv = client.get_model_version(first_run["name"], "1")
+    tags = mv.tags
+    assert tags["ticker"] == MAIN
+    assert tags["logical_date"] == AS_OF.isoformat()
+    assert tags["data_fingerprint"] == data_fingerprint(_history(reg_settings, MAIN, AS_OF))
+    assert tags["config_fingerprint"] == reg_settings.model.fingerprint()
+    assert tags["code_version"]
+    assert tags["model_kind"] == first_run["trained"]["chosen_kind"]
+    assert tags["run_id"] == first_run["trained"]["run_id"] == mv.run_id
+    u2 = json.loads(tags["test_u2"])
+    assert set(u2) == set(TARGETS)
+    # Decision tags are written by promotion.
+    assert tags["gate_status"] in ("promoted", "rejected")
+    assert tags["gate_reason"]
+    assert tags["validation_status"] in ("passed", "failed")
+    assert tags["validation_reason"]
+
+
+@pytest.mark.slow
+def test_first_version_passes_the_gate_and_becomes_champion(
+    first_run: dict[str, Any], reg_settings: Settings
+) -> None:
+    promoted = first_run["promoted"]
+    tags = get_client(reg_settings).get_model_version(first_run["name"], "1").tags
+    u2 = json.loads(tags["test_u2"])
+    assert gate_failures(u2, reg_settings.gate) == [], u2  # synthetic High/Low are predictable
+    assert promoted["promoted"] is True
+    assert promoted["champion_version"] == "1"
+    assert "first champion" in promoted["reason"]
+    assert tags["gate_status"] == "promoted"
+    assert tags["validation_status"] == "passed"
+    assert tags["gate_reason"] == promoted["reason"]
+    assert get_alias(get_client(reg_settings), first_run["name"], CHAMPION).version == "1"
+
+
+@pytest.mark.slow
+def test_run_has_params_epoch_metrics_and_test_metrics(
+    first_run: dict[str, Any], reg_settings: Settings
+) -> None:
+    client = get_client(reg_settings)
+    run_id = first_run["trained"]["run_id"]
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == reg_settings.experiment_name
+
+    params = run.data.params
+    assert params["units"] == "16"
+    assert params["max_epochs"] == "4"
+    assert params["window"] == str(reg_settings.model.window)
+    assert params["kinds"] == "lstm,gru"
+    assert params["chosen_kind"] == first_run["trained"]["chosen_kind"]
+    assert int(params["n_train"]) > int(params["n_val"]) > int(params["n_test"]) > 0
+    assert params["history_end"] == AS_OF.isoformat()
+
+    candidates = first_run["trained"]["candidates"]
+    for kind in ("lstm", "gru"):
+        for key in ("loss", "val_loss"):
+            history = client.get_metric_history(run_id, f"{kind}_{key}")
+            steps = sorted(m.step for m in history)
+            assert len(steps) == candidates[kind]["epochs"] >= 2
+            assert steps == list(range(1, len(steps) + 1))
+        val = sorted(client.get_metric_history(run_id, f"{kind}_val_loss"), key=lambda m: m.step)
+        assert min(m.value for m in val) == pytest.approx(candidates[kind]["best_val_loss"])
+
+    metrics = run.data.metrics
+    for key in (
+        "test_u2_high",
+        "test_u2_low",
+        "test_u2_close",
+        "test_rmse_close",
+        "test_mae_high",
+        "test_mase_low",
+        "test_baseline_persistence_rmse_close",
+        "test_baseline_range_naive_rmse_high",
+        "test_u2_range_naive_high",
+        "test_directional_n",
+        "test_range_inside",
+        "test_n_test",
+    ):
+        assert key in metrics, key
+    assert metrics["test_n_test"] == float(params["n_test"])
+    tag_u2 = json.loads(client.get_model_version(first_run["name"], "1").tags["test_u2"])
+    assert metrics["test_u2_high"] == pytest.approx(tag_u2["High"], abs=1e-6)
+    # U2 is the model RMSE relative to persistence.
+    assert metrics["test_u2_close"] == pytest.approx(
+        metrics["test_rmse_close"] / metrics["test_baseline_persistence_rmse_close"], rel=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_run_artifacts_plot_and_validation_report(
+    first_run: dict[str, Any], reg_settings: Settings, tmp_path: Path
+) -> None:
+    import mlflow
+
+    client = get_client(reg_settings)
+    run_id = first_run["trained"]["run_id"]
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"plots", "validation", "training_summary.json"} <= top
+
+    png = mlflow.artifacts.download_artifacts(
+        run_id=run_id,
+        artifact_path="plots/test_predictions.png",
+        dst_path=str(tmp_path / "png"),
+        tracking_uri=reg_settings.mlflow_tracking_uri,
+    )
+    data = Path(png).read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 5_000
+
+    reports = [a.path for a in client.list_artifacts(run_id, "validation")]
+    assert reports == [f"validation/{AS_OF.isoformat()}.json"]
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id,
+        artifact_path=reports[0],
+        dst_path=str(tmp_path / "report"),
+        tracking_uri=reg_settings.mlflow_tracking_uri,
+    )
+    from ml.pipeline import instrument_for
+    from ml.store import PriceStore
+
+    store_report = PriceStore(reg_settings.data_dir).report_path(
+        instrument_for(MAIN, reg_settings), AS_OF
+    )
+    assert Path(local).read_text() == store_report.read_text()
+    assert json.loads(Path(local).read_text())  # a real JSON document
+
+    mlflow.set_tracking_uri(reg_settings.mlflow_tracking_uri)
+    summary = mlflow.artifacts.load_dict(f"runs:/{run_id}/training_summary.json")
+    assert {c["kind"] for c in summary["candidates"]} == {"lstm", "gru"}
+
+
+@pytest.mark.slow
+def test_logged_model_has_signature_and_input_example(
+    first_run: dict[str, Any], reg_settings: Settings, tmp_path: Path
+) -> None:
+    import mlflow
+    from mlflow.models import Model
+
+    from ml.sources import PRICE_COLUMNS
+
+    mlflow.set_tracking_uri(reg_settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(reg_settings.mlflow_tracking_uri)
+    uri = f"models:/{first_run['name']}/1"
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature is not None
+    assert info.signature.inputs.input_names() == PRICE_COLUMNS
+    assert set(TARGETS) <= set(info.signature.outputs.input_names())
+    assert info.saved_input_example_info is not None
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path))
+    example = Model.load(local).load_input_example(local)
+    assert list(example.columns) == PRICE_COLUMNS
+    assert len(example) == reg_settings.model.window + 1
+    history = _history(reg_settings, MAIN, AS_OF)
+    np.testing.assert_allclose(
+        example["Close"].to_numpy(dtype=float), history["Close"].iloc[-len(example) :].to_numpy()
+    )
+
+
+@pytest.mark.slow
+def test_champion_loads_through_pyfunc_and_predicts_prices(
+    first_run: dict[str, Any], reg_settings: Settings
+) -> None:
+    import mlflow
+
+    from ml.sources import PRICE_COLUMNS
+
+    mlflow.set_tracking_uri(reg_settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(reg_settings.mlflow_tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{first_run['name']}@{CHAMPION}")
+    assert model.metadata.run_id == first_run["trained"]["run_id"]
+    bars = _history(reg_settings, MAIN, AS_OF)[PRICE_COLUMNS].tail(30).reset_index(drop=True)
+    out = model.predict(bars)
+    assert list(out.columns) == ["Date", *TARGETS]
+    assert len(out) == len(bars) - reg_settings.model.window
+    assert out["Date"].iloc[-1] == bars["Date"].iloc[-1]
+    closes = bars["Close"].iloc[reg_settings.model.window :].to_numpy()
+    values = out[list(TARGETS)].to_numpy()
+    assert np.isfinite(values).all() and (values > 0).all()
+    ratio = values / closes[:, None]
+    assert ((ratio > 0.8) & (ratio < 1.2)).all()
+    assert (out["High"] >= out["Low"]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Idempotency and skips
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_step_again_for_the_same_date_is_reused(
+    first_run: dict[str, Any], reg_settings: Settings
+) -> None:
+    from ml.pipeline import promote_step, train_step
+
+    before = len(_versions(reg_settings, MAIN))
+    again = train_step(MAIN, AS_OF, reg_settings)
+    assert again["status"] == "reused"
+    assert again["version"] == first_run["trained"]["version"]
+    assert again["run_id"] == first_run["trained"]["run_id"]
+    assert len(_versions(reg_settings, MAIN)) == before
+    # Promoting the reused version again changes nothing.
+    decision = promote_step(MAIN, AS_OF, again, reg_settings)
+    assert decision["promoted"] is True
+    assert decision["champion_version"] == "1"
+    assert len(_versions(reg_settings, MAIN)) == before
+
+
+@pytest.mark.slow
+def test_no_new_bar_skips_training_and_keeps_the_champion(
+    first_run: dict[str, Any], reg_settings: Settings
+) -> None:
+    from ml.pipeline import promote_step, train_step
+
+    client = get_client(reg_settings)
+    champion_before = get_alias(client, first_run["name"], CHAMPION).version
+    before = len(_versions(reg_settings, MAIN))
+
+    published = _ingest(MAIN, SATURDAY, reg_settings)  # a stock has no Saturday bar
+    assert published["rows_added"] == 0 and published["rows_updated"] == 0
+    assert published["last_date"] == AS_OF.isoformat()
+
+    trained = train_step(MAIN, SATURDAY, reg_settings)
+    assert trained["status"] == "skipped"
+    assert trained["version"] == first_run["trained"]["version"]
+    decision = promote_step(MAIN, SATURDAY, trained, reg_settings)
+    assert decision["promoted"] is False
+    assert decision["champion_version"] == champion_before
+    assert "champion kept" in decision["reason"]
+    assert len(_versions(reg_settings, MAIN)) == before
+    assert get_alias(client, first_run["name"], CHAMPION).version == champion_before
+
+
+# --------------------------------------------------------------------------------------------------
+# A deliberately worse candidate is registered but not promoted
+# --------------------------------------------------------------------------------------------------
+
+
+def _sabotaged_result(settings: Settings, ticker: str, as_of: date):
+    """A TrainResult whose network ignores its input and predicts +5 std on every target."""
+    from ml.evaluation import evaluate, mase_scale
+    from ml.training import train_on_history
+
+    cheap = replace(settings.model, kinds=("lstm",), max_epochs=1)
+    result = train_on_history(ticker, as_of, _history(settings, ticker, as_of), cheap)
+    model = result.forecaster.model
+    weights = [np.zeros_like(w) for w in model.get_weights()]
+    weights[-1][:] = 5.0  # output bias, in standardized log-ratio units
+    model.set_weights(weights)
+    result.forecaster.skill_weights = (1.0, 1.0, 1.0, 1.0)
+    split = result.split
+    test, train = split.test, split.train
+    result.test_predictions = result.forecaster.predict_windows(
+        test.x, test.last_close, test.last_adj_close
+    )
+    result.evaluation = evaluate(
+        test.actual,
+        result.test_predictions,
+        test.last_close,
+        test.last_adj_close,
+        test.high_ratio,
+        test.low_ratio,
+        mase_scale(train.actual, train.last_close, train.last_adj_close),
+    )
+    return result
+
+
+@pytest.mark.slow
+def test_worse_candidate_is_registered_but_not_promoted(
+    first_run: dict[str, Any], reg_settings: Settings
+) -> None:
+    import mlflow
+
+    from ml.pipeline import instrument_for
+
+    instrument = instrument_for(MAIN, reg_settings)
+    client = get_client(reg_settings)
+    name = first_run["name"]
+    champion_before = get_alias(client, name, CHAMPION)
+    assert champion_before is not None
+    before = {v.version for v in _versions(reg_settings, MAIN)}
+
+    result = _sabotaged_result(reg_settings, MAIN, AS_OF)
+    assert result.evaluation.u2()["Low"] > 1.5  # clearly worse than persistence
+    outcome = log_candidate(result, instrument, reg_settings)
+    assert outcome.status == "trained"
+    assert outcome.version not in before
+    assert {v.version for v in _versions(reg_settings, MAIN)} == before | {outcome.version}
+    assert get_alias(client, name, CHALLENGER).version == outcome.version
+
+    decision = promote_if_better(instrument, AS_OF, outcome.version, reg_settings)
+    assert decision.promoted is False
+    assert decision.champion_version == champion_before.version
+    assert "persistence gate" in decision.reason
+
+    tags = client.get_model_version(name, outcome.version).tags
+    assert tags["gate_status"] == "rejected"
+    assert "U2" in tags["gate_reason"]
+    assert tags["validation_status"] == "failed"
+    assert tags["validation_reason"] == tags["gate_reason"]
+
+    # Still the old champion, through the registry and through pyfunc.
+    assert get_alias(client, name, CHAMPION).version == champion_before.version
+    assert get_alias(client, name, CHALLENGER).version == outcome.version
+    mlflow.set_tracking_uri(reg_settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(reg_settings.mlflow_tracking_uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    assert loaded.metadata.run_id == champion_before.run_id != outcome.run_id
+
+    # Deciding again is a no-op that reports the earlier decision.
+    again = promote_if_better(instrument, AS_OF, outcome.version, reg_settings)
+    assert again.promoted is False
+    assert again.reason == decision.reason
+    assert get_alias(client, name, CHAMPION).version == champion_before.version
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrency: two good versions race to become champion
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_concurrent_promotions_leave_exactly_one_champion(reg_settings: Settings) -> None:
+    from ml.pipeline import instrument_for
+    from ml.training import train_on_history
+
+    _ingest(RACE, AS_OF, reg_settings)
+    instrument = instrument_for(RACE, reg_settings)
+    result = train_on_history(RACE, AS_OF, _history(reg_settings, RACE, AS_OF), reg_settings.model)
+    assert gate_failures(result.evaluation.u2(), reg_settings.gate) == []
+    versions = [log_candidate(result, instrument, reg_settings).version for _ in range(2)]
+    assert len(set(versions)) == 2
+    client = get_client(reg_settings)
+    assert get_alias(client, instrument.model_name, CHAMPION) is None
+
+    barrier = threading.Barrier(len(versions))
+    decisions: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def promote(version: str) -> None:
+        try:
+            barrier.wait(timeout=30)
+            decisions[version] = promote_if_better(instrument, AS_OF, version, reg_settings)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert set(decisions) == set(versions)
+
+    winners = [v for v, d in decisions.items() if d.promoted]
+    assert len(winners) == 1, {v: d.reason for v, d in decisions.items()}
+    (winner,) = winners
+    (loser,) = set(versions) - {winner}
+    assert "first champion" in decisions[winner].reason
+    # The loser was judged against the winner, i.e. after it: the promotions were serialized.
+    assert "does not beat champion" in decisions[loser].reason
+    assert decisions[loser].champion_version == winner
+    assert decisions[loser].champion_score is not None
+
+    assert get_alias(client, instrument.model_name, CHAMPION).version == winner
+    statuses = {
+        v: client.get_model_version(instrument.model_name, v).tags.get("gate_status")
+        for v in versions
+    }
+    assert statuses == {winner: "promoted", loser: "rejected"}
+    for v in versions:
+        tags = client.get_model_version(instrument.model_name, v).tags
+        assert tags["gate_reason"] and tags["validation_status"] and tags["validation_reason"]
