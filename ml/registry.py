@@ -56,7 +56,8 @@ def code_version() -> str:
             check=True,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "--no-optional-locks", "-C", str(PROJECT_ROOT), "status", "--porcelain",
+             "--untracked-files=no"],
             capture_output=True,
             text=True,
             timeout=5,
