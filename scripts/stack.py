@@ -46,6 +46,11 @@ def stack_env() -> dict[str, str]:
         AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
         AIRFLOW__CORE__LOAD_EXAMPLES="false",
         AIRFLOW__CORE__PARALLELISM=env.get("AIRFLOW__CORE__PARALLELISM", "4"),
+        # LocalExecutor whose workers import TensorFlow/MLflow/GX once (plugins/preloading_executor.py);
+        # STACK_EXECUTOR=LocalExecutor gives the stock one.
+        AIRFLOW__CORE__EXECUTOR=env.get(
+            "STACK_EXECUTOR", "preloading_executor.PreloadingLocalExecutor"
+        ),
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="true",
         AIRFLOW__API__PORT=airflow_port,
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{airflow_port}",
@@ -180,9 +185,11 @@ def _credentials() -> str:
         return f"see {path}"
 
 
-def demo(as_of: date | None, timeout: float) -> int:
+def demo(as_of: date | None, timeout: float, tickers: list[str] | None = None) -> int:
     """Trigger one run and wait for it. By default the run is for the latest schedule tick, created
-    before the DAG is unpaused, so the scheduler does not start a second run for the same date."""
+    before the DAG is unpaused, so the scheduler does not start a second run for the same date.
+    With an explicit date, unpausing also lets the scheduler run the latest tick (catchup is off,
+    max_active_runs=1 queues the two runs one after the other)."""
     started = time.monotonic()
     start()
     env = stack_env()
@@ -193,7 +200,10 @@ def demo(as_of: date | None, timeout: float) -> int:
     as_of = logical.date()
     run_id = f"demo__{as_of.isoformat()}__{int(time.time())}"
     print(f"triggering {DAG_ID} for {as_of} ({env['PRICE_SOURCE']} prices) as {run_id}")
-    airflow("dags", "trigger", DAG_ID, "--run-id", run_id, "--logical-date", logical.isoformat())
+    conf = ["--conf", json.dumps({"tickers": tickers})] if tickers else []
+    airflow(
+        "dags", "trigger", DAG_ID, "--run-id", run_id, "--logical-date", logical.isoformat(), *conf
+    )
     airflow("dags", "unpause", DAG_ID)
     state = _wait_for_run(run_id, timeout)
     report = Path(env["DATA_DIR"]) / "reports" / f"{as_of.isoformat()}.json"
@@ -266,6 +276,7 @@ def main() -> int:
         "--date", type=date.fromisoformat, default=None, help="logical date (default: last weekday)"
     )
     d.add_argument("--timeout", type=float, default=3600)
+    d.add_argument("--tickers", nargs="+", help="subset of the universe (default: all)")
     sub.add_parser("start")
     b = sub.add_parser("backfill")
     b.add_argument("--from-date", required=True)
@@ -275,7 +286,7 @@ def main() -> int:
     sub.add_parser("stop")
     args = parser.parse_args()
     if args.command == "demo":
-        return demo(args.date, args.timeout)
+        return demo(args.date, args.timeout, args.tickers)
     if args.command == "start":
         start()
         return 0
