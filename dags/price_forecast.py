@@ -96,7 +96,11 @@ def _run_key() -> str:
             description="Subset of the universe to run (empty = all tickers in the universe file).",
         ),
         "model_kinds": Param(
-            ["lstm", "gru"],
+            [
+                k.strip()
+                for k in (os.environ.get("MODEL_KINDS") or "lstm,gru").split(",")
+                if k.strip()
+            ],
             type="array",
             items={"type": "string", "enum": ["lstm", "gru"]},
             minItems=1,
@@ -236,6 +240,10 @@ def price_forecast():
         """Write the run summary; fail the run if any ticker failed (the others are finished)."""
         from ml.pipeline import format_table, summarize_run
 
+        if tickers is None:
+            raise AirflowFailException(
+                "resolve_tickers failed: see its log for the invalid parameter"
+            )
         settings = _settings(get_current_context()["params"])
         rows, path = summarize_run(settings, _run_key(), list(tickers), _as_of())
         print(format_table(rows))

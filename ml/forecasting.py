@@ -178,10 +178,11 @@ def forecast_next_bar(
 def forecast_ticker(
     instrument: Instrument, as_of: date, settings: Settings, *, alias: str = "champion"
 ) -> dict[str, Any] | None:
-    """Forecast the bar after `as_of` with the ticker's champion; None if it has no champion."""
+    """Forecast the bar after `as_of` with the ticker's champion as of that date (never a model
+    trained on later bars); None if it has no champion."""
     from ml.registry import load_forecaster
 
-    loaded = load_forecaster(instrument, settings, alias=alias)
+    loaded = load_forecaster(instrument, settings, alias=alias, as_of=as_of)
     if loaded is None:
         return None
     forecaster, version = loaded

@@ -77,11 +77,11 @@ def promote_step(
     ticker: str, as_of: date, trained: dict[str, Any], settings: Settings
 ) -> dict[str, Any]:
     """Run the gate for a newly trained version; a skipped ticker keeps its champion."""
-    from ml.registry import CHAMPION, get_alias, get_client, promote_if_better
+    from ml.registry import champion_as_of, get_client, promote_if_better
 
     instrument = instrument_for(ticker, settings)
     if trained.get("status") == "skipped" or not trained.get("version"):
-        champion = get_alias(get_client(settings), instrument.model_name, CHAMPION)
+        champion = champion_as_of(get_client(settings), instrument.model_name, as_of)
         return {
             "ticker": ticker,
             "promoted": False,

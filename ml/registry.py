@@ -56,8 +56,15 @@ def code_version() -> str:
             check=True,
         )
         dirty = subprocess.run(
-            ["git", "--no-optional-locks", "-C", str(PROJECT_ROOT), "status", "--porcelain",
-             "--untracked-files=no"],
+            [
+                "git",
+                "--no-optional-locks",
+                "-C",
+                str(PROJECT_ROOT),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+            ],
             capture_output=True,
             text=True,
             timeout=5,
@@ -341,15 +348,44 @@ def score(u2: dict[str, float]) -> float:
     return sum(u2[t] for t in GATE_TARGETS) / len(GATE_TARGETS)
 
 
+def champion_as_of(client: MlflowClient, name: str, as_of: date) -> ModelVersion | None:
+    """The champion a run for `as_of` must use: point in time, whatever order runs happen in.
+
+    The `champion` alias when its version was trained for a date <= as_of (a live run, or an
+    alias a user moved back by hand); otherwise, for a backfill or re-run of an earlier date, the
+    newest version promoted for a date <= as_of. A model trained on later bars is never used.
+    """
+    day = as_of.isoformat()
+    current = get_alias(client, name, CHAMPION)
+    if current is not None and current.tags.get("logical_date", "") <= day:
+        return current
+    promoted = [
+        v
+        for v in find_versions(client, name, gate_status="promoted")
+        if v.tags.get("logical_date", "") <= day
+    ]
+    return max(
+        promoted, key=lambda v: (v.tags.get("logical_date", ""), int(v.version)), default=None
+    )
+
+
 def load_forecaster(
-    instrument: Instrument, settings: Settings, alias: str = CHAMPION, version: str | None = None
+    instrument: Instrument,
+    settings: Settings,
+    alias: str = CHAMPION,
+    version: str | None = None,
+    as_of: date | None = None,
 ) -> tuple[PriceForecaster, str] | None:
-    """Load `models:/<name>@<alias>` (or a version) through the registry; None if it is unset."""
+    """Load a version through the registry: `version`, else the champion as of `as_of`, else
+    `models:/<name>@<alias>`; None if there is none."""
     import mlflow
 
     client = get_client(settings)
     if version is None:
-        mv = get_alias(client, instrument.model_name, alias)
+        if as_of is not None and alias == CHAMPION:
+            mv = champion_as_of(client, instrument.model_name, as_of)
+        else:
+            mv = get_alias(client, instrument.model_name, alias)
         if mv is None:
             return None
         version = mv.version
@@ -388,7 +424,7 @@ def promote_if_better(
     with store.lock(f"promote-{instrument.slug}"):
         candidate = client.get_model_version(name, version)
         if candidate.tags.get("gate_status") in ("promoted", "rejected"):
-            current = get_alias(client, name, CHAMPION)
+            current = champion_as_of(client, name, as_of)
             return PromotionDecision(
                 instrument.ticker,
                 version,
@@ -401,7 +437,9 @@ def promote_if_better(
         u2 = json.loads(candidate.tags.get("test_u2", "{}"))
         cand_score = score(u2) if all(t in u2 for t in GATE_TARGETS) else None
         failures = gate_failures(u2, settings.gate)
-        champion = get_alias(client, name, CHAMPION)
+        # Compare with the champion of this date, not a model trained on later bars (backfills).
+        champion = champion_as_of(client, name, as_of)
+        alias_holder = get_alias(client, name, CHAMPION)
         champ_score: float | None = None
         if failures:
             promoted, reason = False, "fails the persistence gate: " + "; ".join(failures)
@@ -431,7 +469,12 @@ def promote_if_better(
                     f"does not beat champion v{champion.version} on the same test block "
                     f"(mean U2 {cand_score:.4f} >= {champ_score:.4f})"
                 )
-        if promoted:
+        # The alias only moves forward in time: a backfilled date's winner is recorded as promoted
+        # (it is the champion as of its date) but does not displace a champion of a later date.
+        moves_alias = (
+            alias_holder is None or alias_holder.tags.get("logical_date", "") <= as_of.isoformat()
+        )
+        if promoted and moves_alias:
             client.set_registered_model_alias(name, CHAMPION, version)
         client.set_model_version_tag(
             name, version, "gate_status", "promoted" if promoted else "rejected"

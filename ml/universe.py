@@ -17,7 +17,9 @@ ASSET_CLASSES = ("stock", "etf", "forex", "crypto", "future")
 
 # Upper-case Yahoo symbols: an optional index caret, 1-20 letters/digits/dots/dashes, and an optional
 # `=X` (forex) or `=F` (futures) suffix. Nothing else: no slashes, spaces, quotes or separators.
-TICKER_PATTERN = re.compile(r"^\^?[A-Z0-9][A-Z0-9.\-]{0,19}(=[A-Z])?$")
+# `$(?!\n)`: JSON-schema validators use re.search, where a bare `$` also matches before a final
+# newline; the lookahead (valid ECMA regex too) closes that gap in the Airflow params form.
+TICKER_PATTERN = re.compile(r"^\^?[A-Z0-9][A-Z0-9.\-]{0,19}(=[A-Z])?$(?!\n)")
 SLUG_PATTERN = re.compile(r"^_?[A-Z0-9][A-Z0-9.\-]{0,19}(_[A-Z])?$")
 MODEL_NAME_PREFIX = "price-forecast-"
 

@@ -224,10 +224,24 @@ def demo(as_of: date | None, timeout: float, tickers: list[str] | None = None) -
 
 
 def backfill(from_date: str, to_date: str, wait: bool, timeout: float) -> int:
+    """Backfill [from, to] one date after the other. A plain end date is taken as the whole day:
+    the runs are at 22:30, and Airflow reads `--to-date 2024-06-27` as midnight, leaving that day
+    out. One run at a time, so each date's promotion sees the dates before it."""
     start()
     airflow("dags", "unpause", DAG_ID)
+    if len(to_date) == 10:
+        to_date += "T23:59:59"
     out = airflow(
-        "backfill", "create", "--dag-id", DAG_ID, "--from-date", from_date, "--to-date", to_date
+        "backfill",
+        "create",
+        "--dag-id",
+        DAG_ID,
+        "--from-date",
+        from_date,
+        "--to-date",
+        to_date,
+        "--max-active-runs",
+        "1",
     )
     print(out.stdout)
     if not wait:

@@ -35,6 +35,7 @@ AS_OF = date(2023, 12, 29)  # a Friday
 SATURDAY = date(2023, 12, 30)
 MAIN = "TREG"  # the main flow: first train, reuse, skip, a worse candidate
 RACE = "TRACE"  # two good versions racing to promote
+PIT = "TPIT"  # point in time: a later date first, then a backfill of an earlier one
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,6 +119,7 @@ def reg_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Set
     universe = root / "universe.csv"
     universe.write_text(
         f"ticker,asset_class,name\n{MAIN},stock,Registry test\n{RACE},stock,Race test\n"
+        f"{PIT},stock,Point-in-time test\n"
     )
     (root / "data").mkdir()
     return replace(
@@ -573,3 +575,38 @@ def test_concurrent_promotions_leave_exactly_one_champion(reg_settings: Settings
     for v in versions:
         tags = client.get_model_version(instrument.model_name, v).tags
         assert tags["gate_reason"] and tags["validation_status"] and tags["validation_reason"]
+
+
+@pytest.mark.slow
+def test_backfilled_date_uses_and_keeps_the_champion_of_its_own_date(reg_settings: Settings) -> None:
+    """Run a later date first, then backfill an earlier one: the earlier date's gate and forecast
+    never use the model trained on later bars, and the alias is not moved back in time."""
+    from ml.pipeline import forecast_step, instrument_for, promote_step, train_step
+    from ml.registry import champion_as_of
+
+    later, earlier = date(2024, 1, 12), date(2024, 1, 5)
+    name = instrument_for(PIT, reg_settings).model_name
+    client = get_client(reg_settings)
+
+    _ingest(PIT, later, reg_settings)
+    late = train_step(PIT, later, reg_settings)
+    late_decision = promote_step(PIT, later, late, reg_settings)
+    assert late_decision["promoted"], late_decision["reason"]
+    assert get_alias(client, name, CHAMPION).version == late["version"]
+
+    # Backfill: the store already holds bars up to `later`; the run for `earlier` must not see them.
+    early = train_step(PIT, earlier, reg_settings)
+    assert early["status"] == "trained" and early["version"] != late["version"]
+    early_decision = promote_step(PIT, earlier, early, reg_settings)
+    # No champion existed as of `earlier`, so the candidate is judged on the persistence gate only.
+    assert early_decision["promoted"], early_decision["reason"]
+    assert "first champion" in early_decision["reason"]
+    # ... and the live alias stays on the model of the later date.
+    assert get_alias(client, name, CHAMPION).version == late["version"]
+    assert champion_as_of(client, name, earlier).version == early["version"]
+    assert champion_as_of(client, name, later).version == late["version"]
+
+    row = forecast_step(PIT, earlier, reg_settings)
+    assert row is not None and row["model_version"] == early["version"]
+    assert row["last_bar_date"] <= earlier.isoformat()
+    assert forecast_step(PIT, later, reg_settings)["model_version"] == late["version"]
