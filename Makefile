@@ -28,7 +28,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: setup browser
-	$(VENV)/bin/ruff check ml dags plugins tests bench scripts
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
 # Debian's Chromium for the dashboard's browser test (Playwright's own download does not work
@@ -39,11 +39,11 @@ browser:
 		|| echo "chromium not installed: the browser test will skip"
 
 lint: setup
-	$(VENV)/bin/ruff check ml dags plugins tests bench scripts
-	$(VENV)/bin/ruff format --check ml dags plugins tests bench scripts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: setup
-	$(VENV)/bin/ruff format ml dags plugins tests bench scripts
+	$(VENV)/bin/ruff format .
 
 lock: setup
 	$(VENV)/bin/uv pip compile requirements.in --python-version 3.11 -o requirements.txt
