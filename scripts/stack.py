@@ -44,6 +44,8 @@ def stack_env() -> dict[str, str]:
         AIRFLOW_HOME=str(STATE / "airflow"),
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
         AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
+        # SQLite has one writer: wait for it (plugins/airflow_sqlite.py) instead of "database is locked".
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS="airflow_sqlite.CONNECT_ARGS",
         AIRFLOW__CORE__LOAD_EXAMPLES="false",
         AIRFLOW__CORE__PARALLELISM=env.get("AIRFLOW__CORE__PARALLELISM", "4"),
         # LocalExecutor whose workers import TensorFlow/MLflow/GX once (plugins/preloading_executor.py);

@@ -578,7 +578,9 @@ def test_concurrent_promotions_leave_exactly_one_champion(reg_settings: Settings
 
 
 @pytest.mark.slow
-def test_backfilled_date_uses_and_keeps_the_champion_of_its_own_date(reg_settings: Settings) -> None:
+def test_backfilled_date_uses_and_keeps_the_champion_of_its_own_date(
+    reg_settings: Settings,
+) -> None:
     """Run a later date first, then backfill an earlier one: the earlier date's gate and forecast
     never use the model trained on later bars, and the alias is not moved back in time."""
     from ml.pipeline import forecast_step, instrument_for, promote_step, train_step

@@ -70,12 +70,15 @@ def clean_env(**overrides: str) -> dict[str, str]:
 
 def airflow_env(home: Path, **overrides: str) -> dict[str, str]:
     """The environment of an Airflow process on `home` (SQLite metadata DB in it)."""
-    return clean_env(
-        AIRFLOW_HOME=str(home),
-        AIRFLOW__CORE__LOAD_EXAMPLES="false",
-        AIRFLOW__CORE__DAGS_FOLDER=str(DAGS_FOLDER),
-        **overrides,
-    )
+    settings = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        # Wait up to 60 s for SQLite's single writer instead of failing with "database is locked".
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "airflow_sqlite.CONNECT_ARGS",
+    }
+    return clean_env(**{**settings, **overrides})
 
 
 def tail(path: Path, chars: int = 6000) -> str:
