@@ -9,6 +9,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,3 +102,15 @@ def start_mlflow_server(
         MlflowServer(process, uri, log_path).stop()
         raise RuntimeError(f"MLflow server did not start; see {log_path}") from None
     return MlflowServer(process, uri, log_path)
+
+
+@contextmanager
+def sqlite_mlflow_server(root: Path, **kwargs) -> Iterator[MlflowServer]:
+    """An MLflow server on a SQLite store in `root` (artifacts and log beside it), stopped on exit."""
+    server = start_mlflow_server(
+        f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log", **kwargs
+    )
+    try:
+        yield server
+    finally:
+        server.stop()

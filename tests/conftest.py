@@ -14,7 +14,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from ml.config import Settings, get_settings
-from ml.servers import MlflowServer, start_mlflow_server
+from ml.servers import MlflowServer, sqlite_mlflow_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,12 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """`mlflow server` with a SQLite backend and served artifacts in a temp folder."""
-    root = tmp_path_factory.mktemp("mlflow")
-    server = start_mlflow_server(
-        f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log"
-    )
-    yield server
-    server.stop()
+    with sqlite_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from ml.servers import MlflowServer, start_mlflow_server
+from ml.servers import MlflowServer, sqlite_mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = REPO / "dags"
@@ -116,12 +116,8 @@ def new_airflow_home(template_db: Path, home: Path) -> Path:
 @pytest.fixture(scope="module")
 def private_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A real `mlflow server` (SQLite backend, served artifacts) for one test module."""
-    root = tmp_path_factory.mktemp("dag_mlflow")
-    server = start_mlflow_server(
-        f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log"
-    )
-    yield server
-    server.stop()
+    with sqlite_mlflow_server(tmp_path_factory.mktemp("dag_mlflow")) as server:
+        yield server
 
 
 @dataclass

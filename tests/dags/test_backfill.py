@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.servers import MlflowServer, free_port, start_mlflow_server, wait_for_http
+from ml.servers import MlflowServer, free_port, sqlite_mlflow_server, wait_for_http
 from ml.universe import load_universe
 from tests.dags.conftest import AIRFLOW, REPO, airflow_env, new_airflow_home, pipeline_env, tail
 
@@ -158,12 +158,8 @@ def _dag_paused(stack: Stack) -> str | None:
 
 @pytest.fixture(scope="module")
 def backfill_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    root = tmp_path_factory.mktemp("backfill_mlflow")
-    server = start_mlflow_server(
-        f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log"
-    )
-    yield server
-    server.stop()
+    with sqlite_mlflow_server(tmp_path_factory.mktemp("backfill_mlflow")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

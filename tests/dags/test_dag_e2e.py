@@ -135,14 +135,10 @@ BAD_DAY = "2024-06-26"
 
 @pytest.fixture(scope="module")
 def bad_batch_mlflow(tmp_path_factory: pytest.TempPathFactory):
-    from ml.servers import start_mlflow_server
+    from ml.servers import sqlite_mlflow_server
 
-    root = tmp_path_factory.mktemp("bad_batch_mlflow")
-    server = start_mlflow_server(
-        f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log"
-    )
-    yield server
-    server.stop()
+    with sqlite_mlflow_server(tmp_path_factory.mktemp("bad_batch_mlflow")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
