@@ -112,7 +112,7 @@ def start() -> None:
         PIDS.write_text(json.dumps(pids))
     if "airflow" not in pids:
         print(
-            f"starting Airflow standalone on 127.0.0.1:{env['AIRFLOW__API__PORT']} (LocalExecutor, SQLite)"
+            f"starting Airflow standalone on 127.0.0.1:{env['AIRFLOW__API__PORT']} ({env['AIRFLOW__CORE__EXECUTOR'].rsplit('.', 1)[-1]}, SQLite)"
         )
         airflow("db", "migrate")
         log = open(STATE / "logs" / "airflow-standalone.log", "ab")  # noqa: SIM115 - outlives this call
