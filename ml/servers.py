@@ -21,6 +21,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_for_http(
     url: str, timeout: float = 120.0, process: subprocess.Popen | None = None
 ) -> None:
@@ -70,6 +79,11 @@ def start_mlflow_server(
 ) -> MlflowServer:
     """Start `mlflow server` (artifacts served through it) and wait until /health answers."""
     port = port or free_port(host)
+    if not port_is_free(host, port):
+        # Otherwise /health could be answered by whatever server already holds the port.
+        raise RuntimeError(
+            f"{host}:{port} is already in use (another MLflow server?); stop it or pick another port"
+        )
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     mlflow_bin = Path(sys.executable).with_name("mlflow")

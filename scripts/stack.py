@@ -274,10 +274,11 @@ def stop() -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
         time.sleep(0.5)
+    # Each service leads its own process group: kill whatever of the group is left (server workers
+    # can outlive their parent), not only the leader.
     for pid in pids.values():
-        if _alive(pid):
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
     PIDS.unlink(missing_ok=True)
     return 0
 
