@@ -49,3 +49,23 @@ def fast_settings(settings: Settings, mlflow_server: MlflowServer, request) -> S
         experiment_name=experiment,
         history_start=__import__("datetime").date(2021, 1, 4),
     ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
+
+
+def isolated_settings(
+    root: Path, mlflow_uri: str, experiment: str, tickers: dict[str, str]
+) -> Settings:
+    """Small, quick models on their own store and universe of made-up `tickers` (ticker -> name, all
+    stocks): registered model names are global on the shared server, so each module keeps its own."""
+    universe = root / "universe.csv"
+    universe.write_text(
+        "ticker,asset_class,name\n" + "".join(f"{t},stock,{n}\n" for t, n in tickers.items())
+    )
+    (root / "data").mkdir()
+    return replace(
+        get_settings({}),
+        data_dir=root / "data",
+        universe_file=universe,
+        mlflow_tracking_uri=mlflow_uri,
+        experiment_name=experiment,
+        history_start=__import__("datetime").date(2021, 1, 4),
+    ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ml.config import Settings, get_settings
+from ml.config import Settings
 from ml.features import TARGETS
+from tests.conftest import isolated_settings
 
 AS_OF = date(2023, 12, 29)  # Friday
 NEXT = date(2024, 1, 2)  # Tuesday: two more business-day bars (synthetic data has no holidays)
@@ -26,20 +27,12 @@ NO_CHAMPION = "TNOCH"
 
 @pytest.fixture(scope="module")
 def fc_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Settings:
-    root: Path = tmp_path_factory.mktemp("forecasting")
-    universe = root / "universe.csv"
-    universe.write_text(
-        f"ticker,asset_class,name\n{TICKER},stock,Forecast test\n{NO_CHAMPION},stock,No model\n"
+    return isolated_settings(
+        tmp_path_factory.mktemp("forecasting"),
+        mlflow_server.uri,
+        f"test-forecasting-{uuid.uuid4().hex[:8]}",
+        {TICKER: "Forecast test", NO_CHAMPION: "No model"},
     )
-    (root / "data").mkdir()
-    return replace(
-        get_settings({}),
-        data_dir=root / "data",
-        universe_file=universe,
-        mlflow_tracking_uri=mlflow_server.uri,
-        experiment_name=f"test-forecasting-{uuid.uuid4().hex[:8]}",
-        history_start=date(2021, 1, 4),
-    ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
 
 
 def _ingest(ticker: str, as_of: date, settings: Settings) -> None:

@@ -30,6 +30,7 @@ from ml.registry import (
     promote_if_better,
     score,
 )
+from tests.conftest import isolated_settings
 
 AS_OF = date(2023, 12, 29)  # a Friday
 SATURDAY = date(2023, 12, 30)
@@ -115,21 +116,12 @@ def test_score_is_the_mean_u2_over_high_low_close() -> None:
 
 @pytest.fixture(scope="module")
 def reg_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Settings:
-    root: Path = tmp_path_factory.mktemp("registry")
-    universe = root / "universe.csv"
-    universe.write_text(
-        f"ticker,asset_class,name\n{MAIN},stock,Registry test\n{RACE},stock,Race test\n"
-        f"{PIT},stock,Point-in-time test\n"
+    return isolated_settings(
+        tmp_path_factory.mktemp("registry"),
+        mlflow_server.uri,
+        f"test-registry-{uuid.uuid4().hex[:8]}",
+        {MAIN: "Registry test", RACE: "Race test", PIT: "Point-in-time test"},
     )
-    (root / "data").mkdir()
-    return replace(
-        get_settings({}),
-        data_dir=root / "data",
-        universe_file=universe,
-        mlflow_tracking_uri=mlflow_server.uri,
-        experiment_name=f"test-registry-{uuid.uuid4().hex[:8]}",
-        history_start=date(2021, 1, 4),
-    ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
 
 
 def _ingest(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
