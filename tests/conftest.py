@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def fast_settings(settings: Settings, mlflow_server: MlflowServer, request) -> S
         settings,
         mlflow_tracking_uri=mlflow_server.uri,
         experiment_name=experiment,
-        history_start=__import__("datetime").date(2021, 1, 4),
+        history_start=date(2021, 1, 4),
     ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
 
 
@@ -67,5 +68,21 @@ def isolated_settings(
         universe_file=universe,
         mlflow_tracking_uri=mlflow_uri,
         experiment_name=experiment,
-        history_start=__import__("datetime").date(2021, 1, 4),
+        history_start=date(2021, 1, 4),
     ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
+
+
+def ingest(ticker: str, as_of: date, settings: Settings) -> dict:
+    """Stage, validate and publish `ticker`'s bars due for `as_of` (the pipeline's own steps)."""
+    from ml.pipeline import ingest_step, publish_step
+
+    ingest_step(ticker, as_of, settings)
+    return publish_step(ticker, as_of, settings)
+
+
+def published_history(settings: Settings, ticker: str, as_of: date):
+    """The published bars of `ticker` dated <= `as_of`."""
+    from ml.pipeline import instrument_for
+    from ml.store import PriceStore
+
+    return PriceStore(settings.data_dir).load(instrument_for(ticker, settings), until=as_of)

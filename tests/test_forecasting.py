@@ -17,7 +17,9 @@ import pytest
 
 from ml.config import Settings
 from ml.features import TARGETS
+from tests.conftest import ingest as _ingest
 from tests.conftest import isolated_settings
+from tests.conftest import published_history as _history
 
 AS_OF = date(2023, 12, 29)  # Friday
 NEXT = date(2024, 1, 2)  # Tuesday: two more business-day bars (synthetic data has no holidays)
@@ -33,20 +35,6 @@ def fc_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Sett
         f"test-forecasting-{uuid.uuid4().hex[:8]}",
         {TICKER: "Forecast test", NO_CHAMPION: "No model"},
     )
-
-
-def _ingest(ticker: str, as_of: date, settings: Settings) -> None:
-    from ml.pipeline import ingest_step, publish_step
-
-    ingest_step(ticker, as_of, settings)
-    publish_step(ticker, as_of, settings)
-
-
-def _history(settings: Settings, ticker: str, as_of: date):
-    from ml.pipeline import instrument_for
-    from ml.store import PriceStore
-
-    return PriceStore(settings.data_dir).load(instrument_for(ticker, settings), until=as_of)
 
 
 @pytest.fixture(scope="module")

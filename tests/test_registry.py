@@ -30,7 +30,9 @@ from ml.registry import (
     promote_if_better,
     score,
 )
+from tests.conftest import ingest as _ingest
 from tests.conftest import isolated_settings
+from tests.conftest import published_history as _history
 
 AS_OF = date(2023, 12, 29)  # a Friday
 SATURDAY = date(2023, 12, 30)
@@ -124,25 +126,11 @@ def reg_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Set
     )
 
 
-def _ingest(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
-    from ml.pipeline import ingest_step, publish_step
-
-    ingest_step(ticker, as_of, settings)
-    return publish_step(ticker, as_of, settings)
-
-
 def _versions(settings: Settings, ticker: str) -> list:
     from ml.pipeline import instrument_for
 
     name = instrument_for(ticker, settings).model_name
     return get_client(settings).search_model_versions(f"name = '{name}'")
-
-
-def _history(settings: Settings, ticker: str, as_of: date):
-    from ml.pipeline import instrument_for
-    from ml.store import PriceStore
-
-    return PriceStore(settings.data_dir).load(instrument_for(ticker, settings), until=as_of)
 
 
 @pytest.fixture(scope="module")
