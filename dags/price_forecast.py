@@ -6,9 +6,11 @@ universe goes through one mapped task group:
 
 1. **ingest**: fetch the due bars (full history once, then a short trailing window) into staging;
 2. **validate_publish**: Great Expectations suite for the ticker's asset class; a passing batch is
-   merged into the store atomically, a failing one goes to quarantine with its report;
+   merged into the store atomically, a failing one goes to quarantine with its report. When no
+   bar changed and the version, gate decision and forecast for these bars already exist, it
+   skips the three steps below (a no-new-data day costs the fetch and the validation only);
 3. **train**: LSTM and GRU candidates on bars dated <= D, best checkpoint by validation loss,
-   logged to MLflow and registered as `challenger` (skipped when the data did not change);
+   logged to MLflow and registered as `challenger`;
 4. **promote**: `champion` moves only if the candidate beats persistence and the current champion
    on the same held-out block;
 5. **forecast**: the champion predicts the next bar's High, Low, Close and Adj Close.
@@ -26,7 +28,7 @@ import os
 from datetime import date, datetime, timedelta
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from ml.universe import TICKER_PATTERN
@@ -159,24 +161,31 @@ def price_forecast():
 
         @task(map_index_template="{{ ticker_name }}")
         def validate_publish(ticker: str, staged: dict) -> dict:
-            from ml.pipeline import publish_step, run_recorded
+            """Validate and publish; skip train/promote/forecast when nothing is left to do."""
+            from ml.pipeline import publish_and_check, run_recorded
             from ml.validation import PriceValidationError
 
             _name_instance(ticker)
-            settings = _settings(get_current_context()["params"])
+            params = get_current_context()["params"]
+            settings = _settings(params)
             try:
-                return run_recorded(
+                published = run_recorded(
                     "publish",
                     ticker,
                     _run_key(),
                     settings,
-                    publish_step,
+                    publish_and_check,
                     ticker,
                     _as_of(),
                     settings,
+                    force=bool(params.get("force_retrain")),
                 )
             except PriceValidationError as exc:
                 raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
+            if published.get("up_to_date"):
+                # No new bar: the version, gate decision and forecast for these bars exist.
+                raise AirflowSkipException(published["up_to_date"]["reason"])
+            return published
 
         @task(
             pool=TRAINING_POOL,

@@ -37,6 +37,97 @@ def publish_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]
     return publish_staged(instrument_for(ticker, settings), as_of, settings)
 
 
+def up_to_date(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] | None:
+    """What train, promote and forecast already did for exactly the bars published up to `as_of`.
+
+    A ticker is up to date when a registered version was trained on exactly these bars (<= as_of)
+    with the same model config, that version has been through the gate, and the forecasts table
+    holds the forecast of the bar after the last one by the champion as of `as_of` (or there is
+    no champion). Running the three steps again would then change nothing, so the DAG skips them:
+    a no-new-data day costs the fetch and validation only. None when any of that is missing, for
+    instance a version registered by a run that died before its gate or its forecast: then the
+    steps run and finish the job.
+    """
+    from ml.forecasting import read_forecasts
+    from ml.registry import champion_as_of, find_versions, get_client
+    from ml.store import PriceStore, data_fingerprint
+
+    instrument = instrument_for(ticker, settings)
+    history = PriceStore(settings.data_dir).load(instrument, until=as_of)
+    if history.empty:
+        return None
+    client = get_client(settings)
+    versions = find_versions(
+        client,
+        instrument.model_name,
+        data_fingerprint=data_fingerprint(history),
+        config_fingerprint=settings.model.fingerprint(),
+    )
+    if not versions or versions[0].tags.get("gate_status") not in ("promoted", "rejected"):
+        return None
+    version = versions[0]
+    champion = champion_as_of(client, instrument.model_name, as_of)
+    forecast: dict[str, Any] | None = None
+    if champion is not None:
+        table = read_forecasts(settings)
+        last_bar = history["Date"].iloc[-1].date().isoformat()
+        rows = table.loc[
+            (table["ticker"] == ticker)
+            & (table["last_bar_date"] == last_bar)
+            & (table["model_version"] == str(champion.version))
+            & (table["logical_date"] <= as_of.isoformat())
+        ]
+        if rows.empty:
+            return None
+        forecast = {k: _plain(v) for k, v in rows.iloc[-1].to_dict().items()}
+    same_day = version.tags.get("logical_date") == as_of.isoformat()
+    return {
+        "status": "reused" if same_day else "skipped",
+        "version": str(version.version),
+        "trained_for": version.tags.get("logical_date"),
+        "gate_status": version.tags.get("gate_status"),
+        "metrics": json.loads(version.tags.get("test_u2", "{}")),
+        "champion_version": str(champion.version) if champion else None,
+        "forecast": forecast,
+        "reason": (
+            f"no new bars since version {version.version} "
+            f"({version.tags.get('logical_date')}): train, promote and forecast skipped"
+        ),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly Python scalar from a pandas/numpy one."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def publish_and_check(
+    ticker: str, as_of: date, settings: Settings, *, force: bool = False
+) -> dict[str, Any]:
+    """`publish_step`, plus `up_to_date` when the publish changed nothing (and not `force`).
+
+    The check only saves work: if it cannot be made (the tracking server is unreachable), the
+    result says so and the downstream steps run as usual. It never fails a publish that happened,
+    whose staged batch is gone (a retry of this step could not publish again).
+    """
+    import logging
+
+    result = publish_step(ticker, as_of, settings)
+    if force or result["rows_added"] or result["rows_updated"]:
+        return result
+    try:
+        result["up_to_date"] = up_to_date(ticker, as_of, settings)
+    except Exception as exc:  # noqa: BLE001 - an optimisation must not fail the publish
+        logging.getLogger(__name__).warning(
+            "%s: could not check whether the ticker is up to date (%s: %s); training runs",
+            ticker,
+            type(exc).__name__,
+            exc,
+        )
+        result["up_to_date"] = None
+    return result
+
+
 def train_step(
     ticker: str, as_of: date, settings: Settings, *, force: bool = False
 ) -> dict[str, Any]:
@@ -225,9 +316,23 @@ def run_recorded(
 
 
 def summarize_ticker(ticker: str, record: dict[str, Any] | None) -> dict[str, Any]:
-    """One summary row from a ticker's step records (a missing step means it never ran)."""
-    steps = (record or {}).get("steps", {})
+    """One summary row from a ticker's step records (a missing step means it never ran).
+
+    When publish found the ticker up to date (`publish_and_check`), the DAG skipped train, promote
+    and forecast; the row then shows what is already there: the version trained on these bars,
+    the champion kept and its forecast.
+    """
+    steps = dict((record or {}).get("steps", {}))
+    publish = (steps.get("publish") or {}).get("result") or {}
+    current = publish.get("up_to_date")
+    if current:
+        kept = {"promoted": False, "champion_version": current["champion_version"]}
+        steps.setdefault("train", {"status": "ok", "result": current})
+        steps.setdefault("promote", {"status": "ok", "result": kept})
+        steps.setdefault("forecast", {"status": "ok", "result": current.get("forecast")})
     row: dict[str, Any] = {"ticker": ticker, "state": "success"}
+    if current:
+        row["up_to_date"] = True
     for step in STEPS:
         info = steps.get(step)
         if info is None:
@@ -238,7 +343,6 @@ def summarize_ticker(ticker: str, record: dict[str, Any] | None) -> dict[str, An
         if info["status"] == "failed":
             row.update(state="failed", failed_step=step, error=info["error"])
             break
-    publish = (steps.get("publish") or {}).get("result") or {}
     train = (steps.get("train") or {}).get("result") or {}
     promote = (steps.get("promote") or {}).get("result") or {}
     forecast = (steps.get("forecast") or {}).get("result") or {}
@@ -256,7 +360,7 @@ def summarize_ticker(ticker: str, record: dict[str, Any] | None) -> dict[str, An
             if promote.get("champion_version")
             else "none"
         )
-        row["promotion_reason"] = promote.get("reason")
+        row["promotion_reason"] = promote.get("reason") or (current or {}).get("reason")
     if forecast:
         row["forecast_close"] = forecast.get("pred_close")
         row["forecast_high"] = forecast.get("pred_high")

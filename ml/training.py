@@ -73,12 +73,15 @@ def fit_candidate(
     kind: str, split: SplitData, config: ModelConfig
 ) -> tuple[keras.Model, CandidateResult]:
     """Fit one model kind; early stopping restores the weights of the best validation epoch."""
+    import math
+
     import keras
+
+    from ml.models import build_model
 
     keras.utils.set_random_seed(config.seed)
     x_train, y_train = split.scaled(split.train)
     x_val, y_val = split.scaled(split.val)
-    from ml.models import build_model
 
     model = build_model(
         kind,
@@ -88,6 +91,7 @@ def fit_candidate(
         units=config.units,
         dense_units=config.dense_units,
         learning_rate=config.learning_rate,
+        steps_per_execution=math.ceil(len(x_train) / config.batch_size),
     )
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=config.patience, restore_best_weights=True
@@ -99,6 +103,7 @@ def fit_candidate(
         validation_data=(x_val, y_val),
         epochs=config.max_epochs,
         batch_size=config.batch_size,
+        validation_batch_size=max(1, len(x_val)),  # one call scores the whole validation block
         shuffle=True,
         callbacks=[stop],
         verbose=0,

@@ -290,10 +290,15 @@ def test_mapped_task_instances_are_named_by_ticker(
     full_universe: DagTestResult, universe: Universe
 ) -> None:
     expected = dict(enumerate(universe.tickers))
-    for run in full_universe.runs:
-        for step in PER_TICKER:
-            tis = _mapped(run, f"ticker.{step}")
-            assert {i: t["rendered_map_index"] for i, t in tis.items()} == expected, step
+    first, second = full_universe.runs
+    for step in PER_TICKER:
+        tis = _mapped(first, f"ticker.{step}")
+        assert {i: t["rendered_map_index"] for i, t in tis.items()} == expected, step
+    # The second run skips train/promote/forecast (never run, so never rendered): the steps that
+    # ran carry the ticker's name.
+    for step in PER_TICKER[:2]:
+        tis = _mapped(second, f"ticker.{step}")
+        assert {i: t["rendered_map_index"] for i, t in tis.items()} == expected, step
 
 
 def test_every_ticker_has_a_model_and_a_gate_decision(
@@ -367,8 +372,32 @@ def test_second_run_for_the_same_date_is_idempotent(
     for ticker, row in rows.items():
         assert row["training"] == "reused v1", (ticker, row)
         assert row["rows_added"] == 0, (ticker, row)
+        assert row["up_to_date"] is True, (ticker, row)
     table = _forecasts(full_universe.data_dir)
     assert not table.duplicated(["ticker", "logical_date"]).any()
+
+
+def test_second_run_skips_train_promote_forecast(
+    full_universe: DagTestResult, universe: Universe
+) -> None:
+    """No new bar and everything done for these bars: only ingest and validate_publish run."""
+    second = full_universe.runs[1]
+    n = len(universe)
+    ingest = [t["state"] for t in _mapped(second, "ticker.ingest").values()]
+    assert ingest == ["success"] * n, ingest
+    # validate_publish ran (the batch was validated) and skipped its downstream by skipping itself.
+    for step in ("validate_publish", "train", "promote", "forecast"):
+        states = [t["state"] for t in _mapped(second, f"ticker.{step}").values()]
+        assert states == ["skipped"] * n, (step, states)
+    # The report still lists each ticker's kept champion and its forecast from the first run.
+    first_rows = {r["ticker"]: r for r in full_universe.runs[0]["report"]["tickers"]}
+    for row in second["report"]["tickers"]:
+        before = first_rows[row["ticker"]]
+        assert row.get("forecast_version") == before.get("forecast_version"), row
+        if before.get("forecast_close") is None:
+            assert row.get("forecast_close") is None, row
+        else:  # read back from the forecasts table, which stores 6 decimals
+            assert row["forecast_close"] == pytest.approx(before["forecast_close"], abs=1e-6), row
 
 
 def test_run_conf_and_env_reach_the_tasks(
