@@ -117,7 +117,7 @@ def publish_and_check(
         return result
     try:
         result["up_to_date"] = up_to_date(ticker, as_of, settings)
-    except Exception as exc:  # noqa: BLE001 - an optimisation must not fail the publish
+    except Exception as exc:  # an optimisation must not fail the publish
         logging.getLogger(__name__).warning(
             "%s: could not check whether the ticker is up to date (%s: %s); training runs",
             ticker,
