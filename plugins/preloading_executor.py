@@ -22,7 +22,9 @@ import time
 from airflow.executors import local_executor
 from airflow.executors.local_executor import LocalExecutor
 
-DEFAULT_PRELOAD = "pandas,pyarrow,tensorflow,keras,mlflow,mlflow.pyfunc,great_expectations,yfinance,ml.pipeline"
+DEFAULT_PRELOAD = (
+    "pandas,pyarrow,tensorflow,keras,mlflow,mlflow.pyfunc,great_expectations,yfinance,ml.pipeline"
+)
 
 
 def _preload(modules: str) -> None:
