@@ -33,23 +33,12 @@ from typing import Any
 
 from benchlib import ROOT
 
+from ml.config import without_pipeline_env
 from ml.servers import MlflowServer, free_port, start_mlflow_server, wait_for_http
 
 DAG_ID = "price_forecast"
-# Settings that must not leak from the caller's shell into the stack (the bench sets its own).
-_LEAKY_PREFIXES = ("AIRFLOW", "MLFLOW_", "MODEL_", "GATE_")
-_LEAKY = {
-    "PRICE_SOURCE",
-    "PRICE_FILES_DIR",
-    "DATA_DIR",
-    "UNIVERSE_FILE",
-    "HISTORY_START",
-    "TRAILING_DAYS",
-    "CODE_VERSION",
-    "STACK_STATE_DIR",
-    "AIRFLOW_PORT",
-    "MLFLOW_PORT",
-}
+# The stack's own settings, cleared with the pipeline's (ml.config.PIPELINE_ENV) before loading it.
+_STACK_ENV = {"STACK_STATE_DIR", "AIRFLOW_PORT", "MLFLOW_PORT"}
 _TASK_TITLE = re.compile(r"airflow worker -- ([0-9a-fA-F-]{32,36})\b")
 _WORKER_TITLE = "airflow worker -- LocalExecutor"  # the executor's long-lived worker processes
 
@@ -58,8 +47,9 @@ def _load_stack_module(state: Path, airflow_port: int, mlflow_port: int) -> Any:
     """scripts/stack.py, evaluated with this stack's STATE and ports (a fresh module object)."""
     saved = dict(os.environ)
     try:
+        keep = without_pipeline_env(os.environ)
         for key in list(os.environ):
-            if key.startswith(_LEAKY_PREFIXES) or key in _LEAKY:
+            if key not in keep or key in _STACK_ENV:
                 del os.environ[key]
         os.environ.update(
             STACK_STATE_DIR=str(state),

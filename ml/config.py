@@ -121,6 +121,35 @@ _GATE_ENV = {
 }
 
 
+# Every environment variable the pipeline reads (get_settings, ml.training, ml.registry) or that
+# configures Airflow/MLflow: what a test or benchmark clears so the caller's shell cannot leak into
+# the processes it starts.
+PIPELINE_ENV_PREFIXES = ("AIRFLOW", "MLFLOW_", "MODEL_", "GATE_")
+PIPELINE_ENV = frozenset(
+    {
+        "PRICE_SOURCE",
+        "PRICE_FILES_DIR",
+        "DATA_DIR",
+        "UNIVERSE_FILE",
+        "HISTORY_START",
+        "TRAILING_DAYS",
+        "YAHOO_MAX_RETRIES",
+        "YAHOO_BACKOFF_SECONDS",
+        "CODE_VERSION",
+        "TF_INTRA_OP_THREADS",
+    }
+)
+
+
+def without_pipeline_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` minus every pipeline, Airflow and MLflow setting (see PIPELINE_ENV)."""
+    return {
+        k: v
+        for k, v in env.items()
+        if not k.startswith(PIPELINE_ENV_PREFIXES) and k not in PIPELINE_ENV
+    }
+
+
 def get_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from `env` (default: the process environment)."""
     env = os.environ if env is None else env

@@ -86,3 +86,28 @@ def published_history(settings: Settings, ticker: str, as_of: date):
     from ml.store import PriceStore
 
     return PriceStore(settings.data_dir).load(instrument_for(ticker, settings), until=as_of)
+
+
+def names_read_by_settings() -> set[str]:
+    """Every environment variable `ml.config.get_settings` looks up (on an empty environment)."""
+    from collections.abc import Mapping
+
+    class RecordingEnv(Mapping[str, str]):
+        """An empty environment that remembers every name looked up in it."""
+
+        def __init__(self) -> None:
+            self.names: set[str] = set()
+
+        def __getitem__(self, key: str) -> str:
+            self.names.add(key)
+            raise KeyError(key)
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(())
+
+        def __len__(self) -> int:
+            return 0
+
+    env = RecordingEnv()
+    get_settings(env)
+    return env.names

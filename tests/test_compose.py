@@ -327,27 +327,9 @@ def test_settings_the_code_reads_are_set_on_every_airflow_service(
 def test_every_variable_ml_config_reads_is_passed_to_airflow_services(
     common_env: dict[str, str],
 ) -> None:
-    from ml.config import get_settings
+    from tests.conftest import names_read_by_settings
 
-    class RecordingEnv(Mapping[str, str]):
-        """An empty environment that remembers every name looked up in it."""
-
-        def __init__(self) -> None:
-            self.names: set[str] = set()
-
-        def __getitem__(self, key: str) -> str:
-            self.names.add(key)
-            raise KeyError(key)
-
-        def __iter__(self) -> Iterator[str]:
-            return iter(())
-
-        def __len__(self) -> int:
-            return 0
-
-    env = RecordingEnv()
-    get_settings(env)
-    missing = sorted(env.names - set(common_env))
+    missing = sorted(names_read_by_settings() - set(common_env))
     assert not missing, (
         f"ml/config.py reads {missing}, which docker-compose.yaml never passes to the Airflow "
         "services: add `NAME: ${NAME:-}` to x-airflow-common's environment and document it in "

@@ -291,3 +291,13 @@ def test_importing_ml_modules_creates_no_files_or_folders(import_probe: dict) ->
 def test_importing_the_mlflow_wrapper_creates_no_files(import_probe: dict) -> None:
     assert import_probe["wrapper_writes"] == []
     assert list((import_probe["tmp"] / "home").iterdir()) == []
+
+
+def test_without_pipeline_env_clears_every_variable_the_settings_read() -> None:
+    """Tests and benchmarks rely on it to keep the caller's shell out of the processes they start."""
+    from ml.config import without_pipeline_env
+    from tests.conftest import names_read_by_settings
+
+    names = names_read_by_settings() | {"TF_INTRA_OP_THREADS", "CODE_VERSION"}
+    env = {**dict.fromkeys(names, "x"), "AIRFLOW__CORE__EXECUTOR": "x", "PATH": "/bin"}
+    assert without_pipeline_env(env) == {"PATH": "/bin"}

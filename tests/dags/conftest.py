@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from ml.config import without_pipeline_env
 from ml.servers import MlflowServer, sqlite_mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,28 +36,10 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
 
-# Settings of the environment that must not leak from the developer's shell into the subprocesses.
-_PIPELINE_ENV_PREFIXES = ("AIRFLOW", "MLFLOW_", "MODEL_", "GATE_")
-_PIPELINE_ENV = {
-    "PRICE_SOURCE",
-    "PRICE_FILES_DIR",
-    "DATA_DIR",
-    "UNIVERSE_FILE",
-    "HISTORY_START",
-    "TRAILING_DAYS",
-    "YAHOO_MAX_RETRIES",
-    "YAHOO_BACKOFF_SECONDS",
-    "CODE_VERSION",
-}
-
 
 def clean_env(**overrides: str) -> dict[str, str]:
     """os.environ without Airflow/pipeline settings, plus quiet defaults and `overrides`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(_PIPELINE_ENV_PREFIXES) and k not in _PIPELINE_ENV
-    }
+    env = without_pipeline_env(os.environ)
     env.update(
         TF_CPP_MIN_LOG_LEVEL="2",
         GIT_PYTHON_REFRESH="quiet",
