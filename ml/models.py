@@ -27,9 +27,9 @@ def build_model(
 
     The recurrent layer is unrolled over windows of up to `UNROLL_MAX_WINDOW` bars: for the
     6-bar default that replaces TensorFlow's while-loop with six fused steps, about 15 % faster on
-    CPU with the same weights and outputs. `steps_per_execution` runs that many batches per call
-    into the compiled train function (the fit passes one epoch's worth), which saves the Python
-    round trip per batch that dominates a model this small.
+    CPU, same results up to float rounding. `steps_per_execution` runs that many batches per call
+    into the compiled train function (`ml.training` passes enough for a whole epoch), which saves
+    the Python round trip per batch that dominates a model this small.
     """
     import keras
 

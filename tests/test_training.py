@@ -202,6 +202,57 @@ def test_same_data_and_config_give_the_same_model(
 
 
 @pytest.mark.slow
+def test_a_fit_is_the_same_in_a_fresh_process(trained: TrainResult, history, tmp_path) -> None:
+    """The compiled network reused within a process (ml.training.seeded_model) starts every fit
+    from the seed's weights and optimizer state: `trained` (after other fits in this process)
+    equals a fit in a process that never fitted anything before."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "history.parquet"
+    history.to_parquet(path, index=False)
+    script = (
+        "import json, sys\n"
+        "from datetime import date\n"
+        "import pandas as pd\n"
+        "from ml.training import train_on_history\n"
+        "from tests.test_training import AS_OF, TICKER, TINY\n"
+        "r = train_on_history(TICKER, AS_OF, pd.read_parquet(sys.argv[1]), TINY)\n"
+        "print(json.dumps({'val_loss': {c.kind: c.val_loss for c in r.candidates},\n"
+        "                  'pred': r.test_predictions.tolist()}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    for c in trained.candidates:
+        np.testing.assert_allclose(fresh["val_loss"][c.kind], c.val_loss, rtol=1e-6)
+    np.testing.assert_allclose(fresh["pred"], trained.test_predictions, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_each_result_owns_its_network(history) -> None:
+    """A later fit in the same process never changes the network of an earlier result."""
+    first = train_on_history(TICKER, AS_OF, history, TINY)
+    snapshot = [w.copy() for w in first.forecaster.model.get_weights()]
+    other = train_on_history(TICKER, AS_OF, history.iloc[:-60], TINY)  # other bars, other weights
+    assert other.forecaster.model is not first.forecaster.model
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(snapshot, other.forecaster.model.get_weights(), strict=True)
+    )
+    for a, b in zip(snapshot, first.forecaster.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
 def test_test_block_is_not_used_for_fitting(
     trained: TrainResult, trained_on_changed_test_block: TrainResult, history, changed_test_block
 ) -> None:
