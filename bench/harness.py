@@ -389,10 +389,13 @@ class Stack:
                     proc.wait(timeout=10)
 
     def _processes_of_this_home(self) -> set[int]:
-        """Processes whose environment has this stack's AIRFLOW_HOME or DATA_DIR (orphans)."""
+        """Processes whose environment has this stack's AIRFLOW_HOME or DATA_DIR (orphans), and
+        the MLflow server whose command line names its state folder (also when `start` was
+        interrupted before it could record the server)."""
         import psutil
 
         marks = {f"AIRFLOW_HOME={self.env['AIRFLOW_HOME']}", f"DATA_DIR={self.env['DATA_DIR']}"}
+        state = str(self.state) + os.sep
         found: set[int] = set()
         me = os.getpid()
         for proc in psutil.process_iter(["pid"]):
@@ -400,9 +403,11 @@ class Stack:
                 continue
             try:
                 raw = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+                cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if any(item.decode(errors="replace") in marks for item in raw):
+            in_state = state in cmdline and "mlflow" in cmdline  # this stack's MLflow server
+            if in_state or any(item.decode(errors="replace") in marks for item in raw):
                 found.add(proc.pid)
         return found
 
