@@ -49,7 +49,7 @@ def up_to_date(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] |
     steps run and finish the job.
     """
     from ml.forecasting import read_forecasts
-    from ml.registry import champion_as_of, find_versions, get_client
+    from ml.registry import champion_as_of, get_client, outcome_of, trained_version
     from ml.store import PriceStore, data_fingerprint
 
     instrument = instrument_for(ticker, settings)
@@ -57,15 +57,11 @@ def up_to_date(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] |
     if history.empty:
         return None
     client = get_client(settings)
-    versions = find_versions(
-        client,
-        instrument.model_name,
-        data_fingerprint=data_fingerprint(history),
-        config_fingerprint=settings.model.fingerprint(),
+    version = trained_version(
+        client, instrument, data_fingerprint(history), settings.model.fingerprint()
     )
-    if not versions or versions[0].tags.get("gate_status") not in ("promoted", "rejected"):
+    if version is None or version.tags.get("gate_status") not in ("promoted", "rejected"):
         return None
-    version = versions[0]
     champion = champion_as_of(client, instrument.model_name, as_of)
     forecast: dict[str, Any] | None = None
     if champion is not None:
@@ -80,19 +76,16 @@ def up_to_date(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] |
         if rows.empty:
             return None
         forecast = {k: _plain(v) for k, v in rows.iloc[-1].to_dict().items()}
-    same_day = version.tags.get("logical_date") == as_of.isoformat()
+    outcome = outcome_of(instrument, as_of, version)
     return {
-        "status": "reused" if same_day else "skipped",
-        "version": str(version.version),
+        "status": outcome.status,
+        "version": str(outcome.version),
         "trained_for": version.tags.get("logical_date"),
         "gate_status": version.tags.get("gate_status"),
-        "metrics": json.loads(version.tags.get("test_u2", "{}")),
+        "metrics": outcome.metrics,
         "champion_version": str(champion.version) if champion else None,
         "forecast": forecast,
-        "reason": (
-            f"no new bars since version {version.version} "
-            f"({version.tags.get('logical_date')}): train, promote and forecast skipped"
-        ),
+        "reason": f"{outcome.reason}: train, promote and forecast skipped",
     }
 
 

@@ -141,17 +141,19 @@ class TrainingOutcome:
         return asdict(self)
 
 
-def existing_outcome(
-    instrument: Instrument, as_of: date, data_fp: str, config_fp: str, settings: Settings
-) -> TrainingOutcome | None:
-    """A version trained on exactly these bars and config, if one exists (no retrain needed)."""
-    client = get_client(settings)
+def trained_version(
+    client: MlflowClient, instrument: Instrument, data_fp: str, config_fp: str
+) -> ModelVersion | None:
+    """The newest version trained on exactly these bars (data fingerprint) and config, if any."""
     matches = find_versions(
         client, instrument.model_name, data_fingerprint=data_fp, config_fingerprint=config_fp
     )
-    if not matches:
-        return None
-    version = matches[0]
+    return matches[0] if matches else None
+
+
+def outcome_of(instrument: Instrument, as_of: date, version: ModelVersion) -> TrainingOutcome:
+    """What `train` reports for `as_of` when `version` already covers its bars: reused (trained
+    for this very date) or skipped (trained for an earlier date; no new bars since)."""
     same_day = version.tags.get("logical_date") == as_of.isoformat()
     metrics = json.loads(version.tags.get("test_u2", "{}"))
     reason = (
@@ -168,6 +170,14 @@ def existing_outcome(
         reason,
         metrics,
     )
+
+
+def existing_outcome(
+    instrument: Instrument, as_of: date, data_fp: str, config_fp: str, settings: Settings
+) -> TrainingOutcome | None:
+    """A version trained on exactly these bars and config, if one exists (no retrain needed)."""
+    version = trained_version(get_client(settings), instrument, data_fp, config_fp)
+    return None if version is None else outcome_of(instrument, as_of, version)
 
 
 def _plot_test_block(result: TrainResult) -> Any:
