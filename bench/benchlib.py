@@ -108,6 +108,29 @@ def write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_side_report(
+    path: Path,
+    *,
+    started: float,
+    import_seconds: float,
+    rows: list[dict[str, Any]],
+    **settings: Any,
+) -> None:
+    """The JSON one training side (notebook or ours) leaves for `run.py`: its `settings`, the
+    import time, the seconds since `started` (perf_counter at interpreter start), the bench's own
+    scoring time (excluded from the wall) and the per-ticker rows."""
+    write_json(
+        path,
+        {
+            **settings,
+            "import_seconds": round(import_seconds, 3),
+            "seconds_in_process": round(time.perf_counter() - started, 3),
+            "score_seconds": round(sum(r["score_seconds"] for r in rows), 3),
+            "tickers": rows,
+        },
+    )
+
+
 class Stopwatch:
     """perf_counter seconds since construction."""
 

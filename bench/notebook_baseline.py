@@ -25,7 +25,7 @@ import time
 T0 = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchlib import persistence, read_manifest, theil_u2, u2_dict, write_json  # noqa: E402
+from benchlib import persistence, read_manifest, theil_u2, u2_dict, write_side_report  # noqa: E402
 
 INPUTS = ["Open", "High", "Low", "Close", "Adj Close", "Volume", "Time", "Return"]
 OUTPUTS = ["High", "Low", "Close", "Adj Close"]
@@ -144,16 +144,13 @@ def main() -> int:
             f"val_loss {rows[-1]['val_loss']:.5f}",
             flush=True,
         )
-    write_json(
+    write_side_report(
         args.out,
-        {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "import_seconds": round(import_seconds, 3),
-            "seconds_in_process": round(time.perf_counter() - T0, 3),
-            "score_seconds": round(sum(r["score_seconds"] for r in rows), 3),
-            "tickers": rows,
-        },
+        started=T0,
+        import_seconds=import_seconds,
+        rows=rows,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
     )
     return 0
 

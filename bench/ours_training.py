@@ -24,7 +24,7 @@ import time
 T0 = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchlib import AS_OF, persistence, read_manifest, theil_u2, u2_dict, write_json  # noqa: E402
+from benchlib import AS_OF, persistence, read_manifest, theil_u2, u2_dict, write_side_report  # noqa: E402
 
 
 def main() -> int:
@@ -113,18 +113,15 @@ def main() -> int:
             f"total {seconds:6.2f}s  best val_loss {chosen.best_val_loss:.5f}",
             flush=True,
         )
-    write_json(
+    write_side_report(
         args.out,
-        {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "kinds": list(config.kinds),
-            "patience": config.patience,
-            "import_seconds": round(import_seconds, 3),
-            "seconds_in_process": round(time.perf_counter() - T0, 3),
-            "score_seconds": round(sum(r["score_seconds"] for r in rows), 3),
-            "tickers": rows,
-        },
+        started=T0,
+        import_seconds=import_seconds,
+        rows=rows,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        kinds=list(config.kinds),
+        patience=config.patience,
     )
     return 0
 
