@@ -1,22 +1,26 @@
 """
 ### price_forecast: daily prices -> validated store -> LSTM/GRU per ticker -> MLflow champion -> forecast
 
-For the logical date **D** of the run (or the `as_of` param of a manual run), each ticker of the
-universe goes through one mapped task group:
+One pass per logical date **D** (or the `as_of` param of a manual run):
 
-1. **ingest**: fetch the due bars (full history once, then a short trailing window) into staging;
-2. **validate_publish**: Great Expectations suite for the ticker's asset class; a passing batch is
-   merged into the store atomically, a failing one goes to quarantine with its report. When no
-   bar changed and the version, gate decision and forecast for these bars already exist, it
-   skips the three steps below (a no-new-data day costs the fetch and the validation only);
-3. **train**: LSTM and GRU candidates on bars dated <= D, best checkpoint by validation loss,
-   logged to MLflow and registered as `challenger`;
-4. **promote**: `champion` moves only if the candidate beats persistence and the current champion
-   on the same held-out block;
-5. **forecast**: the champion predicts the next bar's High, Low, Close and Adj Close.
+1. **resolve_tickers**: the params checked, the universe (or the chosen subset) expanded;
+2. **ingest**: one task fetches every ticker's due bars (full history once, then a short
+   trailing window) into staging, a few downloads at a time (`FETCH_CONCURRENCY`);
+3. **validate**: one task runs each ticker's Great Expectations suite; a passing batch is merged
+   into the store atomically, a failing one goes to quarantine with its report. It lists the
+   tickers that need training: new or revised bars, no version for these bars and this config,
+   or `force_retrain`;
+4. **train**: one mapped instance per ticker of that list only (named by ticker in the grid):
+   LSTM and GRU candidates on bars dated <= D, best checkpoint by validation loss, logged to
+   MLflow and registered as `challenger`. A day without new bars runs no train instance;
+5. **promote**: one task walks the new versions one at a time; `champion` moves only if the
+   candidate beats persistence and the current champion on the same held-out block;
+6. **forecast**: one task forecasts the next bar's High, Low, Close and Adj Close with each
+   ticker's champion and writes them in one write.
 
-`report` runs when every ticker is done, writes the run summary to `DATA_DIR/reports/<D>.json`,
-and fails the run if any ticker failed, after the good ones finished.
+`report` runs when everything else is done, lists every ticker (done, skipped for lack of new
+bars, or failed and where), writes `DATA_DIR/reports/<D>.json`, and fails the run if any ticker
+failed, after the good ones finished. One ticker's failure never stops the others.
 
 Manual runs take a params form: a subset of tickers, model kinds, max epochs, force retrain.
 The business logic lives in the `ml` package; this file is wiring only.
@@ -27,8 +31,8 @@ from __future__ import annotations
 import os
 from datetime import date, datetime, timedelta
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from ml.universe import TICKER_PATTERN
@@ -72,8 +76,21 @@ def _as_of() -> date:
     return stamp.date()
 
 
-def _name_instance(ticker: str) -> None:
-    get_current_context()["ticker_name"] = ticker
+def _retries_left() -> bool:
+    """Whether Airflow will retry this task if it fails now (a batch step then raises on an
+    outage, where every ticker failed; on the last try it returns the per-ticker errors)."""
+    ti = get_current_context()["ti"]
+    return ti.try_number <= (ti.max_tries or 0)
+
+
+def _validation_summary() -> dict | None:
+    """What `validate` found per ticker (its XCom `summary`); None when validate did not finish.
+
+    Pulled here rather than passed as an argument: Airflow resolves a missing custom-key XCom
+    argument as an error, and promote, forecast and report must still run after a failure.
+    """
+    ti = get_current_context()["ti"]
+    return ti.xcom_pull(task_ids="validate", key="summary", default=None)
 
 
 def _run_key() -> str:
@@ -147,114 +164,104 @@ def price_forecast():
             raise AirflowFailException(f"invalid run parameters: {exc}") from exc
         return [i.ticker for i in chosen]
 
-    @task_group(group_id="ticker")
-    def per_ticker(ticker: str):
-        @task(pool=SOURCE_POOL, map_index_template="{{ ticker_name }}")
-        def ingest(ticker: str) -> dict:
-            from ml.pipeline import ingest_step, run_recorded
+    @task(pool=SOURCE_POOL)
+    def ingest(tickers: list[str]) -> dict:
+        """Fetch every ticker's due bars into staging (concurrent downloads, bounded)."""
+        from ml.pipeline import ingest_all
 
-            _name_instance(ticker)
-            settings = _settings(get_current_context()["params"])
-            return run_recorded(
-                "ingest", ticker, _run_key(), settings, ingest_step, ticker, _as_of(), settings
-            )
-
-        @task(map_index_template="{{ ticker_name }}")
-        def validate_publish(ticker: str, staged: dict) -> dict:
-            """Validate and publish; skip train/promote/forecast when nothing is left to do."""
-            from ml.pipeline import publish_and_check, run_recorded
-            from ml.validation import PriceValidationError
-
-            _name_instance(ticker)
-            params = get_current_context()["params"]
-            settings = _settings(params)
-            try:
-                published = run_recorded(
-                    "publish",
-                    ticker,
-                    _run_key(),
-                    settings,
-                    publish_and_check,
-                    ticker,
-                    _as_of(),
-                    settings,
-                    force=bool(params.get("force_retrain")),
-                )
-            except PriceValidationError as exc:
-                raise AirflowFailException(str(exc)) from exc  # bad data: retrying cannot help
-            if published.get("up_to_date"):
-                # No new bar: the version, gate decision and forecast for these bars exist.
-                raise AirflowSkipException(published["up_to_date"]["reason"])
-            return published
-
-        @task(
-            pool=TRAINING_POOL,
-            map_index_template="{{ ticker_name }}",
-            execution_timeout=timedelta(minutes=45),
+        return ingest_all(
+            tickers, _as_of(), _settings(get_current_context()["params"]), strict=_retries_left()
         )
-        def train(ticker: str, published: dict) -> dict:
-            from ml.pipeline import run_recorded, train_step
 
-            _name_instance(ticker)
-            params = get_current_context()["params"]
-            settings = _settings(params)
-            return run_recorded(
-                "train",
-                ticker,
-                _run_key(),
-                settings,
-                train_step,
-                ticker,
-                _as_of(),
-                settings,
-                force=bool(params.get("force_retrain")),
+    @task
+    def validate(ingested: dict) -> list[str]:
+        """GX suites; publish passing batches, quarantine failing ones.
+
+        Returns the tickers that need training (what `train` maps over); the per-ticker summary
+        and failures go to the XCom `summary` for promote, forecast and the report.
+        """
+        from ml.pipeline import validate_all
+
+        context = get_current_context()
+        params = context["params"]
+        result = validate_all(
+            list(ingested["staged"]),
+            _as_of(),
+            _settings(params),
+            force=bool(params.get("force_retrain")),
+        )
+        context["ti"].xcom_push(key="summary", value=result)
+        return result["train"]
+
+    @task(
+        pool=TRAINING_POOL,
+        map_index_template="{{ ticker_name }}",
+        execution_timeout=timedelta(minutes=45),
+    )
+    def train(ticker: str) -> dict:
+        """Fit the candidates on bars <= D, log the run, register the best as `challenger`."""
+        from ml.pipeline import train_step
+
+        context = get_current_context()
+        context["ticker_name"] = ticker
+        params = context["params"]
+        try:
+            return train_step(
+                ticker, _as_of(), _settings(params), force=bool(params.get("force_retrain"))
             )
-
-        @task(map_index_template="{{ ticker_name }}")
-        def promote(ticker: str, trained: dict) -> dict:
-            from ml.pipeline import promote_step, run_recorded
-
-            _name_instance(ticker)
-            settings = _settings(get_current_context()["params"])
-            return run_recorded(
-                "promote",
-                ticker,
-                _run_key(),
-                settings,
-                promote_step,
-                ticker,
-                _as_of(),
-                trained,
-                settings,
+        except Exception as exc:
+            # The report names the error; Airflow keeps the XComs of a task's last try.
+            context["ti"].xcom_push(
+                key="error", value={"ticker": ticker, "error": f"{type(exc).__name__}: {exc}"}
             )
+            raise
 
-        @task(map_index_template="{{ ticker_name }}", outlets=[FORECASTS])
-        def forecast(ticker: str, decision: dict) -> dict | None:
-            from ml.pipeline import forecast_step, run_recorded
+    @task(trigger_rule="all_done")
+    def promote(trained: list[dict]) -> dict:
+        """Apply the gate to this run's new versions, one at a time: one process moves aliases."""
+        from ml.pipeline import promote_all
 
-            _name_instance(ticker)
-            settings = _settings(get_current_context()["params"])
-            return run_recorded(
-                "forecast", ticker, _run_key(), settings, forecast_step, ticker, _as_of(), settings
-            )
+        settings = _settings(get_current_context()["params"])
+        return promote_all(
+            _validation_summary(), list(trained or []), _as_of(), settings, strict=_retries_left()
+        )
 
-        staged = ingest(ticker)
-        published = validate_publish(ticker, staged)
-        trained = train(ticker, published)
-        decision = promote(ticker, trained)
-        return forecast(ticker, decision)
+    @task(trigger_rule="all_done", outlets=[FORECASTS])
+    def forecast(promoted: dict | None) -> dict:
+        """Forecast the next bar with every ticker's champion; one write of the forecasts table."""
+        from ml.pipeline import forecast_all
+
+        settings = _settings(get_current_context()["params"])
+        tickers = sorted((_validation_summary() or {}).get("tickers") or {})
+        return forecast_all(tickers, _as_of(), settings, strict=_retries_left())
 
     @task(trigger_rule="all_done", retries=0)
-    def report(tickers: list[str]) -> dict:
+    def report(
+        tickers: list[str] | None,
+        ingested: dict | None,
+        trained: list[dict],
+        train_errors: list[dict],
+        promoted: dict | None,
+        forecasted: dict | None,
+    ) -> dict:
         """Write the run summary; fail the run if any ticker failed (the others are finished)."""
-        from ml.pipeline import format_table, summarize_run
+        from ml.pipeline import format_table, summarize_tickers, write_run_report
 
         if tickers is None:
             raise AirflowFailException(
                 "resolve_tickers failed: see its log for the invalid parameter"
             )
         settings = _settings(get_current_context()["params"])
-        rows, path = summarize_run(settings, _run_key(), list(tickers), _as_of())
+        rows = summarize_tickers(
+            tickers,
+            ingested=ingested,
+            validated=_validation_summary(),
+            trained=list(trained or []),
+            train_errors=list(train_errors or []),
+            promoted=promoted,
+            forecasted=forecasted,
+        )
+        path = write_run_report(settings, _as_of(), rows, _run_key())
         print(format_table(rows))
         print(f"run summary written to {path}")
         failed = [r for r in rows if r["state"] == "failed"]
@@ -266,9 +273,11 @@ def price_forecast():
         return {"report": str(path), "tickers": len(rows), "failed": 0}
 
     tickers = resolve_tickers()
-    outcomes = per_ticker.expand(ticker=tickers)
-    summary = report(tickers)
-    outcomes >> summary
+    ingested = ingest(tickers)
+    trained = train.expand(ticker=validate(ingested))
+    promoted = promote(trained)
+    forecasted = forecast(promoted)
+    report(tickers, ingested, trained, trained["error"], promoted, forecasted)
 
 
 price_forecast()

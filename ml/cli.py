@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class TickerFailed(Exception):
+    """A ticker's step failed; the message already names the error."""
+
+
 def _run_per_ticker(tickers: Sequence[str], step: Callable[[str], str]) -> int:
     failed = 0
     for ticker in tickers:
@@ -62,7 +66,8 @@ def _run_per_ticker(tickers: Sequence[str], step: Callable[[str], str]) -> int:
             line = step(ticker)
         except Exception as exc:  # report every ticker, then fail
             failed += 1
-            print(f"{ticker:<10} FAILED  {type(exc).__name__}: {exc}", flush=True)
+            error = str(exc) if isinstance(exc, TickerFailed) else f"{type(exc).__name__}: {exc}"
+            print(f"{ticker:<10} FAILED  {error}", flush=True)
         else:
             print(f"{ticker:<10} {line}", flush=True)
     if failed:
@@ -96,10 +101,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     as_of: date = args.date
     if args.command == "ingest":
+        ingested = pipeline.ingest_all(tickers, as_of, settings)
+        validated = pipeline.validate_all(
+            list(ingested["staged"]), as_of, settings, check_registry=False
+        )
+        failed = {**ingested["failed"], **validated["failed"]}
 
         def ingest(ticker: str) -> str:
-            staged = pipeline.ingest_step(ticker, as_of, settings)
-            published = pipeline.publish_step(ticker, as_of, settings)
+            if ticker in failed:
+                raise TickerFailed(failed[ticker])
+            staged, published = ingested["staged"][ticker], validated["tickers"][ticker]
             mode = "incremental" if staged["incremental"] else "full history"
             return (
                 f"fetched {staged['rows_fetched']:>5} ({mode}, {staged['source']})  "
@@ -123,8 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _run_per_ticker(tickers, train)
 
+    forecasted = pipeline.forecast_all(tickers, as_of, settings)
+
     def forecast(ticker: str) -> str:
-        row = pipeline.forecast_step(ticker, as_of, settings)
+        if ticker in forecasted["failed"]:
+            raise TickerFailed(forecasted["failed"][ticker])
+        row = forecasted["forecasts"].get(ticker)
         if row is None:
             return "no champion yet: nothing forecast"
         return (

@@ -70,6 +70,8 @@ class Settings:
     trailing_days: int = 10
     yahoo_max_retries: int = 5
     yahoo_backoff_seconds: float = 2.0
+    # Downloads in flight at once inside the ingest task (Yahoo rate-limits bursts).
+    fetch_concurrency: int = 4
     model: ModelConfig = field(default_factory=ModelConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -135,6 +137,7 @@ PIPELINE_ENV = frozenset(
         "TRAILING_DAYS",
         "YAHOO_MAX_RETRIES",
         "YAHOO_BACKOFF_SECONDS",
+        "FETCH_CONCURRENCY",
         "CODE_VERSION",
         "TF_INTRA_OP_THREADS",
     }
@@ -199,6 +202,9 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
         if env.get("YAHOO_BACKOFF_SECONDS")
         else defaults.yahoo_backoff_seconds,
+        fetch_concurrency=int(_parse_number("FETCH_CONCURRENCY", env["FETCH_CONCURRENCY"], int))
+        if env.get("FETCH_CONCURRENCY")
+        else defaults.fetch_concurrency,
         model=model,
         gate=gate,
     )

@@ -148,27 +148,36 @@ def read_forecasts(settings: Settings) -> pd.DataFrame:
     path = forecasts_path(settings)
     if not path.exists():
         return pd.DataFrame(columns=FORECAST_COLUMNS)
-    return pd.read_csv(path, dtype={"model_version": "string"})
+    # Text columns stay text: a ticker such as "NA" or "NULL" is not a missing value.
+    text = ["ticker", "logical_date", "last_bar_date", "model_name", "model_version", "source"]
+    return pd.read_csv(path, dtype=dict.fromkeys(text, str), keep_default_na=False, na_values=[""])
 
 
-def upsert_forecast(settings: Settings, row: dict[str, Any]) -> Path:
-    """Insert or replace the (ticker, logical_date) row of the forecasts table, atomically."""
+def upsert_forecasts(settings: Settings, rows: list[dict[str, Any]]) -> Path:
+    """Insert or replace the (ticker, logical_date) rows of the forecasts table in one write."""
     import pandas as pd
 
     from ml.store import PriceStore, atomic_write
 
     store = PriceStore(settings.data_dir)
     path = forecasts_path(settings)
+    new = pd.DataFrame(rows, columns=FORECAST_COLUMNS)
     with store.lock("forecasts"):
         table = read_forecasts(settings)
-        keep = ~(
-            (table["ticker"] == row["ticker"]) & (table["logical_date"] == row["logical_date"])
+        replaced = table.set_index(["ticker", "logical_date"]).index.isin(
+            new.set_index(["ticker", "logical_date"]).index
         )
-        new = pd.DataFrame([row], columns=FORECAST_COLUMNS)
-        table = pd.concat([table.loc[keep], new], ignore_index=True) if keep.any() else new
+        keep = table.loc[~replaced]
+        table = pd.concat([keep, new], ignore_index=True) if len(keep) else new
+        table = table.drop_duplicates(["ticker", "logical_date"], keep="last")
         table = table.sort_values(["logical_date", "ticker"], kind="stable").reset_index(drop=True)
         atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
     return path
+
+
+def upsert_forecast(settings: Settings, row: dict[str, Any]) -> Path:
+    """Insert or replace one (ticker, logical_date) row of the forecasts table, atomically."""
+    return upsert_forecasts(settings, [row])
 
 
 def forecast_next_bar(
@@ -180,22 +189,17 @@ def forecast_next_bar(
     return predicted["Date"], {t: float(predicted[t]) for t in TARGETS}
 
 
-def forecast_ticker(
-    instrument: Instrument, as_of: date, settings: Settings, *, alias: str = "champion"
-) -> dict[str, Any] | None:
-    """Forecast the bar after `as_of` with the ticker's champion as of that date (never a model
-    trained on later bars); None if it has no champion."""
-    from ml.registry import load_forecaster
-
-    loaded = load_forecaster(instrument, settings, alias=alias, as_of=as_of)
-    if loaded is None:
-        return None
-    forecaster, version = loaded
-    from ml.store import PriceStore
-
-    history = PriceStore(settings.data_dir).load(instrument, until=as_of)
+def forecast_row(
+    instrument: Instrument,
+    as_of: date,
+    history: pd.DataFrame,
+    forecaster: PriceForecaster,
+    version: str,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The forecasts-table row of `forecaster` (model `version`) for the bar after `history`."""
     last_date, prices = forecast_next_bar(forecaster, history)
-    row = {
+    return {
         "ticker": instrument.ticker,
         "logical_date": as_of.isoformat(),
         "last_bar_date": last_date.date().isoformat(),
@@ -208,5 +212,3 @@ def forecast_ticker(
         "model_version": str(version),
         "source": settings.price_source,
     }
-    upsert_forecast(settings, row)
-    return row

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
+from typing import TYPE_CHECKING
 
 from ml.config import Settings
 from ml.sources import PriceSource, get_source
 from ml.store import PriceStore
 from ml.universe import Instrument
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,15 @@ def stage_ticker(
 
 def publish_staged(instrument: Instrument, as_of: date, settings: Settings) -> dict:
     """Validate the staged batch; publish it if it passed, quarantine it (and raise) if not."""
+    return publish_with_history(instrument, as_of, PriceStore(settings.data_dir))[0]
+
+
+def publish_with_history(
+    instrument: Instrument, as_of: date, store: PriceStore
+) -> tuple[dict, pd.DataFrame]:
+    """`publish_staged`, also returning the published history after the upsert (read once)."""
     from ml.validation import PriceValidationError, validate_prices
 
-    store = PriceStore(settings.data_dir)
     batch = store.read_staged(instrument, as_of)
     history = store.load(instrument)
     previous = history.loc[history["Date"] < batch["Date"].min()] if len(batch) else history
@@ -90,7 +100,7 @@ def publish_staged(instrument: Instrument, as_of: date, settings: Settings) -> d
         store.quarantine(instrument, as_of, _report_json(exc.report))
         raise
     result = store.publish(instrument, batch, as_of, report.to_json())
-    return {
+    summary = {
         "rows_added": result.rows_added,
         "rows_updated": result.rows_updated,
         "total_rows": result.total_rows,
@@ -98,6 +108,7 @@ def publish_staged(instrument: Instrument, as_of: date, settings: Settings) -> d
         "validation": "passed",
         "checks": len(report.results),
     }
+    return summary, result.history
 
 
 def _report_json(report: dict) -> str:

@@ -1,28 +1,62 @@
-"""The steps of one daily run for one ticker, as plain functions returning small dicts.
+"""The steps of one daily run, as plain functions returning small dicts (what XCom carries).
 
-The Airflow DAG and the command line both call these, so the same code runs in both; each step
-takes the ticker (validated here), the logical date and the settings, and returns something small
-enough for XCom.
+The DAG's tasks and the command line call the same functions, in this order:
+
+    ingest_all  -> validate_all -> train_step (one per ticker that needs it)
+                -> promote_all  -> forecast_all -> summarize_run
+
+The data phase handles every ticker in one call: the downloads run concurrently (at most
+`FETCH_CONCURRENCY` at once), validation and publishing one ticker after another. Training is the
+one expensive per-ticker step. Promotion walks the new candidates one by one in one process, so
+no two tasks of a run race on an alias; forecasting loads each champion once and writes every
+forecast in one write. Every batch step returns its per-ticker results and a `failed` map
+(ticker -> error); one ticker's failure never stops the others. A batch step raises only when
+every ticker it tried failed and `strict` (the DAG's tasks): that smells of an outage (Yahoo,
+MLflow), which a task retry may cure.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
 from ml.universe import Instrument, load_universe
+
+if TYPE_CHECKING:
+    from ml.sources import PriceSource
+
+log = logging.getLogger(__name__)
+
+
+class StepFailed(RuntimeError):
+    """Every ticker a batch step tried failed (the task should be retried)."""
 
 
 def instrument_for(ticker: str, settings: Settings) -> Instrument:
     return load_universe(settings.universe_file).get(ticker)
 
 
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _raise_if_all_failed(step: str, tried: int, failed: Mapping[str, str], strict: bool) -> None:
+    if strict and tried and len(failed) == tried:
+        sample = "; ".join(f"{t}: {e}" for t, e in list(failed.items())[:3])
+        raise StepFailed(f"{step}: all {tried} ticker(s) failed ({sample})")
+
+
+# --- data phase ----------------------------------------------------------------------------------
+
+
 def ingest_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
-    """Fetch the due bars into staging."""
+    """Fetch one ticker's due bars into staging."""
     from dataclasses import asdict
 
     from ml.ingest import stage_ticker
@@ -31,100 +65,144 @@ def ingest_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
 
 
 def publish_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
-    """Validate the staged batch and publish it (raises PriceValidationError and quarantines)."""
+    """Validate one ticker's staged batch and publish it (raises PriceValidationError)."""
     from ml.ingest import publish_staged
 
     return publish_staged(instrument_for(ticker, settings), as_of, settings)
 
 
-def up_to_date(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] | None:
-    """What train, promote and forecast already did for exactly the bars published up to `as_of`.
+def ingest_all(
+    tickers: Iterable[str],
+    as_of: date,
+    settings: Settings,
+    *,
+    source: PriceSource | None = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Fetch every ticker's due bars into staging, `settings.fetch_concurrency` at a time.
 
-    A ticker is up to date when a registered version was trained on exactly these bars (<= as_of)
-    with the same model config, that version has been through the gate, and the forecasts table
-    holds the forecast of the bar after the last one by the champion as of `as_of` (or there is
-    no champion). Running the three steps again would then change nothing, so the DAG skips them:
-    a no-new-data day costs the fetch and validation only. None when any of that is missing, for
-    instance a version registered by a run that died before its gate or its forecast: then the
-    steps run and finish the job.
+    Returns {"staged": {ticker: batch summary}, "failed": {ticker: error}}; each download keeps
+    the source's own retries and backoff.
     """
-    from ml.forecasting import read_forecasts
-    from ml.registry import champion_as_of, get_client, outcome_of, trained_version
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import asdict
+
+    from ml.ingest import stage_ticker
+    from ml.sources import get_source
+
+    tickers = list(tickers)
+    universe = load_universe(settings.universe_file)
+    source = source or get_source(settings)
+
+    def stage(ticker: str) -> dict[str, Any]:
+        return asdict(stage_ticker(universe.get(ticker), as_of, settings, source))
+
+    staged: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, settings.fetch_concurrency)) as pool:
+        futures = {ticker: pool.submit(stage, ticker) for ticker in tickers}
+        for ticker, future in futures.items():
+            try:
+                staged[ticker] = future.result()
+            except Exception as exc:
+                failed[ticker] = _error(exc)
+                log.warning("%s: ingest failed: %s", ticker, failed[ticker])
+    _raise_if_all_failed("ingest", len(tickers), failed, strict)
+    return {"staged": staged, "failed": failed}
+
+
+def validate_all(
+    staged: Iterable[str],
+    as_of: date,
+    settings: Settings,
+    *,
+    force: bool = False,
+    check_registry: bool = True,
+) -> dict[str, Any]:
+    """Validate and publish every staged ticker; say which need training.
+
+    A batch that fails its suite is quarantined (with its report) and its ticker listed in
+    `failed`. A ticker needs training when its bars up to `as_of` changed, when no registered
+    version was trained on exactly these bars and this model config, or when `force`. For the
+    others, `tickers[t]` names the version that covers them (and whether its gate has run).
+    Without `check_registry` (the CLI's `ingest`, which only publishes) nothing asks MLflow and
+    every ticker whose bars did not change is listed as not needing training. After one failed
+    registry lookup the rest are not tried: every remaining ticker goes to training, which checks
+    again.
+
+    Returns {"train": [ticker], "tickers": {ticker: summary}, "failed": {ticker: error}}.
+    """
+    import pandas as pd
+
+    from ml.ingest import publish_with_history
+    from ml.registry import get_client, trained_version
     from ml.store import PriceStore, data_fingerprint
 
-    instrument = instrument_for(ticker, settings)
-    history = PriceStore(settings.data_dir).load(instrument, until=as_of)
-    if history.empty:
-        return None
-    client = get_client(settings)
-    version = trained_version(
-        client, instrument, data_fingerprint(history), settings.model.fingerprint()
-    )
-    if version is None or version.tags.get("gate_status") not in ("promoted", "rejected"):
-        return None
-    champion = champion_as_of(client, instrument.model_name, as_of)
-    forecast: dict[str, Any] | None = None
-    if champion is not None:
-        table = read_forecasts(settings)
-        last_bar = history["Date"].iloc[-1].date().isoformat()
-        rows = table.loc[
-            (table["ticker"] == ticker)
-            & (table["last_bar_date"] == last_bar)
-            & (table["model_version"] == str(champion.version))
-            & (table["logical_date"] <= as_of.isoformat())
-        ]
-        if rows.empty:
-            return None
-        forecast = {k: _plain(v) for k, v in rows.iloc[-1].to_dict().items()}
-    outcome = outcome_of(instrument, as_of, version)
-    return {
-        "status": outcome.status,
-        "version": str(outcome.version),
-        "trained_for": version.tags.get("logical_date"),
-        "gate_status": version.tags.get("gate_status"),
-        "metrics": outcome.metrics,
-        "champion_version": str(champion.version) if champion else None,
-        "forecast": forecast,
-        "reason": f"{outcome.reason}: train, promote and forecast skipped",
-    }
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-friendly Python scalar from a pandas/numpy one."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def publish_and_check(
-    ticker: str, as_of: date, settings: Settings, *, force: bool = False
-) -> dict[str, Any]:
-    """`publish_step`, plus `up_to_date` when the publish changed nothing (and not `force`).
-
-    The check only saves work: if it cannot be made (the tracking server is unreachable), the
-    result says so and the downstream steps run as usual. It never fails a publish that happened,
-    whose staged batch is gone (a retry of this step could not publish again).
-    """
-    import logging
-
-    result = publish_step(ticker, as_of, settings)
-    if force or result["rows_added"] or result["rows_updated"]:
-        return result
-    try:
-        result["up_to_date"] = up_to_date(ticker, as_of, settings)
-    except Exception as exc:  # an optimisation must not fail the publish
-        logging.getLogger(__name__).warning(
-            "%s: could not check whether the ticker is up to date (%s: %s); training runs",
-            ticker,
-            type(exc).__name__,
-            exc,
+    staged = list(staged)
+    universe = load_universe(settings.universe_file)
+    store = PriceStore(settings.data_dir)
+    config_fp = settings.model.fingerprint()
+    client = None
+    registry_error: str | None = None
+    to_train: list[str] = []
+    summaries: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for ticker in staged:
+        instrument = universe.get(ticker)
+        try:
+            summary, history = publish_with_history(instrument, as_of, store)
+        except Exception as exc:  # PriceValidationError: quarantined with its report
+            failed[ticker] = _error(exc)
+            continue
+        history = history.loc[history["Date"] <= pd.Timestamp(as_of)]
+        if history.empty:
+            failed[ticker] = f"ValueError: {ticker}: no published bars up to {as_of}"
+            continue
+        summary["data_fingerprint"] = data_fingerprint(history)
+        summary["last_bar_date"] = history["Date"].iloc[-1].date().isoformat()
+        summaries[ticker] = summary
+        changed = bool(summary["rows_added"] or summary["rows_updated"])
+        if force or changed:
+            summary["train_reason"] = "force_retrain" if force else "new or revised bars"
+            to_train.append(ticker)
+            continue
+        if not check_registry:
+            continue
+        try:
+            if registry_error:
+                raise RuntimeError(registry_error)
+            client = client or get_client(settings)
+            version = trained_version(client, instrument, summary["data_fingerprint"], config_fp)
+        except Exception as exc:  # the check only saves work: train, which checks again
+            registry_error = registry_error or _error(exc)
+            log.warning("%s: registry lookup failed (%s); training", ticker, registry_error)
+            summary["train_reason"] = f"registry lookup failed ({registry_error})"
+            to_train.append(ticker)
+            continue
+        if version is None:
+            summary["train_reason"] = "no version trained on these bars and this config"
+            to_train.append(ticker)
+            continue
+        summary.update(
+            version=str(version.version),
+            trained_for=version.tags.get("logical_date"),
+            gate_status=version.tags.get("gate_status"),
+            metrics=json.loads(version.tags.get("test_u2", "{}")),
         )
-        result["up_to_date"] = None
-    return result
+    return {"train": to_train, "tickers": summaries, "failed": failed}
+
+
+# --- training (one task per ticker) --------------------------------------------------------------
 
 
 def train_step(
     ticker: str, as_of: date, settings: Settings, *, force: bool = False
 ) -> dict[str, Any]:
-    """Train and register a candidate, unless a version already covers exactly these bars."""
+    """Train and register a candidate, unless a version already covers exactly these bars.
+
+    Idempotent: a retry after a registered version (or a second run for the same bars) finds it
+    by its data and config fingerprints and reports it instead of training again.
+    """
     from ml.registry import existing_outcome, log_candidate
     from ml.store import PriceStore, data_fingerprint
     from ml.training import train_on_history
@@ -157,14 +235,17 @@ def train_step(
     return out
 
 
+# --- promotion and forecasting (one task each) ---------------------------------------------------
+
+
 def promote_step(
     ticker: str, as_of: date, trained: dict[str, Any], settings: Settings
 ) -> dict[str, Any]:
-    """Run the gate for a newly trained version; a skipped ticker keeps its champion."""
+    """Run the gate for one ticker's trained version; a ticker without one keeps its champion."""
     from ml.registry import champion_as_of, get_client, promote_if_better
 
     instrument = instrument_for(ticker, settings)
-    if trained.get("status") == "skipped" or not trained.get("version"):
+    if not trained.get("version"):
         champion = champion_as_of(get_client(settings), instrument.model_name, as_of)
         return {
             "ticker": ticker,
@@ -172,15 +253,115 @@ def promote_step(
             "reason": f"not retrained ({trained.get('reason', 'no new data')}); champion kept",
             "champion_version": champion.version if champion else None,
         }
-    decision = promote_if_better(instrument, as_of, str(trained["version"]), settings)
-    return decision.to_dict()
+    return promote_if_better(instrument, as_of, str(trained["version"]), settings).to_dict()
+
+
+def promote_all(
+    validated: Mapping[str, Any] | None,
+    trained: Iterable[Mapping[str, Any] | None],
+    as_of: date,
+    settings: Settings,
+    *,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Apply the gate to every version of this run that has not been through it, one at a time.
+
+    The candidates are the versions the train tasks returned, plus versions found by validation
+    whose gate never ran (a run that died between train and promote): the next run finishes it.
+    Returns {"decisions": {ticker: decision}, "failed": {ticker: error}}.
+    """
+    from ml.registry import promote_if_better
+
+    universe = load_universe(settings.universe_file)
+    candidates: dict[str, str] = {}
+    for ticker, summary in ((validated or {}).get("tickers") or {}).items():
+        if summary.get("version") and not summary.get("gate_status"):
+            candidates[ticker] = str(summary["version"])
+    for outcome in trained or ():
+        if outcome and outcome.get("version"):
+            candidates[outcome["ticker"]] = str(outcome["version"])
+    decisions: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    for ticker in sorted(candidates):
+        try:
+            decision = promote_if_better(universe.get(ticker), as_of, candidates[ticker], settings)
+        except Exception as exc:
+            failed[ticker] = _error(exc)
+            log.warning("%s: promotion failed: %s", ticker, failed[ticker])
+            continue
+        decisions[ticker] = decision.to_dict()
+    _raise_if_all_failed("promote", len(candidates), failed, strict)
+    return {"decisions": decisions, "failed": failed}
+
+
+def forecast_all(
+    tickers: Iterable[str], as_of: date, settings: Settings, *, strict: bool = False
+) -> dict[str, Any]:
+    """Forecast the bar after `as_of` for every ticker with a champion; one write for all.
+
+    A ticker whose champion already forecast the bar after its last bar (a day without a new
+    bar) keeps that row: the model is not loaded again. Returns {"forecasts": {ticker: row},
+    "kept": [ticker], "no_champion": [ticker], "failed": {ticker: error}}.
+    """
+    from ml.forecasting import forecast_row, read_forecasts, upsert_forecasts
+    from ml.registry import champion_as_of, get_client, load_forecaster
+    from ml.store import PriceStore
+
+    tickers = list(tickers)
+    universe = load_universe(settings.universe_file)
+    store = PriceStore(settings.data_dir)
+    table = read_forecasts(settings)
+    client = get_client(settings) if tickers else None
+    forecasts: dict[str, Any] = {}
+    kept: list[str] = []
+    no_champion: list[str] = []
+    failed: dict[str, str] = {}
+    new_rows: list[dict[str, Any]] = []
+    for ticker in tickers:
+        instrument = universe.get(ticker)
+        try:
+            champion = champion_as_of(client, instrument.model_name, as_of)
+            if champion is None:
+                no_champion.append(ticker)
+                continue
+            history = store.load(instrument, until=as_of)
+            last_bar = history["Date"].iloc[-1].date().isoformat()
+            existing = table.loc[
+                (table["ticker"] == ticker)
+                & (table["last_bar_date"] == last_bar)
+                & (table["model_version"] == str(champion.version))
+                & (table["logical_date"] <= as_of.isoformat())
+            ]
+            if not existing.empty:
+                forecasts[ticker] = {k: _plain(v) for k, v in existing.iloc[-1].to_dict().items()}
+                kept.append(ticker)
+                continue
+            loaded = load_forecaster(instrument, settings, version=str(champion.version))
+            assert loaded is not None  # the version exists: champion_as_of just found it
+            row = forecast_row(instrument, as_of, history, loaded[0], loaded[1], settings)
+        except Exception as exc:
+            failed[ticker] = _error(exc)
+            log.warning("%s: forecast failed: %s", ticker, failed[ticker])
+            continue
+        new_rows.append(row)
+        forecasts[ticker] = row
+    if new_rows:
+        upsert_forecasts(settings, new_rows)
+    _raise_if_all_failed("forecast", len(tickers) - len(no_champion) - len(kept), failed, strict)
+    return {"forecasts": forecasts, "kept": kept, "no_champion": no_champion, "failed": failed}
 
 
 def forecast_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] | None:
-    """Forecast the next bar with the champion and upsert it into the forecasts table."""
-    from ml.forecasting import forecast_ticker
+    """Forecast one ticker (the CLI's per-ticker line); None when it has no champion."""
+    result = forecast_all([ticker], as_of, settings)
+    if ticker in result["failed"]:
+        raise RuntimeError(result["failed"][ticker])
+    return result["forecasts"].get(ticker)
 
-    return forecast_ticker(instrument_for(ticker, settings), as_of, settings)
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly Python scalar from a pandas/numpy one."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def settings_with_overrides(
@@ -194,6 +375,9 @@ def settings_with_overrides(
     if max_epochs:
         changes["max_epochs"] = int(max_epochs)
     return replace(settings, model=replace(settings.model, **changes)) if changes else settings
+
+
+# --- the run report ------------------------------------------------------------------------------
 
 
 def report_path(settings: Settings, as_of: date) -> Path:
@@ -216,6 +400,108 @@ def write_run_report(
     }
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
     return path
+
+
+def summarize_tickers(
+    tickers: Iterable[str],
+    *,
+    ingested: Mapping[str, Any] | None,
+    validated: Mapping[str, Any] | None,
+    trained: Iterable[Mapping[str, Any] | None] = (),
+    train_errors: Iterable[Mapping[str, Any] | None] = (),
+    promoted: Mapping[str, Any] | None = None,
+    forecasted: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per ticker from what the steps returned: done, skipped (no new data) or failed.
+
+    A step whose whole task failed returned nothing (None): its tickers are failed at that step.
+    """
+    trained_by = {t["ticker"]: t for t in trained or () if t}
+    errors_by = {e["ticker"]: e["error"] for e in train_errors or () if e}
+    ingested = ingested or {}
+    summaries = (validated or {}).get("tickers") or {}
+    to_train = set((validated or {}).get("train") or ())
+    decisions = (promoted or {}).get("decisions") or {}
+    forecasts = (forecasted or {}).get("forecasts") or {}
+    rows = []
+    for ticker in tickers:
+        row: dict[str, Any] = {"ticker": ticker, "state": "done"}
+        failure = _failure(
+            ticker, ingested, validated, to_train, trained_by, errors_by, promoted, forecasted
+        )
+        if failure:
+            row.update(state="failed", failed_step=failure[0], error=failure[1])
+        summary = summaries.get(ticker) or {}
+        outcome = trained_by.get(ticker) or {}
+        decision = decisions.get(ticker) or {}
+        forecast = forecasts.get(ticker) or {}
+        if not failure and ticker not in to_train:
+            row["state"] = "skipped"
+        row["rows_added"] = summary.get("rows_added", "-")
+        row["validation"] = (
+            "failed" if row.get("failed_step") == "validate" else (summary.get("validation", "-"))
+        )
+        row["u2"] = outcome.get("metrics") or summary.get("metrics") or {}
+        if outcome.get("status"):
+            row["training"] = f"{outcome['status']} v{outcome['version']}"
+        elif summary.get("version"):
+            row["training"] = f"not retrained: v{summary['version']} covers these bars"
+        else:
+            row["training"] = "-"
+        if decision:
+            row["promotion"] = (
+                f"promoted v{decision.get('version')}"
+                if decision.get("promoted")
+                else f"kept v{decision['champion_version']}"
+                if decision.get("champion_version")
+                else "none"
+            )
+            row["promotion_reason"] = decision.get("reason")
+        elif forecast:
+            row["promotion"] = f"kept v{forecast.get('model_version')}"
+            row["promotion_reason"] = "no new candidate; champion kept"
+        elif forecasted is not None and ticker in (forecasted.get("no_champion") or ()):
+            row["promotion"] = "none"
+            row["promotion_reason"] = "no champion yet"
+        if forecast:
+            row["forecast_close"] = forecast.get("pred_close")
+            row["forecast_high"] = forecast.get("pred_high")
+            row["forecast_low"] = forecast.get("pred_low")
+            row["forecast_version"] = forecast.get("model_version")
+        rows.append(row)
+    return rows
+
+
+def _failure(
+    ticker: str,
+    ingested: Mapping[str, Any],
+    validated: Mapping[str, Any] | None,
+    to_train: set[str],
+    trained_by: Mapping[str, Any],
+    errors_by: Mapping[str, str],
+    promoted: Mapping[str, Any] | None,
+    forecasted: Mapping[str, Any] | None,
+) -> tuple[str, str] | None:
+    """(step, error) for the first step at which `ticker` failed, or None."""
+    if not ingested:
+        return "ingest", "the ingest task failed: see its log"
+    if ticker in (ingested.get("failed") or {}):
+        return "ingest", ingested["failed"][ticker]
+    if validated is None:
+        return "validate", "the validate task failed: see its log"
+    if ticker in (validated.get("failed") or {}):
+        return "validate", validated["failed"][ticker]
+    if ticker in to_train and ticker not in trained_by:
+        return "train", errors_by.get(ticker, "the train task did not finish: see its log")
+    if promoted is None and ticker in trained_by:
+        return "promote", "the promote task failed: see its log"
+    if ticker in ((promoted or {}).get("failed") or {}):
+        return "promote", promoted["failed"][ticker]
+    if forecasted is None:
+        return "forecast", "the forecast task failed: see its log"
+    if ticker in (forecasted.get("failed") or {}):
+        return "forecast", forecasted["failed"][ticker]
+    return None
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -256,120 +542,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
         + [fmt.format(*row) for row in lines]
     )
-
-
-# --- per-run step records: what each ticker's steps did, for the run report ----------------------
-
-STEPS = ("ingest", "publish", "train", "promote", "forecast")
-
-
-def _run_file(settings: Settings, run_key: str, ticker: str) -> Path:
-    import re
-
-    from ml.universe import ticker_slug
-
-    safe_run = re.sub(r"[^A-Za-z0-9_.-]", "_", run_key)[:200]
-    return settings.data_dir / "runs" / safe_run / f"{ticker_slug(ticker)}.json"
-
-
-def record_step(
-    settings: Settings,
-    run_key: str,
-    ticker: str,
-    step: str,
-    *,
-    result: Any = None,
-    error: str | None = None,
-) -> None:
-    """Record one step's result or error for `ticker` in this run (atomic read-modify-write)."""
-    from ml.store import PriceStore, atomic_write_text
-
-    path = _run_file(settings, run_key, ticker)
-    with PriceStore(settings.data_dir).lock(f"run-{path.parent.name}-{path.stem}"):
-        record = json.loads(path.read_text()) if path.exists() else {"ticker": ticker, "steps": {}}
-        record["steps"][step] = (
-            {"status": "failed", "error": error}
-            if error is not None
-            else {"status": "ok", "result": result}
-        )
-        atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str))
-
-
-def run_recorded(
-    step: str, ticker: str, run_key: str, settings: Settings, fn: Any, *args: Any, **kwargs: Any
-) -> Any:
-    """Call `fn`, recording its result or its error (then re-raising) for the run report."""
-    try:
-        result = fn(*args, **kwargs)
-    except Exception as exc:
-        record_step(settings, run_key, ticker, step, error=f"{type(exc).__name__}: {exc}")
-        raise
-    record_step(settings, run_key, ticker, step, result=result)
-    return result
-
-
-def summarize_ticker(ticker: str, record: dict[str, Any] | None) -> dict[str, Any]:
-    """One summary row from a ticker's step records (a missing step means it never ran).
-
-    When publish found the ticker up to date (`publish_and_check`), the DAG skipped train, promote
-    and forecast; the row then shows what is already there: the version trained on these bars,
-    the champion kept and its forecast.
-    """
-    steps = dict((record or {}).get("steps", {}))
-    publish = (steps.get("publish") or {}).get("result") or {}
-    current = publish.get("up_to_date")
-    if current:
-        kept = {"promoted": False, "champion_version": current["champion_version"]}
-        steps.setdefault("train", {"status": "ok", "result": current})
-        steps.setdefault("promote", {"status": "ok", "result": kept})
-        steps.setdefault("forecast", {"status": "ok", "result": current.get("forecast")})
-    row: dict[str, Any] = {"ticker": ticker, "state": "success"}
-    if current:
-        row["up_to_date"] = True
-    for step in STEPS:
-        info = steps.get(step)
-        if info is None:
-            row["state"] = "failed"
-            row.setdefault("failed_step", step)
-            row.setdefault("error", "did not run (an upstream step failed)")
-            break
-        if info["status"] == "failed":
-            row.update(state="failed", failed_step=step, error=info["error"])
-            break
-    train = (steps.get("train") or {}).get("result") or {}
-    promote = (steps.get("promote") or {}).get("result") or {}
-    forecast = (steps.get("forecast") or {}).get("result") or {}
-    row["rows_added"] = publish.get("rows_added", "-")
-    row["validation"] = publish.get("validation", (steps.get("publish") or {}).get("status", "-"))
-    if row.get("failed_step") == "publish":
-        row["validation"] = "failed"
-    row["u2"] = train.get("metrics") or {}
-    row["training"] = f"{train['status']} v{train['version']}" if train.get("status") else "-"
-    if promote:
-        row["promotion"] = (
-            f"promoted v{promote.get('version')}"
-            if promote.get("promoted")
-            else f"kept v{promote.get('champion_version')}"
-            if promote.get("champion_version")
-            else "none"
-        )
-        row["promotion_reason"] = promote.get("reason") or (current or {}).get("reason")
-    if forecast:
-        row["forecast_close"] = forecast.get("pred_close")
-        row["forecast_high"] = forecast.get("pred_high")
-        row["forecast_low"] = forecast.get("pred_low")
-        row["forecast_version"] = forecast.get("model_version")
-    return row
-
-
-def summarize_run(
-    settings: Settings, run_key: str, tickers: list[str], as_of: date
-) -> tuple[list[dict[str, Any]], Path]:
-    """Collect every ticker's records into the run report; returns the rows and the report path."""
-    rows = []
-    for ticker in tickers:
-        path = _run_file(settings, run_key, ticker)
-        rows.append(
-            summarize_ticker(ticker, json.loads(path.read_text()) if path.exists() else None)
-        )
-    return rows, write_run_report(settings, as_of, rows, run_key)

@@ -20,7 +20,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,6 +81,8 @@ class PublishResult:
     rows_updated: int
     total_rows: int
     last_date: date | None
+    # The whole published history after the upsert, so the caller need not read it back.
+    history: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
     def changed(self) -> bool:
@@ -185,4 +187,4 @@ class PriceStore:
                 atomic_write_text(report_path, report_json)
             self.staging_path(instrument, as_of).unlink(missing_ok=True)
             last = merged["Date"].iloc[-1].date() if len(merged) else None
-            return PublishResult(rows_added, rows_updated, len(merged), last)
+            return PublishResult(rows_added, rows_updated, len(merged), last, merged)

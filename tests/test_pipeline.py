@@ -1,13 +1,17 @@
-"""ml.pipeline: the "up to date" check that lets a no-new-data day skip train, promote, forecast.
+"""ml.pipeline: the batch steps of one daily run (ingest_all, validate_all, promote_all,
+forecast_all) and the run summary.
 
-Real MLflow server, real store, real (tiny) training. The check must say "up to date" only when
-the version for exactly these bars exists, has been through the gate, and the champion's forecast
-of the next bar is in the forecasts table; anything missing means the steps run again.
+Real MLflow server, real store, real (tiny) training. Validation must send to training exactly
+the tickers whose bars changed or that have no version for these bars and config; a day
+without new bars trains nothing, promotes nothing new and keeps the forecasts; a version whose
+gate never ran (a run that died after training) is finished by the next run's promote.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from dataclasses import replace
 from datetime import date
@@ -23,6 +27,7 @@ FRIDAY = date(2023, 12, 29)
 SATURDAY = date(2023, 12, 30)  # no bar for a stock: the trailing window is fetched again
 TUESDAY = date(2024, 1, 2)  # new bars
 TICKER = "TUPTD"
+OTHER = "TOTHR"
 REJECTED = "TREJD"
 
 
@@ -32,82 +37,93 @@ def pl_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Sett
         tmp_path_factory.mktemp("pipeline"),
         mlflow_server.uri,
         f"test-pipeline-{uuid.uuid4().hex[:8]}",
-        {TICKER: "Up to date", REJECTED: "Always rejected"},
+        {TICKER: "Up to date", OTHER: "Other", REJECTED: "Always rejected"},
     )
 
 
-def _stage(ticker: str, as_of: date, settings: Settings) -> None:
-    from ml.pipeline import ingest_step
+def _data_phase(tickers: list[str], as_of: date, settings: Settings, **kw) -> dict:
+    from ml.pipeline import ingest_all, validate_all
 
-    ingest_step(ticker, as_of, settings)
+    ingested = ingest_all(tickers, as_of, settings)
+    assert ingested["failed"] == {}, ingested
+    return validate_all(list(ingested["staged"]), as_of, settings, **kw)
 
 
 @pytest.fixture(scope="module")
 def friday_done(pl_settings: Settings) -> dict:
-    """TICKER through every step for FRIDAY, checking `up_to_date` after each one."""
-    from ml.pipeline import (
-        forecast_step,
-        promote_step,
-        publish_and_check,
-        train_step,
-        up_to_date,
-    )
+    """TICKER and OTHER through every step for FRIDAY, in the DAG's order."""
+    from ml.pipeline import forecast_all, promote_all, train_step
 
-    _stage(TICKER, FRIDAY, pl_settings)
-    published = publish_and_check(TICKER, FRIDAY, pl_settings)
-    assert published["rows_added"] > 0 and "up_to_date" not in published, published
-    assert up_to_date(TICKER, FRIDAY, pl_settings) is None  # nothing trained yet
-    trained = train_step(TICKER, FRIDAY, pl_settings)
-    gaps = {"after train (no gate decision)": up_to_date(TICKER, FRIDAY, pl_settings)}
-    decision = promote_step(TICKER, FRIDAY, trained, pl_settings)
-    assert decision["promoted"] is True, decision
-    gaps["after promote (no forecast)"] = up_to_date(TICKER, FRIDAY, pl_settings)
-    forecast = forecast_step(TICKER, FRIDAY, pl_settings)
-    return {"trained": trained, "forecast": forecast, "gaps": gaps}
-
-
-def test_not_up_to_date_until_gate_and_forecast_are_done(friday_done: dict) -> None:
-    """A run that died after registering, or after promoting, is finished by the next run."""
-    assert friday_done["gaps"] == {
-        "after train (no gate decision)": None,
-        "after promote (no forecast)": None,
+    validated = _data_phase([TICKER, OTHER], FRIDAY, pl_settings)
+    trained = [train_step(t, FRIDAY, pl_settings) for t in validated["train"]]
+    promoted = promote_all(validated, trained, FRIDAY, pl_settings)
+    forecasted = forecast_all(sorted(validated["tickers"]), FRIDAY, pl_settings)
+    return {
+        "validated": validated,
+        "trained": {t["ticker"]: t for t in trained},
+        "promoted": promoted,
+        "forecasted": forecasted,
     }
 
 
-def test_same_day_rerun_is_up_to_date(pl_settings: Settings, friday_done: dict) -> None:
-    from ml.pipeline import publish_and_check
-
-    _stage(TICKER, FRIDAY, pl_settings)
-    published = publish_and_check(TICKER, FRIDAY, pl_settings)
-    assert published["rows_added"] == 0 and published["rows_updated"] == 0
-    current = published["up_to_date"]
-    assert current["status"] == "reused"
-    assert current["version"] == friday_done["trained"]["version"]
-    assert current["champion_version"] == friday_done["trained"]["version"]
-    assert current["gate_status"] == "promoted"
-    assert current["forecast"]["pred_close"] == pytest.approx(friday_done["forecast"]["pred_close"])
-    assert set(current["metrics"]) >= {"High", "Low", "Close"}
-
-
-def test_weekend_without_new_bars_is_up_to_date(pl_settings: Settings, friday_done: dict) -> None:
-    from ml.pipeline import publish_and_check
-
-    _stage(TICKER, SATURDAY, pl_settings)
-    published = publish_and_check(TICKER, SATURDAY, pl_settings)
-    assert published["rows_added"] == 0
-    current = published["up_to_date"]
-    assert current["status"] == "skipped"
-    assert current["trained_for"] == FRIDAY.isoformat()
-    assert "no new bars since version" in current["reason"]
-    # The forecast of Friday's run still holds: same last bar, same champion.
-    assert current["forecast"]["last_bar_date"] == friday_done["forecast"]["last_bar_date"]
+def test_first_day_trains_promotes_and_forecasts_every_ticker(friday_done: dict) -> None:
+    validated = friday_done["validated"]
+    assert validated["train"] == [TICKER, OTHER]
+    assert validated["failed"] == {}
+    for ticker in (TICKER, OTHER):
+        summary = validated["tickers"][ticker]
+        assert summary["rows_added"] > 0 and summary["validation"] == "passed"
+        assert summary["train_reason"] == "new or revised bars"
+        assert len(summary["data_fingerprint"]) == 16
+        assert friday_done["trained"][ticker]["status"] == "trained"
+    decisions = friday_done["promoted"]["decisions"]
+    assert set(decisions) == {TICKER, OTHER} and friday_done["promoted"]["failed"] == {}
+    forecasted = friday_done["forecasted"]
+    assert forecasted["kept"] == [] and forecasted["failed"] == {}
+    promoted = {t for t, d in decisions.items() if d["promoted"]}
+    assert set(forecasted["forecasts"]) == promoted
 
 
-def test_force_retrain_never_skips(pl_settings: Settings, friday_done: dict) -> None:
-    from ml.pipeline import publish_and_check
+def test_forecasts_of_a_run_are_one_write(pl_settings: Settings, friday_done: dict) -> None:
+    from ml.forecasting import read_forecasts
 
-    _stage(TICKER, SATURDAY, pl_settings)
-    assert "up_to_date" not in publish_and_check(TICKER, SATURDAY, pl_settings, force=True)
+    table = read_forecasts(pl_settings)
+    day = table.loc[table["logical_date"] == FRIDAY.isoformat()]
+    assert sorted(day["ticker"]) == sorted(friday_done["forecasted"]["forecasts"])
+    assert not table.duplicated(["ticker", "logical_date"]).any()
+
+
+def test_same_day_rerun_trains_nothing_and_keeps_the_forecast(
+    pl_settings: Settings, friday_done: dict
+) -> None:
+    from ml.pipeline import forecast_all, promote_all
+
+    validated = _data_phase([TICKER], FRIDAY, pl_settings)
+    assert validated["train"] == []
+    summary = validated["tickers"][TICKER]
+    assert summary["rows_added"] == 0 and summary["rows_updated"] == 0
+    assert summary["version"] == friday_done["trained"][TICKER]["version"]
+    assert summary["gate_status"] in ("promoted", "rejected")
+    assert set(summary["metrics"]) >= {"High", "Low", "Close"}
+    assert promote_all(validated, [], FRIDAY, pl_settings) == {"decisions": {}, "failed": {}}
+    forecasted = forecast_all([TICKER], FRIDAY, pl_settings)
+    if TICKER in friday_done["forecasted"]["forecasts"]:
+        assert forecasted["kept"] == [TICKER]
+        before = friday_done["forecasted"]["forecasts"][TICKER]
+        assert forecasted["forecasts"][TICKER]["pred_close"] == pytest.approx(before["pred_close"])
+
+
+def test_weekend_without_new_bars_trains_nothing(pl_settings: Settings, friday_done: dict) -> None:
+    validated = _data_phase([TICKER, OTHER], SATURDAY, pl_settings)
+    assert validated["train"] == []
+    for ticker in (TICKER, OTHER):
+        assert validated["tickers"][ticker]["trained_for"] == FRIDAY.isoformat()
+
+
+def test_force_retrain_trains_every_ticker(pl_settings: Settings, friday_done: dict) -> None:
+    validated = _data_phase([TICKER, OTHER], SATURDAY, pl_settings, force=True)
+    assert validated["train"] == [TICKER, OTHER]
+    assert {s["train_reason"] for s in validated["tickers"].values()} == {"force_retrain"}
 
 
 def test_unreachable_tracking_server_means_train_runs(
@@ -116,96 +132,187 @@ def test_unreachable_tracking_server_means_train_runs(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The check is an optimisation: it never fails a publish that already happened."""
-    from ml.pipeline import publish_and_check
-
+    """The registry lookup only saves work: it never fails a publish that already happened."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     offline = replace(pl_settings, mlflow_tracking_uri="http://127.0.0.1:9")
-    _stage(TICKER, SATURDAY, offline)
     with caplog.at_level(logging.WARNING, logger="ml.pipeline"):
-        published = publish_and_check(TICKER, SATURDAY, offline)
-    assert published["up_to_date"] is None
-    assert published["validation"] == "passed"
-    assert any(
-        "could not check" in r.getMessage() and TICKER in r.getMessage() for r in caplog.records
-    )
+        validated = _data_phase([TICKER], SATURDAY, offline)
+    assert validated["train"] == [TICKER]
+    assert validated["tickers"][TICKER]["validation"] == "passed"
+    assert "registry lookup failed" in validated["tickers"][TICKER]["train_reason"]
+    assert any("registry lookup failed" in r.getMessage() for r in caplog.records)
 
 
-def test_new_bars_are_never_up_to_date(pl_settings: Settings, friday_done: dict) -> None:
-    from ml.pipeline import publish_and_check
-
-    _stage(TICKER, TUESDAY, pl_settings)
-    published = publish_and_check(TICKER, TUESDAY, pl_settings)
-    assert published["rows_added"] > 0
-    assert "up_to_date" not in published
+def test_new_bars_are_trained(pl_settings: Settings, friday_done: dict) -> None:
+    validated = _data_phase([TICKER], TUESDAY, pl_settings)
+    assert validated["train"] == [TICKER]
+    assert validated["tickers"][TICKER]["rows_added"] > 0
 
 
-def test_rejected_ticker_without_champion_is_up_to_date_without_forecast(
-    pl_settings: Settings,
-) -> None:
-    """No champion means no forecast is expected: the gate decision alone completes the ticker."""
-    from ml.pipeline import promote_step, publish_and_check, summarize_ticker, train_step
-
-    strict = replace(pl_settings, gate=GateConfig(u2_high_max=0.0, u2_low_max=0.0))
-    _stage(REJECTED, FRIDAY, strict)
-    publish_and_check(REJECTED, FRIDAY, strict)
-    trained = train_step(REJECTED, FRIDAY, strict)
-    assert promote_step(REJECTED, FRIDAY, trained, strict)["promoted"] is False
-    _stage(REJECTED, SATURDAY, strict)
-    published = publish_and_check(REJECTED, SATURDAY, strict)
-    current = published["up_to_date"]
-    assert current["gate_status"] == "rejected"
-    assert current["champion_version"] is None and current["forecast"] is None
-    row = summarize_ticker(
-        REJECTED,
-        {
-            "steps": {
-                "ingest": {"status": "ok", "result": {}},
-                "publish": {"status": "ok", "result": published},
-            }
-        },
-    )
-    assert row["state"] == "success" and row["up_to_date"] is True
-    assert row["training"] == f"skipped v{trained['version']}"
-    assert row["promotion"] == "none"
-
-
-def test_summary_of_an_up_to_date_ticker_shows_what_is_kept(
+def test_version_without_gate_decision_is_promoted_by_the_next_run(
     pl_settings: Settings, friday_done: dict
 ) -> None:
-    from ml.pipeline import publish_and_check, summarize_ticker
+    """A run that died between train and promote: the next run's promote finishes the job."""
+    from ml.pipeline import promote_all, train_step
+    from ml.registry import get_client
 
-    _stage(TICKER, SATURDAY, pl_settings)
-    published = publish_and_check(TICKER, SATURDAY, pl_settings)
-    version = friday_done["trained"]["version"]
-    row = summarize_ticker(
-        TICKER,
-        {
-            "steps": {
-                "ingest": {"status": "ok", "result": {}},
-                "publish": {"status": "ok", "result": published},
-            }
+    strict = replace(pl_settings, gate=GateConfig(u2_high_max=0.0, u2_low_max=0.0))
+    validated = _data_phase([REJECTED], FRIDAY, strict)
+    assert validated["train"] == [REJECTED]
+    trained = train_step(REJECTED, FRIDAY, strict)  # ... and the run dies here
+    rerun = _data_phase([REJECTED], FRIDAY, strict)
+    assert rerun["train"] == []
+    assert rerun["tickers"][REJECTED]["version"] == trained["version"]
+    assert rerun["tickers"][REJECTED]["gate_status"] is None
+    promoted = promote_all(rerun, [], FRIDAY, strict)
+    assert promoted["decisions"][REJECTED]["promoted"] is False
+    version = get_client(strict).get_model_version(f"price-forecast-{REJECTED}", trained["version"])
+    assert version.tags["gate_status"] == "rejected"
+
+
+def test_rejected_ticker_without_champion_is_skipped_without_forecast(
+    pl_settings: Settings, friday_done: dict
+) -> None:
+    from ml.pipeline import forecast_all, summarize_tickers
+
+    strict = replace(pl_settings, gate=GateConfig(u2_high_max=0.0, u2_low_max=0.0))
+    validated = _data_phase([REJECTED], SATURDAY, strict)
+    assert validated["train"] == []
+    forecasted = forecast_all([REJECTED], SATURDAY, strict)
+    assert forecasted["no_champion"] == [REJECTED] and forecasted["forecasts"] == {}
+    [row] = summarize_tickers(
+        [REJECTED],
+        ingested={"staged": {REJECTED: {}}, "failed": {}},
+        validated=validated,
+        promoted={"decisions": {}, "failed": {}},
+        forecasted=forecasted,
+    )
+    assert row["state"] == "skipped"
+    assert row["training"].startswith("not retrained: v")
+    assert row["promotion"] == "none" and row["promotion_reason"] == "no champion yet"
+
+
+# --- the data phase's concurrency and isolation ---------------------------------------------------
+
+
+class _CountingSource:
+    """The synthetic source, slowed down, counting downloads in flight; one ticker refused."""
+
+    name = "counting"
+
+    def __init__(self, refused: str) -> None:
+        from ml.sources import SyntheticSource
+
+        self.inner = SyntheticSource()
+        self.refused = refused
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.peak = 0
+
+    def fetch(self, instrument, start, end):
+        from ml.sources import PriceSourceError
+
+        with self.lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            time.sleep(0.2)
+            if instrument.ticker == self.refused:
+                raise PriceSourceError(f"{instrument.ticker}: refused by the source")
+            return self.inner.fetch(instrument, start, end)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_ingest_is_concurrent_bounded_and_isolates_failures(tmp_path) -> None:
+    from ml.pipeline import StepFailed, ingest_all
+
+    tickers = {f"TC{i}": f"Ticker {i}" for i in range(7)}
+    settings = replace(
+        isolated_settings(tmp_path, "http://127.0.0.1:9", "unused", tickers), fetch_concurrency=3
+    )
+    source = _CountingSource(refused="TC3")
+    result = ingest_all(list(tickers), FRIDAY, settings, source=source)
+    assert source.peak == 3
+    assert list(result["staged"]) == [t for t in tickers if t != "TC3"]
+    assert result["failed"] == {"TC3": "PriceSourceError: TC3: refused by the source"}
+    # Every ticker failing looks like an outage: the DAG's task (strict) raises to be retried.
+    with pytest.raises(StepFailed, match="all 1 ticker"):
+        ingest_all(["TC3"], FRIDAY, settings, source=source, strict=True)
+    assert ingest_all(["TC3"], FRIDAY, settings, source=source)["staged"] == {}
+
+
+# --- the run summary -------------------------------------------------------------------------------
+
+
+def test_summary_names_the_step_each_ticker_failed_at() -> None:
+    from ml.pipeline import summarize_tickers
+
+    tickers = ["ING", "VAL", "TRN", "LOST", "PRO", "FOR", "OK", "SKIP"]
+    rows = summarize_tickers(
+        tickers,
+        ingested={"staged": {t: {} for t in tickers[1:]}, "failed": {"ING": "YahooError: 429"}},
+        validated={
+            "train": ["TRN", "LOST", "PRO", "FOR", "OK"],
+            "tickers": {t: {"rows_added": 1, "validation": "passed"} for t in tickers[2:]},
+            "failed": {"VAL": "PriceValidationError: VAL: high_ge_low"},
+        },
+        trained=[
+            {"ticker": t, "status": "trained", "version": "1", "metrics": {"High": 0.7}}
+            for t in ("PRO", "FOR", "OK")
+        ],
+        train_errors=[{"ticker": "TRN", "error": "ValueError: too few bars"}],
+        promoted={
+            "decisions": {
+                "FOR": {"promoted": True, "version": "1", "reason": "first champion"},
+                "OK": {"promoted": True, "version": "1", "reason": "first champion"},
+            },
+            "failed": {"PRO": "MlflowException: boom"},
+        },
+        forecasted={
+            "forecasts": {"OK": {"pred_close": 1.5, "model_version": "1"}},
+            "kept": [],
+            "no_champion": [],
+            "failed": {"FOR": "ValueError: need at least 7 bars"},
         },
     )
-    assert row["state"] == "success", row
-    assert row["training"] == f"skipped v{version}"
-    assert row["promotion"] == f"kept v{version}"
-    assert row["forecast_version"] == version
-    assert row["forecast_close"] == pytest.approx(friday_done["forecast"]["pred_close"])
-    assert "no new bars" in row["promotion_reason"]
+    by = {r["ticker"]: r for r in rows}
+    assert [r["ticker"] for r in rows] == tickers
+    expected = {
+        "ING": ("ingest", "YahooError: 429"),
+        "VAL": ("validate", "PriceValidationError: VAL: high_ge_low"),
+        "TRN": ("train", "ValueError: too few bars"),
+        "LOST": ("train", "the train task did not finish: see its log"),
+        "PRO": ("promote", "MlflowException: boom"),
+        "FOR": ("forecast", "ValueError: need at least 7 bars"),
+    }
+    for ticker, (step, error) in expected.items():
+        assert (by[ticker]["state"], by[ticker]["failed_step"], by[ticker]["error"]) == (
+            "failed",
+            step,
+            error,
+        )
+    assert by["VAL"]["validation"] == "failed"
+    assert by["OK"]["state"] == "done" and by["OK"]["promotion"] == "promoted v1"
+    assert by["OK"]["forecast_close"] == 1.5
+    assert by["SKIP"]["state"] == "skipped"
 
 
-def test_summary_without_up_to_date_still_reports_missing_steps_as_failed() -> None:
-    from ml.pipeline import summarize_ticker
+def test_summary_when_a_whole_task_failed() -> None:
+    """A batch task that failed returned nothing: its tickers are failed at that step."""
+    from ml.pipeline import summarize_tickers
 
-    row = summarize_ticker(
-        "X",
-        {
-            "steps": {
-                "ingest": {"status": "ok", "result": {}},
-                "publish": {"status": "ok", "result": {"rows_added": 0, "up_to_date": None}},
-            }
-        },
+    [row] = summarize_tickers(["A"], ingested=None, validated=None)
+    assert (row["failed_step"], row["error"]) == ("ingest", "the ingest task failed: see its log")
+    [row] = summarize_tickers(["A"], ingested={"staged": {"A": {}}, "failed": {}}, validated=None)
+    assert row["failed_step"] == "validate"
+    [row] = summarize_tickers(
+        ["A"],
+        ingested={"staged": {"A": {}}, "failed": {}},
+        validated={"train": [], "tickers": {"A": {}}, "failed": {}},
+        promoted={"decisions": {}, "failed": {}},
+        forecasted=None,
     )
-    assert row["state"] == "failed" and row["failed_step"] == "train"
+    assert row["failed_step"] == "forecast"

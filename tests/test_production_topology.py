@@ -94,8 +94,8 @@ def test_run_succeeds(topology: dict) -> None:
         + "\n".join(f"--- {k}\n{v}" for k, v in (topology.get("failed_task_logs") or {}).items())
     )
     assert not failed
-    # 4 tickers x 5 steps + resolve_tickers + report
-    assert len(topology["task_instances"]) == 5 * len(TICKERS) + 2
+    # One pass: resolve_tickers, ingest, validate, promote, forecast, report + one train per ticker
+    assert len(topology["task_instances"]) == 6 + len(TICKERS)
     report = topology["report"]
     assert report is not None, "no run report in DATA_DIR/reports"
     assert report["failed"] == []

@@ -8,7 +8,8 @@ the forecasts table and the MLflow registry.
 2. one bad batch among five tickers (file source): only that ticker fails, nothing of it is
    published or registered, its batch is in quarantine, the others finish, the run fails;
 3. the whole universe (31 tickers, synthetic data, tiny models), then the same logical date again:
-   every ticker gets a model and a gate decision, the second run registers nothing new.
+   one pass (6 tasks + one train instance per ticker), every ticker gets a model and a gate
+   decision; the second run maps no train instance and registers nothing new.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import pytest
 from ml.config import PROJECT_ROOT
 from ml.servers import MlflowServer
 from ml.universe import Universe, load_universe
-from tests.dags.conftest import NEVER_RAN, DagTestResult, pipeline_env, task_states
+from tests.dags.conftest import DagTestResult, pipeline_env, task_states
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 LOGICAL_DATE = "2024-06-28T22:30:00+00:00"
 AS_OF = date(2024, 6, 28)
-PER_TICKER = ("ingest", "validate_publish", "train", "promote", "forecast")
+ONCE_PER_RUN = ("resolve_tickers", "ingest", "validate", "promote", "forecast", "report")
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +111,25 @@ def test_unknown_ticker_fails_resolve_before_any_ticker_work(bad_params: DagTest
     assert run.get("state") == "failed", bad_params.describe()
     states = task_states(run)
     assert states[("resolve_tickers", None)] == "failed"
-    per_ticker = [t for t in run["task_instances"] if t["task_id"].startswith("ticker.")]
-    assert per_ticker, run["task_instances"]
-    # Never expanded: one unmapped placeholder per task, all upstream_failed.
-    assert {(t["map_index"], t["state"]) for t in per_ticker} == {(-1, "upstream_failed")}
+    downstream = [
+        t for t in run["task_instances"] if t["task_id"] not in ("resolve_tickers", "report")
+    ]
+    assert {t["task_id"] for t in downstream} == {
+        "ingest",
+        "validate",
+        "train",
+        "promote",
+        "forecast",
+    }
+    # The data phase never ran and train was never expanded (one unmapped placeholder);
+    # promote and forecast run after any outcome (all_done) and found nothing to do.
+    assert {t["task_id"]: (t["map_index"], t["state"]) for t in downstream} == {
+        "ingest": (-1, "upstream_failed"),
+        "validate": (-1, "upstream_failed"),
+        "train": (-1, "upstream_failed"),
+        "promote": (-1, "success"),
+        "forecast": (-1, "success"),
+    }
     assert _no_ticker_work(bad_params.data_dir) == []
     log = bad_params.log_of(1)
     assert "unknown ticker 'ZZZZ'" in log, log[-4000:]
@@ -176,20 +192,19 @@ def bad_batch(
 def test_bad_batch_fails_only_its_ticker(bad_batch: DagTestResult) -> None:
     run = bad_batch.runs[0]
     assert run.get("state") == "failed", bad_batch.describe()
-    states = task_states(run, BATCH_TICKERS)
-    for t in run["task_instances"]:
-        if t["map_index"] >= 0 and t["state"] not in NEVER_RAN:
-            assert t["rendered_map_index"] == BATCH_TICKERS[t["map_index"]], t
-    assert states[("resolve_tickers", None)] == "success"
+    states = task_states(run)
+    good = [t for t in BATCH_TICKERS if t != BAD_TICKER]
+    # The data phase ran once for all five; only the good four were mapped for training.
+    for task_id in ONCE_PER_RUN[:-1]:
+        assert states[(task_id, None)] == "success", task_id
     assert states[("report", None)] == "failed"
-    assert states[("ticker.ingest", BAD_TICKER)] == "success"
-    assert states[("ticker.validate_publish", BAD_TICKER)] == "failed"
-    for step in ("train", "promote", "forecast"):
-        assert states[(f"ticker.{step}", BAD_TICKER)] == "upstream_failed", step
-    for ticker in BATCH_TICKERS:
-        if ticker != BAD_TICKER:
-            for step in PER_TICKER:
-                assert states[(f"ticker.{step}", ticker)] == "success", (ticker, step)
+    trains = {
+        t["rendered_map_index"]: t["state"]
+        for t in run["task_instances"]
+        if t["task_id"] == "train"
+    }
+    assert trains == dict.fromkeys(good, "success")
+    assert len(run["task_instances"]) == len(ONCE_PER_RUN) + len(good)
 
 
 def test_bad_batch_report_names_ticker_and_check(bad_batch: DagTestResult) -> None:
@@ -200,17 +215,17 @@ def test_bad_batch_report_names_ticker_and_check(bad_batch: DagTestResult) -> No
     rows = {r["ticker"]: r for r in report["tickers"]}
     assert list(rows) == BATCH_TICKERS
     bad = rows[BAD_TICKER]
-    assert bad["state"] == "failed" and bad["failed_step"] == "publish"
+    assert bad["state"] == "failed" and bad["failed_step"] == "validate"
     assert bad["validation"] == "failed"
     assert bad["error"].startswith("PriceValidationError"), bad["error"]
     assert BAD_TICKER in bad["error"] and "high_ge_low" in bad["error"], bad["error"]
     assert BAD_DAY in bad["error"], bad["error"]
     for ticker in BATCH_TICKERS:
         if ticker != BAD_TICKER:
-            assert rows[ticker]["state"] == "success", rows[ticker]
+            assert rows[ticker]["state"] == "done", rows[ticker]
             assert rows[ticker]["validation"] == "passed"
     log = bad_batch.log
-    assert f"1 of {len(BATCH_TICKERS)} ticker(s) failed: {BAD_TICKER} (publish)" in log
+    assert f"1 of {len(BATCH_TICKERS)} ticker(s) failed: {BAD_TICKER} (validate)" in log
 
 
 def test_bad_batch_is_quarantined_not_published(
@@ -284,21 +299,16 @@ def test_full_universe_run_succeeds(full_universe: DagTestResult, universe: Univ
     failed = [t for t in first["task_instances"] if t["state"] != "success"]
     assert not failed, failed
     assert len(universe) == 31
+    # One pass: six tasks plus one train instance per ticker (was five instances per ticker).
+    assert len(first["task_instances"]) == len(ONCE_PER_RUN) + 31 == 37
 
 
 def test_mapped_task_instances_are_named_by_ticker(
     full_universe: DagTestResult, universe: Universe
 ) -> None:
-    expected = dict(enumerate(universe.tickers))
-    first, second = full_universe.runs
-    for step in PER_TICKER:
-        tis = _mapped(first, f"ticker.{step}")
-        assert {i: t["rendered_map_index"] for i, t in tis.items()} == expected, step
-    # The second run skips train/promote/forecast (never run, so never rendered): the steps that
-    # ran carry the ticker's name.
-    for step in PER_TICKER[:2]:
-        tis = _mapped(second, f"ticker.{step}")
-        assert {i: t["rendered_map_index"] for i, t in tis.items()} == expected, step
+    first = full_universe.runs[0]
+    tis = _mapped(first, "train")
+    assert {i: t["rendered_map_index"] for i, t in tis.items()} == dict(enumerate(universe.tickers))
 
 
 def test_every_ticker_has_a_model_and_a_gate_decision(
@@ -351,7 +361,8 @@ def test_run_summary_lists_every_ticker(full_universe: DagTestResult, universe: 
         assert report["run_id"] == run["run_id"]
         assert [r["ticker"] for r in report["tickers"]] == universe.tickers
         assert report["failed"] == []
-        assert {r["state"] for r in report["tickers"]} == {"success"}
+    assert {r["state"] for r in full_universe.runs[0]["report"]["tickers"]} == {"done"}
+    assert {r["state"] for r in full_universe.runs[1]["report"]["tickers"]} == {"skipped"}
     path = full_universe.data_dir / "reports" / f"{AS_OF.isoformat()}.json"
     assert json.loads(path.read_text()) == full_universe.runs[-1]["report"]
     first = full_universe.runs[0]["report"]["tickers"]
@@ -370,9 +381,8 @@ def test_second_run_for_the_same_date_is_idempotent(
     assert counts == {i.model_name: 1 for i in universe}
     rows = {r["ticker"]: r for r in second["report"]["tickers"]}
     for ticker, row in rows.items():
-        assert row["training"] == "reused v1", (ticker, row)
+        assert row["training"] == "not retrained: v1 covers these bars", (ticker, row)
         assert row["rows_added"] == 0, (ticker, row)
-        assert row["up_to_date"] is True, (ticker, row)
     table = _forecasts(full_universe.data_dir)
     assert not table.duplicated(["ticker", "logical_date"]).any()
 
@@ -380,15 +390,16 @@ def test_second_run_for_the_same_date_is_idempotent(
 def test_second_run_skips_train_promote_forecast(
     full_universe: DagTestResult, universe: Universe
 ) -> None:
-    """No new bar and everything done for these bars: only ingest and validate_publish run."""
+    """No new bar and a version for these bars: train is mapped over nothing, forecasts are kept."""
     second = full_universe.runs[1]
-    n = len(universe)
-    ingest = [t["state"] for t in _mapped(second, "ticker.ingest").values()]
-    assert ingest == ["success"] * n, ingest
-    # validate_publish ran (the batch was validated) and skipped its downstream by skipping itself.
-    for step in ("validate_publish", "train", "promote", "forecast"):
-        states = [t["state"] for t in _mapped(second, f"ticker.{step}").values()]
-        assert states == ["skipped"] * n, (step, states)
+    states = task_states(second)
+    for task_id in ONCE_PER_RUN:
+        assert states[(task_id, None)] == "success", task_id
+    # An empty expansion: one unmapped placeholder, skipped; no train instance ran.
+    trains = [
+        (t["map_index"], t["state"]) for t in second["task_instances"] if t["task_id"] == "train"
+    ]
+    assert trains == [(-1, "skipped")], trains
     # The report still lists each ticker's kept champion and its forecast from the first run.
     first_rows = {r["ticker"]: r for r in full_universe.runs[0]["report"]["tickers"]}
     for row in second["report"]["tickers"]:
