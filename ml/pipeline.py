@@ -303,13 +303,11 @@ def forecast_all(
     bar) keeps that row: the model is not loaded again. Returns {"forecasts": {ticker: row},
     "kept": [ticker], "no_champion": [ticker], "failed": {ticker: error}}.
     """
-    from ml.forecasting import forecast_row, read_forecasts, upsert_forecasts
-    from ml.registry import champion_as_of, get_client, load_forecaster
-    from ml.store import PriceStore
+    from ml.forecasting import read_forecasts, upsert_forecasts
+    from ml.registry import get_client
 
     tickers = list(tickers)
     universe = load_universe(settings.universe_file)
-    store = PriceStore(settings.data_dir)
     table = read_forecasts(settings)
     client = get_client(settings) if tickers else None
     forecasts: dict[str, Any] = {}
@@ -318,32 +316,19 @@ def forecast_all(
     failed: dict[str, str] = {}
     new_rows: list[dict[str, Any]] = []
     for ticker in tickers:
-        instrument = universe.get(ticker)
         try:
-            champion = champion_as_of(client, instrument.model_name, as_of)
-            if champion is None:
-                no_champion.append(ticker)
-                continue
-            history = store.load(instrument, until=as_of)
-            last_bar = history["Date"].iloc[-1].date().isoformat()
-            existing = table.loc[
-                (table["ticker"] == ticker)
-                & (table["last_bar_date"] == last_bar)
-                & (table["model_version"] == str(champion.version))
-                & (table["logical_date"] <= as_of.isoformat())
-            ]
-            if not existing.empty:
-                forecasts[ticker] = {k: _plain(v) for k, v in existing.iloc[-1].to_dict().items()}
-                kept.append(ticker)
-                continue
-            loaded = load_forecaster(instrument, settings, version=str(champion.version))
-            assert loaded is not None  # the version exists: champion_as_of just found it
-            row = forecast_row(instrument, as_of, history, loaded[0], loaded[1], settings)
+            outcome, row = _forecast_one(universe.get(ticker), as_of, settings, client, table)
         except Exception as exc:
             failed[ticker] = _error(exc)
             log.warning("%s: forecast failed: %s", ticker, failed[ticker])
             continue
-        new_rows.append(row)
+        if outcome == "no champion":
+            no_champion.append(ticker)
+            continue
+        if outcome == "kept":
+            kept.append(ticker)
+        else:
+            new_rows.append(row)
         forecasts[ticker] = row
     if new_rows:
         upsert_forecasts(settings, new_rows)
@@ -351,12 +336,47 @@ def forecast_all(
     return {"forecasts": forecasts, "kept": kept, "no_champion": no_champion, "failed": failed}
 
 
+def _forecast_one(
+    instrument: Instrument, as_of: date, settings: Settings, client: Any, table: Any
+) -> tuple[str, dict[str, Any] | None]:
+    """("no champion", None), ("kept", the existing row) or ("new", a row to write)."""
+    from ml.forecasting import forecast_row
+    from ml.registry import champion_as_of, load_forecaster
+    from ml.store import PriceStore
+
+    champion = champion_as_of(client, instrument.model_name, as_of)
+    if champion is None:
+        return "no champion", None
+    history = PriceStore(settings.data_dir).load(instrument, until=as_of)
+    last_bar = history["Date"].iloc[-1].date().isoformat()
+    existing = table.loc[
+        (table["ticker"] == instrument.ticker)
+        & (table["last_bar_date"] == last_bar)
+        & (table["model_version"] == str(champion.version))
+        & (table["logical_date"] <= as_of.isoformat())
+    ]
+    if not existing.empty:
+        return "kept", {k: _plain(v) for k, v in existing.iloc[-1].to_dict().items()}
+    loaded = load_forecaster(instrument, settings, version=str(champion.version))
+    assert loaded is not None  # the version exists: champion_as_of just found it
+    return "new", forecast_row(instrument, as_of, history, loaded[0], loaded[1], settings)
+
+
 def forecast_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] | None:
-    """Forecast one ticker (the CLI's per-ticker line); None when it has no champion."""
-    result = forecast_all([ticker], as_of, settings)
-    if ticker in result["failed"]:
-        raise RuntimeError(result["failed"][ticker])
-    return result["forecasts"].get(ticker)
+    """Forecast one ticker and upsert its row (errors raised as they are); None: no champion."""
+    from ml.forecasting import read_forecasts, upsert_forecasts
+    from ml.registry import get_client
+
+    outcome, row = _forecast_one(
+        instrument_for(ticker, settings),
+        as_of,
+        settings,
+        get_client(settings),
+        read_forecasts(settings),
+    )
+    if outcome == "new":
+        upsert_forecasts(settings, [row])
+    return row
 
 
 def _plain(value: Any) -> Any:

@@ -15,17 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ml.config import ConfigError, Settings
+from ml.schema import PRICE_COLUMNS, PriceSourceError
 from ml.universe import Instrument
 
 if TYPE_CHECKING:
     import pandas as pd
-
-PRICE_COLUMNS = ["Date", "Open", "High", "Low", "Close", "Adj Close", "Volume"]
-OUTPUT_COLUMNS = [*PRICE_COLUMNS, "Ticker"]
-
-
-class PriceSourceError(RuntimeError):
-    """A source could not deliver bars for a ticker (network, unknown ticker, bad file)."""
 
 
 class PriceSource(Protocol):

@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ml.sources import OUTPUT_COLUMNS, PRICE_COLUMNS
+from ml.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, empty_prices
 from ml.universe import Instrument
 
 if TYPE_CHECKING:
@@ -54,15 +54,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False, engine="pyarrow"))
-
-
-def empty_prices() -> pd.DataFrame:
-    import pandas as pd
-
-    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in OUTPUT_COLUMNS})
-    frame["Date"] = frame["Date"].astype("datetime64[ns]")
-    frame["Ticker"] = frame["Ticker"].astype("object")
-    return frame
 
 
 def data_fingerprint(frame: pd.DataFrame) -> str:

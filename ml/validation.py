@@ -26,7 +26,7 @@ from datetime import date, datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from ml.sources import OUTPUT_COLUMNS
+from ml.schema import OUTPUT_COLUMNS
 from ml.universe import Instrument
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ml.sources import PRICE_COLUMNS, PriceSourceError
+from ml.schema import PRICE_COLUMNS, PriceSourceError, empty_prices
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -199,24 +199,12 @@ def _classify(exc: BaseException, seen: list[_Exchange]) -> _Failure:
 # --- frames --------------------------------------------------------------------------------------
 
 
-def empty_price_frame() -> pd.DataFrame:
-    """A frame with the standard columns and no rows."""
-    import pandas as pd
-
-    return pd.DataFrame(
-        {
-            col: pd.Series(dtype="datetime64[ns]" if col == "Date" else "float64")
-            for col in PRICE_COLUMNS
-        }
-    )
-
-
 def _to_price_frame(raw: pd.DataFrame | None, ticker: str, start: date, end: date) -> pd.DataFrame:
     """yfinance's frame (tz-aware DatetimeIndex in the exchange time zone) -> standard columns."""
     import pandas as pd
 
     if raw is None or raw.empty:
-        return empty_price_frame()
+        return empty_prices(PRICE_COLUMNS)
     missing = [c for c in PRICE_COLUMNS[1:] if c not in raw.columns]
     if missing:
         raise YahooError(
@@ -321,7 +309,7 @@ def fetch_yahoo(
         failure = outcome
         if failure.kind == "empty":
             log.info("%s: Yahoo has no sessions in %s..%s (%s)", ticker, start, end, failure.detail)
-            return empty_price_frame()
+            return empty_prices(PRICE_COLUMNS)
         if failure.kind == "not_found":
             raise YahooTickerNotFound(
                 f"{ticker}: unknown or delisted ticker: Yahoo Finance has no data for this symbol "

@@ -15,13 +15,11 @@ import pandas as pd
 import pytest
 
 from ml.config import Settings
+from ml.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError
 from ml.sources import (
     ANCHOR_DATE,
     ANCHOR_PRICES,
-    OUTPUT_COLUMNS,
-    PRICE_COLUMNS,
     FileSource,
-    PriceSourceError,
     SyntheticSource,
     YahooSource,
     get_source,

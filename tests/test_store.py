@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ml.sources import OUTPUT_COLUMNS, SyntheticSource
+from ml.schema import OUTPUT_COLUMNS
+from ml.sources import SyntheticSource
 from ml.store import PriceStore, atomic_write, atomic_write_text, data_fingerprint
 from ml.universe import Instrument
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ml.sources import OUTPUT_COLUMNS, SyntheticSource
+from ml.schema import OUTPUT_COLUMNS
+from ml.sources import SyntheticSource
 from ml.universe import Instrument
 from ml.validation import (
     CLASS_RULES,

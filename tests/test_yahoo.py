@@ -21,7 +21,8 @@ import yfinance  # noqa: F401
 from curl_cffi import requests as curl_requests
 from curl_cffi.requests.exceptions import ConnectionError as CurlConnectionError
 
-from ml.sources import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError, YahooSource
+from ml.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError
+from ml.sources import YahooSource
 from ml.universe import Instrument
 from ml.yahoo import YahooError, YahooRateLimited, YahooTickerNotFound, fetch_yahoo
 from tests.fixtures.yahoo.replay import (

@@ -1,0 +1,108 @@
+"""The `ml` package has no import cycles, counting imports inside functions too.
+
+A cycle hidden in a function body still ties two concepts together (and breaks the moment someone
+moves the import to the top); imports under `if TYPE_CHECKING:` are for type checkers only and
+do not count. Importing any module of `ml` must also do nothing but define things.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from ml.config import PROJECT_ROOT
+
+PACKAGE = PROJECT_ROOT / "ml"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _runtime_imports(tree: ast.AST) -> set[str]:
+    """Every `ml.*` module imported at run time anywhere in `tree`."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "ml")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.update([node.module] if node.module.split(".")[0] == "ml" else [])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = _runtime_imports(ast.parse(path.read_text()))
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := dfs(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := dfs(node)):
+            return cycle
+    return None
+
+
+def test_the_checker_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_ml_has_no_import_cycle() -> None:
+    graph = import_graph()
+    assert "ml.pipeline" in graph and "ml.registry" in graph["ml.pipeline"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_importing_ml_modules_stays_light() -> None:
+    """No module of `ml` imports TensorFlow, MLflow, GX or pandas at import time (the DAG file
+    and the CLI import them in well under a second), except the MLflow pyfunc wrapper."""
+    names = sorted(n for n in import_graph() if n not in ("ml.pyfunc", "ml.__main__"))
+    code = (
+        "import sys\n"
+        f"for n in {names!r}: __import__(n)\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'mlflow', 'great_expectations', 'pandas')"
+        " if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == ""
