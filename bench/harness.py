@@ -487,6 +487,23 @@ class Stack:
             row["id"] = str(row["id"]).replace("-", "").lower()
         return rows
 
+    def xcom(
+        self, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1
+    ) -> Any:
+        """One XCom value of a run (None if absent); Airflow stores it as JSON text."""
+        rows = self._query(
+            "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = ? AND key = ? "
+            "AND map_index = ?",
+            (DAG_ID, run_id, task_id, key, map_index),
+        )
+        value = rows[0]["value"] if rows else None
+        while isinstance(value, str | bytes):  # JSON column holding the serialized value
+            try:
+                value = json.loads(value)
+            except ValueError:
+                break
+        return value
+
     # --- MLflow (REST, and the artifact folder this stack owns) -----------------------------------
 
     def mlflow_runs(self, experiment: str = "price-forecast") -> list[dict[str, Any]]:

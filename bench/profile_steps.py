@@ -1,4 +1,5 @@
-"""One pipeline step for one ticker in a fresh process: what a task process does, without Airflow.
+"""One pipeline step for one ticker in a fresh process, without Airflow (`ml.pipeline.*_step`: the
+DAG's train instances run `train_step` for one ticker; its other tasks run the batch versions).
 
     python [-X importtime] bench/profile_steps.py STEP TICKER AS_OF OUT.json
         [--trained TRAINED.json] [--cprofile]
@@ -69,9 +70,12 @@ WATCH = {
     "warn_dependency_requirement_mismatches",
     "download_artifacts",
     "configure_tensorflow",
-    "forecast_ticker",
+    "champion_as_of",
+    "forecast_all",
+    "forecast_row",
     "predict_frame",
-    "upsert_forecast",
+    "read_forecasts",
+    "upsert_forecasts",
 }
 _WATCH_FILES = ("/ml/", "mlflow/", "keras/", "great_expectations/")
 

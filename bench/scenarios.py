@@ -1,8 +1,9 @@
 """Whole daily runs through the real scheduler, and what they cost.
 
 `run_dag` triggers one `price_forecast` run on a private `Stack` and collects what happened: the
-run and task-instance rows of the metadata DB, the run report, the per-ticker step records, the
-MLflow runs it created and the sampled memory. `analyze` turns that into figures:
+run and task-instance rows of the metadata DB, the `ingest` task's XCom (rows fetched per ticker),
+the run report (`DATA_DIR/reports/<D>.json`), the MLflow runs it created and the sampled memory.
+`analyze` turns that into figures:
 
 - wall: from the trigger (dag_run.queued_at, set when the run is created) to the end of `report`;
 - busy: the time during which at least one task instance was running (union of start..end);
@@ -12,10 +13,11 @@ MLflow runs it created and the sampled memory. `analyze` turns that into figures
 - task-seconds per component (sums of task-instance durations, which include each task process's
   start-up and imports), and their wall-clock share: task-seconds / effective parallelism, where
   effective parallelism = all task-seconds / busy. So wall = sum of the shares + the gap exactly.
-  Components: ingest+validation (ingest, validate_publish), training (train minus the MLflow run
-  inside it; of which the Keras fits), MLflow logging/registry (the MLflow run inside train, from
-  its start_time to end_time: params, metrics, plot, model, registration; plus promote), forecast,
-  and resolve_tickers + report.
+  Components: the data phase (ingest, validate), training (the train instances minus the MLflow
+  run inside them; of which the Keras fits), the MLflow run inside train (start_time to end_time:
+  params, metrics, plot, model, registration), promote, forecast, and resolve_tickers + report;
+- task instances: every task-instance row of the run (a day without new bars keeps `train`'s one
+  unexpanded row, skipped); train instances: the mapped ones (map_index >= 0), none on such a day.
 """
 
 from __future__ import annotations
@@ -29,19 +31,13 @@ from typing import Any
 
 from harness import Stack, parse_ts
 
-SHORT = {
-    "ingest": "ingest",
-    "validate_publish": "validate_publish",
-    "train": "train",
-    "promote": "promote",
-    "forecast": "forecast",
-    "resolve_tickers": "resolve_tickers",
-    "report": "report",
-}
+TASKS = ("resolve_tickers", "ingest", "validate", "train", "promote", "forecast", "report")
+STATES = ("done", "skipped", "failed")  # a ticker's state in the run report
 COMPONENTS = (
-    "ingest+validation",
+    "data phase (ingest+validate)",
     "training",
-    "MLflow logging/registry",
+    "MLflow run in train",
+    "promote",
     "forecast",
     "resolve+report",
 )
@@ -52,12 +48,6 @@ def next_weekday(day: date) -> date:
     while day.weekday() >= 5:
         day += timedelta(days=1)
     return day
-
-
-def _safe_run_dir(run_id: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:200]
 
 
 def run_dag(
@@ -92,8 +82,7 @@ def run_dag(
     data = stack.data_dir
     report_path = data / "reports" / f"{as_of.isoformat()}.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else None
-    run_dir = data / "runs" / _safe_run_dir(run_id)
-    records = {p.stem: json.loads(p.read_text()) for p in sorted(run_dir.glob("*.json"))}
+    ingested = stack.xcom(run_id, "ingest")
     dag_run = stack.dag_run(run_id)
     tis = stack.task_instances(run_id)
     memory = stack.sampler.by_task_instance() if stack.sampler else {}
@@ -118,7 +107,7 @@ def run_dag(
         "dag_run": dag_run,
         "task_instances": tis,
         "report": report,
-        "records": records,
+        "ingested": ingested,
         "memory": {t["id"]: memory.get(t["id"]) for t in tis},
         "peak_total_rss_mb": round(peak_total_kb / 1024, 1),
         "workers": workers,
@@ -158,7 +147,7 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
     tis = raw["task_instances"]
     queued = parse_ts(raw["dag_run"].get("queued_at"))
     for t in tis:
-        t["_short"] = SHORT.get(t["task_id"].split(".")[-1], t["task_id"])
+        t["_short"] = t["task_id"]
         t["_start"], t["_end"] = parse_ts(t["start_date"]), parse_ts(t["end_date"])
         t["_queued"], t["_scheduled"] = parse_ts(t["queued_dttm"]), parse_ts(t["scheduled_dttm"])
         t["_dur"] = (
@@ -176,7 +165,8 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
     parallelism = task_seconds / busy if busy else float("nan")
 
     per_task: dict[str, dict[str, Any]] = {}
-    for short in dict.fromkeys(t["_short"] for t in tis):
+    order = {name: i for i, name in enumerate(TASKS)}
+    for short in sorted(dict.fromkeys(t["_short"] for t in tis), key=lambda n: order.get(n, 99)):
         group = [t for t in ran if t["_short"] == short]
         mem = [raw["memory"].get(t["id"]) for t in group]
         mem = [m for m in mem if m]
@@ -218,9 +208,10 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
     )
     fit = sum(r["fit_seconds"] or 0.0 for r in raw["mlflow_runs"])
     components = {
-        "ingest+validation": dur("ingest") + dur("validate_publish"),
+        "data phase (ingest+validate)": dur("ingest") + dur("validate"),
         "training": dur("train") - mlflow_span,
-        "MLflow logging/registry": mlflow_span + dur("promote"),
+        "MLflow run in train": mlflow_span,
+        "promote": dur("promote"),
         "forecast": dur("forecast"),
         "resolve+report": dur("resolve_tickers") + dur("report"),
     }
@@ -229,21 +220,22 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
     rows = (raw.get("report") or {}).get("tickers") or []
     training = {}
     for r in rows:
-        status = str(r.get("training", "-")).split(" ")[0]
+        # "trained v3", "reused v2", "not retrained: v2 covers these bars", "-"
+        status = str(r.get("training", "-")).split(":")[0].split(" v")[0]
         training[status] = training.get(status, 0) + 1
+    staged = (raw.get("ingested") or {}).get("staged") or {}
     fetched = {}
-    for rec in raw["records"].values():
-        steps = rec.get("steps", {})
-        ingest = (steps.get("ingest") or {}).get("result") or {}
-        publish = (steps.get("publish") or {}).get("result") or {}
-        fetched[rec["ticker"]] = {
-            "rows_fetched": ingest.get("rows_fetched"),
-            "incremental": ingest.get("incremental"),
-            "rows_added": publish.get("rows_added"),
-            "rows_updated": publish.get("rows_updated"),
-            "training": ((steps.get("train") or {}).get("result") or {}).get("status"),
+    for r in rows:
+        batch = staged.get(r["ticker"]) or {}
+        added = r.get("rows_added")
+        fetched[r["ticker"]] = {
+            "rows_fetched": batch.get("rows_fetched"),
+            "incremental": batch.get("incremental"),
+            "rows_added": added if isinstance(added, int) else None,
+            "state": r.get("state"),
         }
-    n = len(rows) or len(fetched)
+    n = len(rows) or len(staged)
+    train_tis = [t for t in tis if t["_short"] == "train" and (t["map_index"] or 0) >= 0]
     return {
         "label": raw["label"],
         "run_id": raw["run_id"],
@@ -281,6 +273,9 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
             max((w["private_kb"] for w in raw["workers"]), default=0) / 1024, 1
         ),
         "task_instances": len(tis),
+        "task_instances_ran": len(ran),
+        "train_instances": len(train_tis),
+        "states": {s: sum(1 for r in rows if r.get("state") == s) for s in STATES},
     }
 
 
