@@ -32,8 +32,11 @@ class ModelConfig:
     kinds: tuple[str, ...] = MODEL_KINDS
     units: int = 64
     dense_units: int = 8
-    learning_rate: float = 1e-3
-    batch_size: int = 64
+    # 256 windows per batch at Adam 3e-3 (before: 64 at 1e-3): on the 31 synthetic tickers the
+    # fits ran 2.7x faster for a mean test U2 over High/Low/Close of 0.7723 instead of 0.7719
+    # (bench/training_speed.py).
+    learning_rate: float = 3e-3
+    batch_size: int = 256
     max_epochs: int = 40
     patience: int = 5
     split: tuple[float, float, float] = (0.7, 0.2, 0.1)

@@ -1,7 +1,8 @@
-"""Model factory: the notebook's recurrent network and its GRU twin."""
+"""Model factory: the notebook's recurrent network, its GRU twin, and both trained side by side."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ml.config import MODEL_KINDS
@@ -10,6 +11,19 @@ UNROLL_MAX_WINDOW = 32
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}: choose from {', '.join(MODEL_KINDS)}")
+
+
+def _recurrent(kind: str, units: int, window: int, name: str) -> keras.layers.Layer:
+    import keras
+
+    layer = keras.layers.LSTM if kind == "lstm" else keras.layers.GRU
+    return layer(units, name=name, unroll=window <= UNROLL_MAX_WINDOW)
 
 
 def build_model(
@@ -27,19 +41,16 @@ def build_model(
 
     The recurrent layer is unrolled over windows of up to `UNROLL_MAX_WINDOW` bars: for the
     6-bar default that replaces TensorFlow's while-loop with six fused steps, about 15 % faster on
-    CPU, same results up to float rounding. `steps_per_execution` runs that many batches per call
-    into the compiled train function (`ml.training` passes enough for a whole epoch), which saves
-    the Python round trip per batch that dominates a model this small.
+    CPU, same results up to float rounding. This is the network that is registered; training fits
+    it as one branch of `build_branches` and copies the fitted weights in (`branch_weights`).
     """
     import keras
 
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}: choose from {', '.join(MODEL_KINDS)}")
-    recurrent = keras.layers.LSTM if kind == "lstm" else keras.layers.GRU
+    _check_kind(kind)
     model = keras.Sequential(
         [
             keras.Input(shape=(window, n_features)),
-            recurrent(units, name=kind, unroll=window <= UNROLL_MAX_WINDOW),
+            _recurrent(kind, units, window, kind),
             keras.layers.Dense(dense_units, activation="relu", name="hidden"),
             keras.layers.Dense(n_targets, name="targets"),
         ],
@@ -51,3 +62,68 @@ def build_model(
         steps_per_execution=max(1, int(steps_per_execution)),
     )
     return model
+
+
+def branch_layer_names(kind: str) -> tuple[str, str, str]:
+    """The layers of `kind`'s branch in a `build_branches` model, in `build_model`'s order."""
+    return kind, f"{kind}_hidden", f"{kind}_targets"
+
+
+def build_branches(
+    kinds: Sequence[str],
+    window: int,
+    n_features: int,
+    n_targets: int,
+    *,
+    units: int = 64,
+    dense_units: int = 8,
+    learning_rate: float = 1e-3,
+    steps_per_execution: int = 1,
+    jit_compile: bool = False,
+) -> keras.Model:
+    """One `build_model` network per kind, side by side on the same input, in one Keras graph.
+
+    Output i is kind i's forecast; the loss is the sum of the per-output MSEs. The branches share
+    no weights, so the gradient of the sum with respect to a branch's weights is the gradient of
+    that branch's own MSE, and Adam's update of each weight depends only on that weight's
+    gradients: each branch trains as it would alone on the same batches, while one call into the
+    compiled train function advances them all.
+    """
+    import keras
+
+    if not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds must be distinct and non-empty, got {kinds!r}")
+    for kind in kinds:
+        _check_kind(kind)
+    inputs = keras.Input(shape=(window, n_features), name="bars")
+    outputs = []
+    for kind in kinds:
+        recurrent_name, hidden_name, targets_name = branch_layer_names(kind)
+        h = _recurrent(kind, units, window, recurrent_name)(inputs)
+        h = keras.layers.Dense(dense_units, activation="relu", name=hidden_name)(h)
+        outputs.append(keras.layers.Dense(n_targets, name=targets_name)(h))
+    model = keras.Model(inputs, outputs, name="_".join(kinds) + f"_w{window}")
+    several = len(kinds) > 1
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=["mse"] * len(kinds),
+        # Each branch's training loss as `<kind>_targets_mse`, the mean over the epoch's windows
+        # like a one-network fit's `loss`. (Keras' own per-output `<kind>_targets_loss` weighs
+        # every batch alike, the ragged last one too, so it differs from that by a few %.)
+        metrics=[["mse"]] * len(kinds) if several else None,
+        steps_per_execution=max(1, int(steps_per_execution)),
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def branch_loss_key(kinds: Sequence[str], kind: str) -> str:
+    """The `fit` history key of `kind`'s epoch training loss in a `build_branches(kinds)` model."""
+    return f"{kind}_targets_mse" if len(kinds) > 1 else "loss"
+
+
+def branch_weights(model: keras.Model, kind: str) -> list[np.ndarray]:
+    """Copies of `kind`'s branch weights, in the order `build_model(kind, ...).set_weights` takes."""
+    return [
+        w.copy() for name in branch_layer_names(kind) for w in model.get_layer(name).get_weights()
+    ]

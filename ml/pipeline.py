@@ -241,19 +241,30 @@ def train_step(
 def promote_step(
     ticker: str, as_of: date, trained: dict[str, Any], settings: Settings
 ) -> dict[str, Any]:
-    """Run the gate for one ticker's trained version; a ticker without one keeps its champion."""
+    """Run the gate for one ticker's trained version (the CLI's `train`).
+
+    A ticker that was not retrained (no version, or a version from an earlier date whose gate
+    already ran) keeps its champion; an earlier version whose gate never ran is decided now.
+    """
     from ml.registry import champion_as_of, get_client, promote_if_better
 
     instrument = instrument_for(ticker, settings)
-    if not trained.get("version"):
-        champion = champion_as_of(get_client(settings), instrument.model_name, as_of)
+    client = get_client(settings)
+    version = str(trained["version"]) if trained.get("version") else None
+    decided = (
+        version is not None
+        and trained.get("status") == "skipped"
+        and client.get_model_version(instrument.model_name, version).tags.get("gate_status")
+    )
+    if version is None or decided:
+        champion = champion_as_of(client, instrument.model_name, as_of)
         return {
             "ticker": ticker,
             "promoted": False,
             "reason": f"not retrained ({trained.get('reason', 'no new data')}); champion kept",
             "champion_version": champion.version if champion else None,
         }
-    return promote_if_better(instrument, as_of, str(trained["version"]), settings).to_dict()
+    return promote_if_better(instrument, as_of, version, settings).to_dict()
 
 
 def promote_all(

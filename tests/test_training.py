@@ -18,7 +18,13 @@ from ml.evaluation import evaluate, mase_scale
 from ml.features import TARGETS
 from ml.pipeline import ingest_step, instrument_for, publish_step
 from ml.store import PriceStore, data_fingerprint
-from ml.training import TrainResult, fit_candidate, fit_skill_weights, train_on_history
+from ml.training import (
+    TrainResult,
+    fit_candidate,
+    fit_candidates,
+    fit_skill_weights,
+    train_on_history,
+)
 from ml.windows import prepare, split_sizes
 
 TICKER = "GOOGL"
@@ -178,6 +184,31 @@ def test_early_stopping_stops_and_restores_the_best_weights(history) -> None:
     assert restored == pytest.approx(result.best_val_loss, rel=1e-4)
     if result.val_loss[-1] > result.best_val_loss * (1 + 1e-3):
         assert restored != pytest.approx(result.val_loss[-1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_each_kind_trains_in_the_joint_fit_as_it_would_alone(history) -> None:
+    """Both kinds are fitted in one graph (ml.models.build_branches) with early stopping per kind.
+    The first kind's branch starts from the same initial weights as that kind alone and sees the
+    same batches, so its losses, stopping epoch and best weights are those of a fit of it alone;
+    it stops when its own patience runs out, whatever the other kind does."""
+    config = ModelConfig(units=8, max_epochs=12, patience=2, batch_size=64, learning_rate=0.01)
+    split = prepare(history, config.window, config.split, config.naive_lookback)
+    joint = fit_candidates(("lstm", "gru"), split, config)
+    [(alone_weights, alone)] = fit_candidates(("lstm",), split, config)
+
+    (lstm_weights, lstm), (_, gru) = joint
+    assert (lstm.kind, gru.kind) == ("lstm", "gru")
+    np.testing.assert_allclose(lstm.val_loss, alone.val_loss, rtol=1e-4)
+    np.testing.assert_allclose(lstm.loss, alone.loss, rtol=1e-4)
+    assert (lstm.best_epoch, lstm.epochs_run) == (alone.best_epoch, alone.epochs_run)
+    for a, b in zip(lstm_weights, alone_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for c in (lstm, gru):
+        # Stopped by its own patience, or ran out of epochs.
+        assert c.epochs_run in (c.best_epoch + config.patience, config.max_epochs)
+        assert len(c.loss) == len(c.val_loss) == c.epochs_run
+        assert c.best_val_loss == min(c.val_loss) == c.val_loss[c.best_epoch - 1]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""Per-ticker training cost and quality: the fits, the fixed cost around them, test U2.
+
+    python bench/training_speed.py [--tickers AMD,SPY] [--set batch_size=256 --set lr=...]
+        [--log 3] [--json OUT.json]
+
+In one process: generates the synthetic history of every ticker of the universe (settings'
+`history_start` to `--as-of`, default 2026-11-20; generation is not timed), then runs
+`ml.training.train_on_history` for each with the default `ModelConfig` (or `--set` overrides) and
+prints, per ticker, the fit seconds (sum of `CandidateResult.seconds`), the whole
+`train_on_history` seconds, the epochs run per kind and the test U2 of High, Low and Close;
+then the mean U2 over High/Low/Close over all tickers and the total fit time.
+
+`--log N` also starts a throwaway SQLite MLflow server and, for the first N tickers, times what
+the train step does around the fit: the registry lookup (`existing_outcome`) and
+`ml.registry.log_candidate` (params, metrics, plot, pyfunc model, registration). The first ticker
+pays the process's one-off costs (imports, first traces); later ones show the warm cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import fields, replace
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+GATE = ("High", "Low", "Close")
+
+
+def _coerce(name: str, raw: str, current: object) -> object:
+    if isinstance(current, tuple):
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        return tuple(float(p) for p in parts) if name == "split" else tuple(parts)
+    if isinstance(current, bool):
+        return raw.lower() in ("1", "true", "yes")
+    return type(current)(raw)
+
+
+def model_config(overrides: list[str]):
+    from ml.config import ModelConfig
+
+    config = ModelConfig()
+    names = {f.name for f in fields(ModelConfig)}
+    changes = {}
+    for item in overrides:
+        name, _, raw = item.partition("=")
+        if name not in names:
+            raise SystemExit(f"--set {item}: ModelConfig has no field {name!r}")
+        changes[name] = _coerce(name, raw, getattr(config, name))
+    return replace(config, **changes)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tickers", default=None, help="comma-separated (default: the universe)")
+    parser.add_argument("--as-of", default="2026-11-20")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--log", type=int, default=0, metavar="N")
+    parser.add_argument("--json", default=None, metavar="OUT")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from ml.config import get_settings
+    from ml.sources import SyntheticSource
+    from ml.universe import load_universe
+
+    load_start = os.getloadavg()
+    settings = get_settings({})
+    config = model_config(args.set)
+    as_of = date.fromisoformat(args.as_of)
+    universe = load_universe(settings.universe_file)
+    instruments = universe.select(args.tickers.split(",") if args.tickers else None)
+    source = SyntheticSource()
+    histories = {i.ticker: source.fetch(i, settings.history_start, as_of) for i in instruments}
+
+    started = time.perf_counter()
+    from ml.training import configure_tensorflow, train_on_history
+
+    configure_tensorflow()
+    import keras  # noqa: F401
+
+    import_seconds = time.perf_counter() - started
+    print(f"config {config}\nimports {import_seconds:.2f}s", flush=True)
+
+    rows, results = [], {}
+    for instrument in instruments:
+        history = histories[instrument.ticker]
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        result = train_on_history(instrument.ticker, as_of, history, config)
+        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        u2 = {t: float(v) for t, v in result.evaluation.u2().items()}
+        fit = sum(c.seconds for c in result.candidates)
+        row = {
+            "ticker": instrument.ticker,
+            "bars": len(history),
+            "fit_seconds": round(fit, 3),
+            "train_seconds": round(total, 3),
+            "outside_fit_seconds": round(total - fit, 3),
+            "train_cpu_seconds": round(cpu, 3),
+            "epochs": {c.kind: c.epochs_run for c in result.candidates},
+            "best_epoch": {c.kind: c.best_epoch for c in result.candidates},
+            "best_val_loss": {c.kind: round(c.best_val_loss, 6) for c in result.candidates},
+            "chosen": result.forecaster.kind,
+            "skill_weights": list(result.forecaster.skill_weights),
+            "test_u2": {t: round(v, 6) for t, v in u2.items()},
+            "mean_u2_hlc": round(float(np.mean([u2[t] for t in GATE])), 6),
+        }
+        rows.append(row)
+        results[instrument.ticker] = result
+        epochs = " ".join(f"{k}:{v:>2}" for k, v in row["epochs"].items())
+        print(
+            f"{instrument.ticker:<9} fit {fit:6.2f}s  train {total:6.2f}s (cpu {cpu:6.2f}s)  "
+            f"epochs {epochs}  "
+            f"chosen {row['chosen']:<4}  U2 H {u2['High']:.4f} L {u2['Low']:.4f} "
+            f"C {u2['Close']:.4f}",
+            flush=True,
+        )
+
+    per_target = {t: float(np.mean([r["test_u2"][t] for r in rows])) for t in GATE}
+    mean_u2 = float(np.mean([r["mean_u2_hlc"] for r in rows]))
+    fit_total = sum(r["fit_seconds"] for r in rows)
+    train_total = sum(r["train_seconds"] for r in rows)
+    cpu_total = sum(r["train_cpu_seconds"] for r in rows)
+    print(
+        f"\n{len(rows)} tickers: fits {fit_total:.1f}s (mean {fit_total / len(rows):.2f}s), "
+        f"train_on_history {train_total:.1f}s, outside the fits "
+        f"{train_total - fit_total:.1f}s; train_on_history CPU {cpu_total:.1f}s\n"
+        f"mean test U2 over H/L/C {mean_u2:.4f}  "
+        + "  ".join(f"{t} {v:.4f}" for t, v in per_target.items()),
+        flush=True,
+    )
+
+    logging_rows = []
+    if args.log:
+        logging_rows = time_logging(instruments[: args.log], results, settings, as_of)
+
+    if args.json:
+        payload = {
+            "command": " ".join(sys.argv),
+            "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+            "load_average_end": os.getloadavg(),
+            "config": {f.name: getattr(config, f.name) for f in fields(config)},
+            "as_of": as_of.isoformat(),
+            "import_seconds": round(import_seconds, 3),
+            "fit_seconds_total": round(fit_total, 3),
+            "train_seconds_total": round(train_total, 3),
+            "train_cpu_seconds_total": round(cpu_total, 3),
+            "load_average_start": load_start,
+            "mean_u2_hlc": round(mean_u2, 6),
+            "mean_u2_per_target": {t: round(v, 6) for t, v in per_target.items()},
+            "tickers": rows,
+            "logging": logging_rows,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def time_logging(instruments, results, settings, as_of) -> list[dict]:
+    """Registry lookup + log_candidate for each of `instruments` against a throwaway server."""
+    from ml.registry import existing_outcome, log_candidate
+    from ml.servers import sqlite_mlflow_server
+
+    out = []
+    with (
+        tempfile.TemporaryDirectory(prefix="training-speed-mlflow-") as tmp,
+        sqlite_mlflow_server(Path(tmp)) as server,
+    ):
+        logged = replace(settings, mlflow_tracking_uri=server.uri, experiment_name="training-speed")
+        for instrument in instruments:
+            result = results[instrument.ticker]
+            t0 = time.perf_counter()
+            found = existing_outcome(
+                instrument, as_of, result.data_fingerprint, result.config_fingerprint, logged
+            )
+            lookup = time.perf_counter() - t0
+            assert found is None
+            t0 = time.perf_counter()
+            outcome = log_candidate(result, instrument, logged)
+            seconds = time.perf_counter() - t0
+            row = {
+                "ticker": instrument.ticker,
+                "lookup_seconds": round(lookup, 3),
+                "log_candidate_seconds": round(seconds, 3),
+                "version": outcome.version,
+            }
+            out.append(row)
+            print(
+                f"log {instrument.ticker:<9} lookup {lookup:5.2f}s  "
+                f"log_candidate {seconds:5.2f}s  (version {outcome.version})",
+                flush=True,
+            )
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
