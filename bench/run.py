@@ -9,7 +9,7 @@ Parts (all by default, always run in this order):
   imports      fresh-process import times of the heavy libraries each task process pays for
   notebook     (1) the notebook's training loop, one process, N tickers (bench/notebook_baseline.py)
   ours         (2) ml.training.train_on_history on the same histories and model config, one
-               process, no MLflow (bench/ours_training.py); at batch 32 and our default 64
+               process, no MLflow (bench/ours_training.py); at the notebook's batch 32
   daily        (3) the whole price_forecast run through Airflow standalone (LocalExecutor) on a
                private stack, seed model config, trigger -> end of `report`, with its split
   incremental  (6) then a weekend day, the next weekday and the same day again (no new data)
@@ -731,10 +731,10 @@ def render(results: dict[str, Any]) -> str:
             "1e-3, window 6, 70/20/10, patience >= epochs (early stopping never cuts a fit; the best "
             "epoch's weights are restored as the pipeline does), plus everything it does besides the "
             "fit (windowing, skill weights, test evaluation). No MLflow. Within one process it "
-            "reuses one compiled network per kind across tickers (`ml.training.seeded_model`: "
+            "reuses one compiled network across tickers (`ml.training.seeded_branches`: "
             "weights and optimizer reset to the seed's, so each fit equals a fresh one), which "
-            "spares the ~1.3 s TensorFlow trace per model that the notebook pays for every "
-            "ticker; the DAG's train tasks (one ticker per process) still pay it once per kind.",
+            "spares the TensorFlow trace that the notebook pays for every ticker; the DAG's train "
+            "tasks (one ticker per process) still pay it once.",
             "",
         ]
         hdr = ["side", "wall s", "imports s", "sum of fits s", "val loss (mean, own units)"]
@@ -1233,18 +1233,14 @@ def _closing_note(results: dict[str, Any]) -> list[str]:
         "",
         "What could still be cut (suggestions, not applied):",
         "",
-        "1. Fixed costs of a train instance (large even at the growth runs' few epochs): two "
-        "TensorFlow traces (one per kind, ~1.3 s each; one network holding both "
-        "kinds would trace once), `pyfunc.log_model` with an `input_example` reloading the saved "
-        "model to validate it (`_validate_serving_input`), the matplotlib plot, the registration "
-        "round trips.",
-        "2. Training compute: the seed config trains two kinds for up to 40 epochs at batch 64; "
-        "a larger batch with a scaled learning rate, or a shared early-stopping budget, would "
-        "cut the fit time, to be weighed against the U2 each gives.",
-        "3. Registry reads: every `mlflow.pyfunc.load_model` (promote's champion, forecast) "
-        "downloads the artifacts and checks the installed packages "
-        "(`suppress_warnings=True` skips that); `find_versions` lists every version of a model "
-        "and filters tags client-side, which grows with the number of versions.",
+        "1. Fixed cost of a train instance: every task is a fresh process, so it traces the "
+        "joint LSTM+GRU graph anew (a few seconds on the first fit, measured in "
+        "`bench/training_speed.py`'s first ticker; later fits in the same process reuse it). "
+        "XLA made warm fits 10-30 % faster but the first fit about 3 s slower, so it is off.",
+        "2. The Airflow hand-offs between the run's few tasks (the orchestration gap above): "
+        "each costs a scheduler loop and a process start, which a day without new bars is made of.",
+        "3. Registry reads: promote and forecast load each champion with "
+        "`mlflow.pyfunc.load_model` (artifact download, dependency check).",
         "",
     ]
     return L
@@ -1273,7 +1269,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epochs", type=int, default=None, help="epochs for (1) and (2) (default 3; --quick 1)"
     )
     p.add_argument(
-        "--ours-batches", type=_ints, default=None, help="batch sizes for (2) (default 32,64)"
+        "--ours-batches", type=_ints, default=None, help="batch sizes for (2) (default 32)"
     )
     p.add_argument(
         "--repeat",
@@ -1325,7 +1321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
     args.epochs = args.epochs or (1 if q else 3)
-    args.ours_batches = args.ours_batches or [32, 64]
+    args.ours_batches = args.ours_batches or [32]
     args.daily_max_epochs = args.daily_max_epochs or (1 if q else None)
     args.growth_sizes = args.growth_sizes or ([4, 8] if q else [31, 124, 500])
     args.growth_epochs = args.growth_epochs or (1 if q else 2)
