@@ -90,6 +90,8 @@ def publish_with_history(
     """`publish_staged`, also returning the published history after the upsert (read once)."""
     from ml.validation import PriceValidationError, validate_prices
 
+    if not store.staging_path(instrument, as_of).exists():
+        return _published_earlier(instrument, as_of, store)
     batch = store.read_staged(instrument, as_of)
     history = store.load(instrument)
     previous = history.loc[history["Date"] < batch["Date"].min()] if len(batch) else history
@@ -109,6 +111,37 @@ def publish_with_history(
         "checks": len(report.results),
     }
     return summary, result.history
+
+
+def _published_earlier(
+    instrument: Instrument, as_of: date, store: PriceStore
+) -> tuple[dict, pd.DataFrame]:
+    """The outcome of a batch an earlier try of this step already handled (killed before it
+    returned): published (its staged file is gone, its report is there) or quarantined."""
+    import json
+
+    report = store.report_path(instrument, as_of)
+    if report.exists():
+        history = store.load(instrument)
+        summary = {
+            "rows_added": 0,
+            "rows_updated": 0,
+            "total_rows": len(history),
+            "last_date": history["Date"].iloc[-1].date().isoformat() if len(history) else None,
+            "validation": "passed",
+            "checks": len(json.loads(report.read_text()).get("results", [])),
+        }
+        return summary, history
+    quarantined = store.quarantine_dir(instrument, as_of)
+    if quarantined.exists():
+        raise ValueError(
+            f"{instrument.ticker}: the batch for {as_of} failed validation and was quarantined: "
+            f"see {quarantined / 'validation.json'}"
+        )
+    raise FileNotFoundError(
+        f"{instrument.ticker}: no staged batch for {as_of} at "
+        f"{store.staging_path(instrument, as_of)}; run ingest first"
+    )
 
 
 def _report_json(report: dict) -> str:

@@ -316,3 +316,41 @@ def test_summary_when_a_whole_task_failed() -> None:
         forecasted=None,
     )
     assert row["failed_step"] == "forecast"
+
+
+def test_a_retried_validate_keeps_what_the_killed_try_published(tmp_path) -> None:
+    """validate killed after publishing some tickers, then retried by Airflow: the staged files
+    of the published ones are gone; they are reported as published (nothing changed), not lost,
+    and a quarantined one still fails, naming its quarantine report."""
+    from ml.pipeline import ingest_all, validate_all
+    from ml.store import PriceStore
+
+    tickers = {"TKA": "Published", "TKB": "Quarantined"}
+    settings = isolated_settings(tmp_path, "http://127.0.0.1:9", "unused", tickers)
+    ingest_all(list(tickers), FRIDAY, settings)
+    store = PriceStore(settings.data_dir)
+    slug_b = store.staging_path(_instrument("TKB", settings), FRIDAY)
+    import pandas as pd
+
+    bad = pd.read_parquet(slug_b)
+    bad.loc[bad.index[-1], "High"] = bad["Low"].iloc[-1] / 2  # High < Low on the last bar
+    bad.to_parquet(slug_b, index=False)
+    first = validate_all(list(tickers), FRIDAY, settings, check_registry=False)
+    assert list(first["tickers"]) == ["TKA"] and list(first["failed"]) == ["TKB"]
+    prices = store.history_path(_instrument("TKA", settings)).read_bytes()
+
+    retry = validate_all(list(tickers), FRIDAY, settings, check_registry=False)
+    assert retry["tickers"]["TKA"]["rows_added"] == 0
+    assert retry["tickers"]["TKA"]["validation"] == "passed"
+    assert retry["tickers"]["TKA"]["total_rows"] == first["tickers"]["TKA"]["total_rows"]
+    assert (
+        retry["tickers"]["TKA"]["data_fingerprint"] == first["tickers"]["TKA"]["data_fingerprint"]
+    )
+    assert "quarantined" in retry["failed"]["TKB"] and "validation.json" in retry["failed"]["TKB"]
+    assert store.history_path(_instrument("TKA", settings)).read_bytes() == prices
+
+
+def _instrument(ticker: str, settings: Settings):
+    from ml.pipeline import instrument_for
+
+    return instrument_for(ticker, settings)
