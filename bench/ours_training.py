@@ -42,7 +42,8 @@ def main() -> int:
     import pandas as pd
 
     from ml.config import ModelConfig
-    from ml.training import configure_tensorflow, train_on_history
+    from ml.models import configure_tensorflow
+    from ml.training import train_on_history
 
     configure_tensorflow()  # imports TensorFlow (train_on_history would do it on the first call)
     import keras  # noqa: F401

@@ -86,7 +86,8 @@ def main() -> int:
     histories = {i.ticker: source.fetch(i, settings.history_start, as_of) for i in instruments}
 
     started = time.perf_counter()
-    from ml.training import configure_tensorflow, train_on_history
+    from ml.models import configure_tensorflow
+    from ml.training import train_on_history
 
     configure_tensorflow()
     import keras  # noqa: F401

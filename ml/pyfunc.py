@@ -23,7 +23,7 @@ class PriceForecastModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from ml.training import configure_tensorflow
+        from ml.models import configure_tensorflow
 
         configure_tensorflow()
         self.forecaster = PriceForecaster.load(

@@ -418,8 +418,18 @@ def load_forecaster(
     as_of: date | None = None,
 ) -> tuple[PriceForecaster, str] | None:
     """Load a version through the registry: `version`, else the champion as of `as_of`, else
-    `models:/<name>@<alias>`; None if there is none."""
+    `models:/<name>@<alias>`; None if there is none.
+
+    Only the network and its preprocessing are fetched (`models:/<name>/<version>/artifacts/...`),
+    the same files the pyfunc wrapper loads; `mlflow.pyfunc.load_model` would also download the
+    code snapshot and check the installed packages, about 0.4 s more per model.
+    """
+    import tempfile
+
     import mlflow
+
+    from ml.forecasting import KERAS_FILE, PREPROCESSING_FILE, PriceForecaster
+    from ml.models import configure_tensorflow
 
     client = get_client(settings)
     if version is None:
@@ -430,10 +440,18 @@ def load_forecaster(
         if mv is None:
             return None
         version = mv.version
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{instrument.model_name}/{version}")
-    return model.unwrap_python_model().forecaster, str(version)
+    configure_tensorflow()
+    with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
+        keras_path, prep_path = (
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{instrument.model_name}/{version}/artifacts/{name}",
+                dst_path=tmp,
+                tracking_uri=settings.mlflow_tracking_uri,
+            )
+            for name in (KERAS_FILE, PREPROCESSING_FILE)
+        )
+        return PriceForecaster.load(keras_path, prep_path), str(version)
 
 
 def rescore_u2(forecaster: PriceForecaster, history: Any, test: Any) -> dict[str, float]:
