@@ -1189,7 +1189,7 @@ def _closing_note(results: dict[str, Any]) -> list[str]:
             L.append(
                 f"- Next weekday: promote {_fmt(r['components_wall_seconds'].get('promote'))} s "
                 "wall share: it re-scores each current champion, which loads it through "
-                "`mlflow.pyfunc.load_model` (artifact download, Keras load) per ticker."
+                "its two model files (download, Keras load) per ticker."
             )
     if imports:
         L.append(
@@ -1233,14 +1233,17 @@ def _closing_note(results: dict[str, Any]) -> list[str]:
         "",
         "What could still be cut (suggestions, not applied):",
         "",
-        "1. Fixed cost of a train instance: every task is a fresh process, so it traces the "
-        "joint LSTM+GRU graph anew (a few seconds on the first fit, measured in "
-        "`bench/training_speed.py`'s first ticker; later fits in the same process reuse it). "
-        "XLA made warm fits 10-30 % faster but the first fit about 3 s slower, so it is off.",
-        "2. The Airflow hand-offs between the run's few tasks (the orchestration gap above): "
-        "each costs a scheduler loop and a process start, which a day without new bars is made of.",
-        "3. Registry reads: promote and forecast load each champion with "
-        "`mlflow.pyfunc.load_model` (artifact download, dependency check).",
+        "1. The cold graph per train instance: every task is a fresh process, so it traces and "
+        "compiles the joint LSTM+GRU graph anew. The same fits take about 2.7 s per ticker warm in "
+        "one process (`bench/training_speed.py`) against the Keras fit time per train task above; "
+        "the difference, a few seconds per ticker, is that first trace. XLA made warm fits 10-30 % "
+        "faster but the first fit about 3 s slower, so it is off.",
+        "2. The data phase on a day without new bars: `validate` costs about 0.35 s per ticker, "
+        "nearly all of it Great Expectations' per-expectation bookkeeping (28 expectations per "
+        "suite; cProfile: `Expectation.configuration` and pydantic `dict()` calls), which a "
+        "no-new-data day is mostly made of.",
+        "3. Registry round trips: promote makes about nine MLflow calls per decision (version, "
+        "aliases, four tags); forecast and promote download each champion's model files.",
         "",
     ]
     return L
