@@ -66,6 +66,15 @@ def data_fingerprint(frame: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
+def count_changes(history: pd.DataFrame, batch: pd.DataFrame) -> tuple[int, int]:
+    """(rows added, rows updated) if `batch` were upserted into `history` by date; NaN == NaN."""
+    overlap = history.loc[history["Date"].isin(batch["Date"])]
+    old = overlap.set_index("Date")[PRICE_COLUMNS[1:]]
+    new = batch.set_index("Date").loc[old.index, PRICE_COLUMNS[1:]]
+    rows_updated = int((~((old == new) | (old.isna() & new.isna()))).any(axis=1).sum())
+    return len(batch) - len(overlap), rows_updated
+
+
 @dataclass(frozen=True)
 class PublishResult:
     rows_added: int
@@ -161,14 +170,10 @@ class PriceStore:
         with self.lock(instrument.slug):
             history = self.load(instrument)
             batch = batch[OUTPUT_COLUMNS].reset_index(drop=True)
-            overlap = history.loc[history["Date"].isin(batch["Date"])]
             kept = history.loc[~history["Date"].isin(batch["Date"])]
             merged = pd.concat([kept, batch], ignore_index=True) if not kept.empty else batch.copy()
             merged = merged.sort_values("Date", kind="stable").reset_index(drop=True)
-            old = overlap.set_index("Date")[PRICE_COLUMNS[1:]]
-            new = batch.set_index("Date").loc[old.index, PRICE_COLUMNS[1:]]
-            rows_updated = int((~((old == new) | (old.isna() & new.isna()))).any(axis=1).sum())
-            rows_added = len(batch) - len(overlap)
+            rows_added, rows_updated = count_changes(history, batch)
             if rows_added or rows_updated:
                 _write_parquet(merged[OUTPUT_COLUMNS], self.history_path(instrument))
             # The report of the batch that last changed this date's data stays: a re-run that

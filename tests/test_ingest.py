@@ -297,6 +297,10 @@ def unchanged(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def published_only(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.loc[frame["Date"] <= GOOD_AS_OF.isoformat()]
+
+
 BAD_BATCHES = [
     ("nan-close", "GOOGL", on_last_row(Close=np.nan), AS_OF, "Close_not_null"),
     ("nan-close-forex", "EURUSD=X", on_last_row(Close=np.nan), AS_OF, "Close_not_null"),
@@ -317,6 +321,8 @@ BAD_BATCHES = [
     ("gap", "GOOGL", gap_of_two_weeks, AS_OF, "max_gap"),
     ("weekend-bar", "GOOGL", weekend_bar, AS_OF, "no_weekend"),
     ("stale", "GOOGL", unchanged, AS_OF + timedelta(days=30), "fresh"),
+    # Only bars that are already published: the unchanged path still checks freshness.
+    ("stale-repeat", "GOOGL", published_only, GOOD_AS_OF + timedelta(days=30), "fresh"),
 ]
 
 
@@ -389,3 +395,35 @@ def test_a_fixed_file_publishes_after_a_quarantined_batch(case: Case) -> None:
     assert result.incremental and result.validation == "passed"
     assert (case.store.quarantine_dir(instrument, AS_OF) / "batch.parquet").is_file()
     assert json.loads(case.store.report_path(instrument, AS_OF).read_text())["success"] is True
+
+
+def test_a_batch_of_published_bars_skips_the_suite_and_changes_no_file(case: Case) -> None:
+    """A no-new-data day: the trailing window repeats published bars. Only the as-of checks run
+    again (no GX suite); the first run for the date writes a report saying so, a re-run nothing."""
+    instrument = UNIVERSE.get("GOOGL")
+    case.rewrite("GOOGL", published_only)
+    next_monday = GOOD_AS_OF + timedelta(days=4)  # no bar after Thursday's: a holiday week-end
+    before = digests(case.store.root, "prices")
+
+    result = ingest_ticker(instrument, next_monday, case.settings, FileSource(case.files))
+    assert (result.rows_added, result.rows_updated, result.last_date) == (0, 0, "2024-06-27")
+    assert result.rows_fetched > 1
+    report = json.loads(case.store.report_path(instrument, next_monday).read_text())
+    assert report["success"] is True and "unchanged" in report["meta"]
+    assert report["meta"]["rows"] == result.rows_fetched
+    checks = [r["expectation_config"]["meta"]["check"] for r in report["results"]]
+    assert checks == ["not_after_as_of", "fresh"]
+    assert report["results"][1]["result"]["observed_value"] == 4
+    assert digests(case.store.root, "prices") == before
+    assert not case.store.staging_path(instrument, next_monday).exists()
+
+    reports = digests(case.store.root, "validation")
+    ingest_ticker(instrument, next_monday, case.settings, FileSource(case.files))
+    assert digests(case.store.root, "validation") == reports  # sha and mtime: nothing rewritten
+
+    # One revised bar in the window: the full suite runs again.
+    case.rewrite("GOOGL", on_last_row(Volume=123.0))
+    revised = ingest_ticker(instrument, next_monday, case.settings, FileSource(case.files))
+    assert (revised.rows_added, revised.rows_updated) == (0, 1)
+    report = json.loads(case.store.report_path(instrument, next_monday).read_text())
+    assert "unchanged" not in report["meta"] and len(report["results"]) > 2
