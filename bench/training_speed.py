@@ -41,7 +41,9 @@ GATE = ("High", "Low", "Close")
 def _coerce(name: str, raw: str, current: object) -> object:
     if isinstance(current, tuple):
         parts = [p.strip() for p in raw.split(",") if p.strip()]
-        return tuple(float(p) for p in parts) if name == "split" else tuple(parts)
+        if name == "split":
+            return tuple(float(p) for p in parts)
+        return tuple(int(p) for p in parts) if name == "vol_horizons" else tuple(parts)
     if isinstance(current, bool):
         return raw.lower() in ("1", "true", "yes")
     return type(current)(raw)
@@ -117,6 +119,10 @@ def main() -> int:
             "skill_weights": list(result.forecaster.skill_weights),
             "test_u2": {t: round(v, 6) for t, v in u2.items()},
             "mean_u2_hlc": round(float(np.mean([u2[t] for t in GATE])), 6),
+            "gate": gate_verdicts(result),
+            "test_u2_range_naive": {
+                t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")
+            },
         }
         rows.append(row)
         results[instrument.ticker] = result
@@ -131,6 +137,12 @@ def main() -> int:
 
     per_target = {t: float(np.mean([r["test_u2"][t] for r in rows])) for t in GATE}
     mean_u2 = float(np.mean([r["mean_u2_hlc"] for r in rows]))
+    naive = {
+        t: float(np.mean([r["test_u2_range_naive"][t] for r in rows])) for t in ("High", "Low")
+    }
+    passes = {rule: sum(r["gate"][rule] for r in rows) for rule in ("raw_u2", "diebold_mariano")}
+    beat_hl = sum(r["test_u2"]["High"] < 1 and r["test_u2"]["Low"] < 1 for r in rows)
+    worse_close = sum(r["gate"]["close_significantly_worse"] for r in rows)
     fit_total = sum(r["fit_seconds"] for r in rows)
     train_total = sum(r["train_seconds"] for r in rows)
     cpu_total = sum(r["train_cpu_seconds"] for r in rows)
@@ -139,7 +151,12 @@ def main() -> int:
         f"train_on_history {train_total:.1f}s, outside the fits "
         f"{train_total - fit_total:.1f}s; train_on_history CPU {cpu_total:.1f}s\n"
         f"mean test U2 over H/L/C {mean_u2:.4f}  "
-        + "  ".join(f"{t} {v:.4f}" for t, v in per_target.items()),
+        + "  ".join(f"{t} {v:.4f}" for t, v in per_target.items())
+        + "\nmean test U2 vs the range-aware naive  "
+        + "  ".join(f"{t} {v:.4f}" for t, v in naive.items())
+        + f"\ngate against persistence passed: {passes['raw_u2']} of {len(rows)} with the raw "
+        f"U2 rule (H < 1, L < 1, C <= 1), {passes['diebold_mariano']} with the Diebold-Mariano "
+        f"rule; High and Low U2 < 1: {beat_hl}; Close significantly worse: {worse_close}",
         flush=True,
     )
 
@@ -161,12 +178,30 @@ def main() -> int:
             "load_average_start": load_start,
             "mean_u2_hlc": round(mean_u2, 6),
             "mean_u2_per_target": {t: round(v, 6) for t, v in per_target.items()},
+            "mean_u2_range_naive": {t: round(v, 6) for t, v in naive.items()},
+            "gate_passes": passes,
             "tickers": rows,
             "logging": logging_rows,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
+
+
+def gate_verdicts(result) -> dict[str, bool]:
+    """The gate against persistence on this test block: the raw U2 rule it replaced (U2 < 1 on
+    High and Low, <= 1 on Close) and today's Diebold-Mariano rule (`ml.registry.gate_failures`)."""
+    from ml.config import GateConfig
+    from ml.registry import gate_failures
+
+    u2 = result.evaluation.u2()
+    dm = dict(result.evaluation.dm_vs_persistence)
+    raw = u2["High"] < 1 and u2["Low"] < 1 and u2["Close"] <= 1
+    return {
+        "raw_u2": bool(raw),
+        "diebold_mariano": not gate_failures(u2, dm, GateConfig()),
+        "close_significantly_worse": bool(dm["Close"]["p_worse"] < GateConfig().p_value),
+    }
 
 
 def time_logging(instruments, results, settings, as_of) -> list[dict]:

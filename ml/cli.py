@@ -112,11 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise TickerFailed(failed[ticker])
             staged, published = ingested["staged"][ticker], validated["tickers"][ticker]
             mode = "incremental" if staged["incremental"] else "full history"
+            notes = "".join(f"\n    note: {note}" for note in staged.get("notes") or ())
             return (
                 f"fetched {staged['rows_fetched']:>5} ({mode}, {staged['source']})  "
                 f"added {published['rows_added']:>5}  updated {published['rows_updated']:>3}  "
                 f"validation {published['validation']} ({published['checks']} checks)  "
-                f"history {published['total_rows']} bars to {published['last_date']}"
+                f"history {published['total_rows']} bars to {published['last_date']}{notes}"
             )
 
         return _run_per_ticker(tickers, ingest)
@@ -129,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             verdict = "PROMOTED" if decision["promoted"] else "not promoted"
             return (
                 f"{trained['status']:<8} v{trained.get('version')}  U2 vs persistence "
-                f"{_fmt_u2(trained.get('metrics') or {})}  {verdict}: {decision['reason']}"
+                f"{_fmt_u2(trained.get('metrics') or {})}  vs range-aware naive "
+                f"{_fmt_u2(trained.get('metrics_range_naive') or {})}  "
+                f"{verdict}: {decision['reason']}"
             )
 
         return _run_per_ticker(tickers, train)

@@ -42,6 +42,18 @@ class ModelConfig:
     split: tuple[float, float, float] = (0.7, 0.2, 0.1)
     seed: int = 42
     naive_lookback: int = 20
+    # Volatility's memory as extra inputs per bar (ml.features.add_memory_features): mean log
+    # range over 1, 5, 22 and 66 bars and realized volatility over 5, 22 and 66; () = the
+    # notebook's 8 inputs only.
+    vol_horizons: tuple[int, ...] = (1, 5, 22, 66)
+    # What High and Low fall back to where the network shows no skill on validation:
+    # "range_naive" (the strong baseline) or "persistence". Close always falls back to
+    # persistence.
+    hl_baseline: str = "range_naive"
+
+    def anchors(self) -> tuple[str, str, str, str]:
+        """The baseline of each target (High, Low, Close, Adj Close) for the skill weights."""
+        return (self.hl_baseline, self.hl_baseline, "persistence", "persistence")
 
     def fingerprint(self) -> str:
         """A short, stable hash of the config: equal configs give equal models."""
@@ -51,12 +63,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Promotion thresholds on Theil's U2 against persistence (DESIGN.md section 6)."""
+    """The promotion gate (README, "The gate"): one-sided Diebold-Mariano tests on the test
+    block's squared-error differentials at level `p_value`, plus U2 caps on High and Low."""
 
     u2_high_max: float = 1.0
     u2_low_max: float = 1.0
-    u2_close_max: float = 1.0
-    close_inclusive: bool = True
+    # High and Low must be significantly better than persistence (DM p < p_value); Close and
+    # every target against the champion must not be significantly worse.
+    p_value: float = 0.05
     # A candidate must beat the champion's mean U2 by more than this (numerical noise, not skill).
     min_improvement: float = 1e-4
 
@@ -109,6 +123,31 @@ def _parse_kinds(raw: str) -> tuple[str, ...]:
     return kinds
 
 
+HL_BASELINES = ("range_naive", "persistence")
+
+
+def _parse_horizons(raw: str) -> tuple[int, ...]:
+    """MODEL_VOL_HORIZONS: comma-separated bar counts, e.g. "1,5,22,66"; empty or "none" = off."""
+    if raw.strip().lower() in ("", "none"):
+        return ()
+    try:
+        horizons = tuple(int(part) for part in raw.split(","))
+    except ValueError as exc:
+        raise ConfigError(
+            f"MODEL_VOL_HORIZONS={raw!r}: expected bar counts such as 1,5,22,66"
+        ) from exc
+    if any(k < 1 for k in horizons) or len(set(horizons)) != len(horizons):
+        raise ConfigError(f"MODEL_VOL_HORIZONS={raw!r}: distinct positive bar counts only")
+    return tuple(sorted(horizons))
+
+
+def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r}: choose from {', '.join(choices)}")
+    return value
+
+
 _MODEL_ENV = {
     "window": ("MODEL_WINDOW", int),
     "units": ("MODEL_UNITS", int),
@@ -121,7 +160,7 @@ _MODEL_ENV = {
 _GATE_ENV = {
     "u2_high_max": "GATE_U2_HIGH_MAX",
     "u2_low_max": "GATE_U2_LOW_MAX",
-    "u2_close_max": "GATE_U2_CLOSE_MAX",
+    "p_value": "GATE_P_VALUE",
     "min_improvement": "GATE_MIN_IMPROVEMENT",
 }
 
@@ -174,6 +213,12 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
             model_changes[attr] = _parse_number(name, env[name], kind, allow_zero=attr == "seed")
     if env.get("MODEL_KINDS"):
         model_changes["kinds"] = _parse_kinds(env["MODEL_KINDS"])
+    if "MODEL_VOL_HORIZONS" in env:
+        model_changes["vol_horizons"] = _parse_horizons(env["MODEL_VOL_HORIZONS"])
+    if env.get("MODEL_HL_BASELINE"):
+        model_changes["hl_baseline"] = _parse_choice(
+            "MODEL_HL_BASELINE", env["MODEL_HL_BASELINE"], HL_BASELINES
+        )
     model = replace(ModelConfig(), **model_changes)
 
     gate_changes = {
@@ -182,6 +227,8 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         if env.get(name)
     }
     gate = replace(GateConfig(), **gate_changes)
+    if not 0 < gate.p_value < 1:
+        raise ConfigError(f"GATE_P_VALUE={gate.p_value!r} must lie strictly between 0 and 1")
 
     defaults = Settings()
     return Settings(

@@ -18,11 +18,12 @@ import logging
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import binomtest
+from scipy.stats import t as student_t
 
 TARGETS = ("High", "Low", "Close", "Adj Close")
 N_TARGETS = len(TARGETS)
@@ -282,6 +283,38 @@ def range_coverage(
     }
 
 
+def diebold_mariano(
+    errors: ArrayLike, reference_errors: ArrayLike, horizon: int = 1
+) -> dict[str, float]:
+    """Diebold-Mariano test of equal squared-error loss, with the Harvey, Leybourne and Newbold
+    (1997) small-sample correction and Student-t p-values (n - 1 degrees of freedom).
+
+    d_t = errors_t^2 - reference_errors_t^2; the long-run variance of its mean uses the
+    autocovariances up to `horizon` - 1 (0 for one-step forecasts). Returns {"stat", "p_worse",
+    "p_better"}: one-sided p-values of "the forecast's loss is larger" (small p_worse: it is
+    significantly worse than the reference) and "smaller". NaN when d does not vary (e.g. a
+    forecast equal to its reference).
+    """
+    e, r = _vectors(errors=errors, reference_errors=reference_errors)
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    d = e * e - r * r
+    n = d.shape[0]
+    centered = d - d.mean()
+    long_run = float(centered @ centered) / n
+    for k in range(1, min(horizon, n)):
+        long_run += 2.0 * float(centered[k:] @ centered[:-k]) / n
+    if n < 3 or long_run <= 0 or not math.isfinite(long_run):
+        return {"stat": math.nan, "p_worse": math.nan, "p_better": math.nan}
+    correction = math.sqrt((n + 1 - 2 * horizon + horizon * (horizon - 1) / n) / n)
+    stat = correction * float(d.mean()) / math.sqrt(long_run / n)
+    return {
+        "stat": stat,
+        "p_worse": float(student_t.sf(stat, n - 1)),
+        "p_better": float(student_t.cdf(stat, n - 1)),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
@@ -329,6 +362,9 @@ class EvaluationReport:
     directional_pvalue: float
     coverage: Mapping[str, float]  # model's predicted High/Low range, see `range_coverage`
     range_naive_coverage: Mapping[str, float]  # same for the range-naive baseline
+    # Diebold-Mariano (small-sample corrected) of the model against persistence, per target of
+    # High/Low/Close: {"stat", "p_worse", "p_better"}, see `diebold_mariano`.
+    dm_vs_persistence: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def u2(self) -> dict[str, float]:
         """Model U2 vs persistence per target ("High", "Low", "Close", "Adj Close"), for the gate."""
@@ -351,6 +387,9 @@ class EvaluationReport:
             out[_metric_key(prefix, "range", name)] = float(value)
         for name, value in self.range_naive_coverage.items():
             out[_metric_key(prefix, "baseline_range_naive_range", name)] = float(value)
+        for target, test in self.dm_vs_persistence.items():
+            for name, value in test.items():
+                out[_metric_key(prefix, "dm_persistence", target, name)] = float(value)
         return out
 
 
@@ -412,4 +451,8 @@ def evaluate(
         range_naive_coverage=range_coverage(
             a[:, hi], a[:, lo], range_naive[:, hi], range_naive[:, lo]
         ),
+        dm_vs_persistence={
+            TARGETS[j]: diebold_mariano(p[:, j] - a[:, j], persistence[:, j] - a[:, j])
+            for j in (hi, lo, cl)
+        },
     )

@@ -14,8 +14,8 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.features import TARGETS
-from ml.windows import Scaler, _relative_inputs
+from ml.features import FEATURES, TARGETS, feature_names
+from ml.windows import Scaler, _relative_inputs, trailing_ratios
 
 if TYPE_CHECKING:
     import keras
@@ -49,9 +49,40 @@ class PriceForecaster:
     model: keras.Model
     x_scaler: Scaler
     y_scaler: Scaler
-    # Per-target shrinkage toward persistence in log-ratio space, fitted on the validation block
-    # (see ml.training.fit_skill_weights): 0 = persistence, 1 = the raw network.
+    # Per-target shrinkage toward the target's baseline (`anchors`) in log-ratio space, fitted on
+    # the validation block (see ml.training.fit_skill_weights): 0 = the baseline, 1 = the network.
     skill_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    # The volatility-memory horizons of the inputs (ml.features); () = the notebook's 8 inputs.
+    horizons: tuple[int, ...] = ()
+    # Per target, the baseline a weight of 0 falls back to: "persistence" (log-ratio 0) or
+    # "range_naive" (High/Low: last Close x the trailing mean High/Low-to-previous-Close ratio).
+    anchors: tuple[str, ...] = ("persistence",) * len(TARGETS)
+    naive_lookback: int = 20
+
+    @property
+    def context_bars(self) -> int:
+        """Bars before a forecast that make its inputs exactly those of training: the window,
+        the longest memory horizon or naive lookback before it, and one bar for the return."""
+        return self.window + max((*self.horizons, self.naive_lookback)) + 1
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return feature_names(self.horizons) if self.horizons else FEATURES
+
+    def anchor_log_ratios(self, high_ratio: Any, low_ratio: Any, n: int) -> np.ndarray:
+        """(n, 4) log-ratios of the baselines in `anchors` for windows whose range-naive ratios
+        are `high_ratio` and `low_ratio` (None where every anchor is persistence)."""
+        import numpy as np
+
+        base = np.zeros((n, len(TARGETS)))
+        for j, anchor in enumerate(self.anchors):
+            if anchor == "persistence":
+                continue
+            ratio = {"High": high_ratio, "Low": low_ratio}.get(TARGETS[j])
+            if anchor != "range_naive" or ratio is None:
+                raise ValueError(f"{TARGETS[j]}: anchor {anchor!r} needs the range-naive ratios")
+            base[:, j] = np.log(np.asarray(ratio, dtype="float64"))
+        return base
 
     def raw_log_ratios(self, x: np.ndarray) -> np.ndarray:
         """The network's log-ratio predictions for relative windows `x`, before shrinkage.
@@ -65,17 +96,28 @@ class PriceForecaster:
         scaled = self.model(self.x_scaler.transform(x).astype("float32"), training=False)
         return self.y_scaler.inverse(np.asarray(scaled, dtype="float64"))
 
+    def network_offsets(self, x: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """(n, 4) how far the network's log-ratio forecast lies from the anchors' `base`."""
+        return self.raw_log_ratios(x) - base
+
     def predict_windows(
-        self, x: np.ndarray, last_close: np.ndarray, last_adj_close: np.ndarray
+        self,
+        x: np.ndarray,
+        last_close: np.ndarray,
+        last_adj_close: np.ndarray,
+        high_ratio: np.ndarray | None = None,
+        low_ratio: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Prices (n, 4) for relative windows `x` (n, window, n_features)."""
+        """Prices (n, 4) for relative windows `x` (n, window, n_features): per target, the
+        baseline's log-ratio plus the skill weight times the network's difference from it."""
         import numpy as np
 
         if len(x) == 0:
             return np.empty((0, len(TARGETS)))
-        log_ratio = self.raw_log_ratios(x) * np.asarray(self.skill_weights)
-        anchors = np.stack([last_close, last_close, last_close, last_adj_close], axis=1)
-        return anchors * np.exp(log_ratio)
+        base = self.anchor_log_ratios(high_ratio, low_ratio, len(x))
+        log_ratio = base + self.network_offsets(x, base) * np.asarray(self.skill_weights)
+        prices = np.stack([last_close, last_close, last_close, last_adj_close], axis=1)
+        return prices * np.exp(log_ratio)
 
     def predict_frame(self, bars: pd.DataFrame) -> pd.DataFrame:
         """One forecast per window of `bars`: row i predicts the bar after `Date` (window's end)."""
@@ -85,15 +127,20 @@ class PriceForecaster:
 
         bars = bars.sort_values("Date").reset_index(drop=True)
         bars["Date"] = pd.to_datetime(bars["Date"]).astype("datetime64[ns]")
-        feats = build_features(bars)
+        feats = build_features(bars, self.horizons)
         if len(feats) < self.window:
             raise ValueError(
                 f"need at least {self.window + 1} consecutive bars to forecast, got {len(bars)}"
             )
-        x = _relative_inputs(feats, self.window)
+        x = _relative_inputs(feats, self.window, self.features)
+        high_ratio, low_ratio = trailing_ratios(feats, self.naive_lookback)
         ends = bars.iloc[self.window :].reset_index(drop=True)
         prices = self.predict_windows(
-            x, ends["Close"].to_numpy(dtype="float64"), ends["Adj Close"].to_numpy(dtype="float64")
+            x,
+            ends["Close"].to_numpy(dtype="float64"),
+            ends["Adj Close"].to_numpy(dtype="float64"),
+            high_ratio[self.window - 1 :],
+            low_ratio[self.window - 1 :],
         )
         out = pd.DataFrame(prices, columns=list(TARGETS))
         out.insert(0, "Date", ends["Date"].to_numpy())
@@ -113,6 +160,10 @@ class PriceForecaster:
                     "x_scaler": self.x_scaler.to_dict(),
                     "y_scaler": self.y_scaler.to_dict(),
                     "skill_weights": list(self.skill_weights),
+                    "horizons": list(self.horizons),
+                    "anchors": list(self.anchors),
+                    "naive_lookback": self.naive_lookback,
+                    "features": list(self.features),
                 },
                 indent=2,
                 sort_keys=True,
@@ -132,6 +183,10 @@ class PriceForecaster:
             x_scaler=Scaler.from_dict(prep["x_scaler"]),
             y_scaler=Scaler.from_dict(prep["y_scaler"]),
             skill_weights=tuple(prep.get("skill_weights", (1.0, 1.0, 1.0, 1.0))),
+            # Models saved before these keys existed: 8 inputs, persistence anchors.
+            horizons=tuple(int(k) for k in prep.get("horizons", ())),
+            anchors=tuple(prep.get("anchors", ("persistence",) * len(TARGETS))),
+            naive_lookback=int(prep.get("naive_lookback", 20)),
         )
 
 
@@ -184,7 +239,7 @@ def forecast_next_bar(
     forecaster: PriceForecaster, history: pd.DataFrame
 ) -> tuple[pd.Timestamp, dict[str, float]]:
     """The next bar after the last bar of `history`, in prices."""
-    tail = history.iloc[-(forecaster.window + 1) :]
+    tail = history.iloc[-forecaster.context_bars :]
     predicted = forecaster.predict_frame(tail).iloc[-1]
     return predicted["Date"], {t: float(predicted[t]) for t in TARGETS}
 

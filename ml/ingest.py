@@ -28,6 +28,8 @@ class StagedBatch:
     rows_fetched: int
     incremental: bool
     source: str
+    # What the source assumed about its input (e.g. a file without Adj Close), for the output.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ def stage_ticker(
         len(batch),
         incremental,
         source.name,
+        tuple(batch.attrs.get("notes") or ()),
     )
 
 
@@ -102,8 +105,12 @@ def publish_with_history(
         try:
             report = validate_prices(batch, instrument, as_of, previous=previous)
         except PriceValidationError as exc:
+            if batch.attrs.get("notes"):
+                exc.report.setdefault("meta", {})["source_notes"] = list(batch.attrs["notes"])
             store.quarantine(instrument, as_of, _report_json(exc.report))
             raise
+    if batch.attrs.get("notes"):  # the source's assumptions (Adj Close = Close, ...) on record
+        report.meta["source_notes"] = list(batch.attrs["notes"])
     result = store.publish(instrument, batch, as_of, report.to_json())
     summary = {
         "rows_added": result.rows_added,

@@ -188,6 +188,7 @@ def validate_all(
             trained_for=version.tags.get("logical_date"),
             gate_status=version.tags.get("gate_status"),
             metrics=json.loads(version.tags.get("test_u2", "{}")),
+            metrics_range_naive=json.loads(version.tags.get("test_u2_range_naive", "{}")),
         )
     return {"train": to_train, "tickers": summaries, "failed": failed}
 
@@ -473,6 +474,9 @@ def summarize_tickers(
             "failed" if row.get("failed_step") == "validate" else (summary.get("validation", "-"))
         )
         row["u2"] = outcome.get("metrics") or summary.get("metrics") or {}
+        row["u2_range_naive"] = (
+            outcome.get("metrics_range_naive") or summary.get("metrics_range_naive") or {}
+        )
         if outcome.get("status"):
             row["training"] = f"{outcome['status']} v{outcome['version']}"
         elif summary.get("version"):
@@ -543,6 +547,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "rows",
         "validation",
         "U2 H/L/C",
+        "vs naive H/L",
         "model",
         "champion",
         "next close",
@@ -551,6 +556,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         u2 = r.get("u2") or {}
         u2_text = "/".join(f"{u2[t]:.3f}" for t in ("High", "Low", "Close") if t in u2) or "-"
+        naive = r.get("u2_range_naive") or {}
+        naive_text = "/".join(f"{naive[t]:.3f}" for t in ("High", "Low") if t in naive) or "-"
         close = r.get("forecast_close")
         lines.append(
             [
@@ -559,6 +566,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 str(r.get("rows_added", "-")),
                 str(r.get("validation", "-")),
                 u2_text,
+                naive_text,
                 str(r.get("training", "-")),
                 str(r.get("promotion", "-")),
                 f"{close:.4f}" if isinstance(close, float) else "-",

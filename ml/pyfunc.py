@@ -19,7 +19,10 @@ class PriceForecastModel(mlflow.pyfunc.PythonModel):
     """Input: consecutive daily bars (Date, Open, High, Low, Close, Adj Close, Volume), oldest first.
 
     Output: for each window end `Date`, the next bar's High, Low, Close and Adj Close in prices; the
-    last row is the forecast for the bar after the input.
+    last row is the forecast for the bar after the input. Send at least the model's
+    `context_bars` bars (73 with the default config: a window of 6, 66 bars of volatility memory
+    and one for the return); with fewer, the memory inputs and the range-aware baseline are
+    averaged over the bars there are, and the forecast differs from the pipeline's.
     """
 
     def load_context(self, context: Any) -> None:

@@ -12,7 +12,7 @@ import os
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
@@ -147,6 +147,8 @@ class TrainingOutcome:
     run_id: str | None
     reason: str
     metrics: dict[str, float]
+    # Test-block U2 against the range-aware naive (High, Low), the strong baseline.
+    metrics_range_naive: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +182,7 @@ def outcome_of(instrument: Instrument, as_of: date, version: ModelVersion) -> Tr
         version.run_id,
         reason,
         metrics,
+        json.loads(version.tags.get("test_u2_range_naive", "{}")),
     )
 
 
@@ -217,9 +220,9 @@ def _plot_test_block(result: TrainResult) -> Any:
 def _input_example(result: TrainResult):
     from ml.sources import PRICE_COLUMNS
 
-    return (
-        result.history[PRICE_COLUMNS].iloc[-(result.forecaster.window + 1) :].reset_index(drop=True)
-    )
+    # Enough bars for the volatility memory, so the example's last row is the real forecast.
+    bars = result.history[PRICE_COLUMNS].iloc[-result.forecaster.context_bars :]
+    return bars.reset_index(drop=True)
 
 
 def log_candidate(
@@ -328,12 +331,17 @@ def log_candidate(
             "training_summary.json",
         )
         u2 = {t: round(float(v), 6) for t, v in result.evaluation.u2().items()}
+        u2_naive = {
+            t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")
+        }
         version = mlflow.register_model(
             info.model_uri,
             instrument.model_name,
             tags={
                 **model_tags,
                 "test_u2": json.dumps(u2, sort_keys=True),
+                "test_u2_range_naive": json.dumps(u2_naive, sort_keys=True),
+                "test_dm": dm_table(dict(result.evaluation.dm_vs_persistence)),
                 "run_id": run_id,
             },
         )
@@ -346,6 +354,7 @@ def log_candidate(
         run_id,
         f"registered version {version.version} ({result.forecaster.kind})",
         u2,
+        u2_naive,
     )
 
 
@@ -366,22 +375,60 @@ class PromotionDecision:
         return asdict(self)
 
 
-def gate_failures(u2: dict[str, float], gate: GateConfig) -> list[str]:
-    """Reasons the candidate fails to beat persistence (empty when it passes)."""
+def gate_failures(
+    u2: dict[str, float], dm: dict[str, dict[str, float]], gate: GateConfig
+) -> list[str]:
+    """Reasons the candidate fails the gate against persistence (empty when it passes).
+
+    `u2` is the test-block U2 per target, `dm` the Diebold-Mariano test per target against
+    persistence ({"stat", "p_worse", "p_better"}, `ml.evaluation.diebold_mariano`). High and Low
+    must have U2 below their caps and be significantly better (p_better < p_value); Close must
+    not be significantly worse (p_worse < p_value fails; a Close equal to persistence has no
+    test, NaN, and passes). Missing or NaN values fail closed.
+    """
     import math
 
+    nan = float("nan")
     failures = []
-    for target, limit, inclusive in (
-        ("High", gate.u2_high_max, False),
-        ("Low", gate.u2_low_max, False),
-        ("Close", gate.u2_close_max, gate.close_inclusive),
-    ):
-        value = u2.get(target, float("nan"))
-        ok = (value <= limit) if inclusive else (value < limit)
-        if math.isnan(value) or not ok:
-            op = "<=" if inclusive else "<"
-            failures.append(f"U2 {target} {value:.4f} not {op} {limit}")
+    for target, limit in (("High", gate.u2_high_max), ("Low", gate.u2_low_max)):
+        value = u2.get(target, nan)
+        if math.isnan(value) or not value < limit:
+            failures.append(f"U2 {target} {value:.4f} not < {limit}")
+        p_better = (dm.get(target) or {}).get("p_better", nan)
+        if not p_better < gate.p_value:
+            failures.append(
+                f"{target} not significantly better than persistence "
+                f"(Diebold-Mariano p {p_better:.3g} not < {gate.p_value})"
+            )
+    if math.isnan(u2.get("Close", nan)):
+        failures.append("U2 Close missing")
+    p_worse = (dm.get("Close") or {}).get("p_worse", nan)
+    if p_worse < gate.p_value:
+        failures.append(
+            f"Close significantly worse than persistence "
+            f"(Diebold-Mariano p {p_worse:.3g} < {gate.p_value}, U2 {u2.get('Close', nan):.4f})"
+        )
     return failures
+
+
+def dm_table(dm: dict[str, dict[str, float]]) -> str:
+    """The Diebold-Mariano statistics as a tag value (JSON, NaN as null)."""
+    import math
+
+    return json.dumps(
+        {
+            t: {k: (round(v, 6) if math.isfinite(v) else None) for k, v in stats.items()}
+            for t, stats in dm.items()
+        },
+        sort_keys=True,
+    )
+
+
+def read_dm(tag: str | None) -> dict[str, dict[str, float]]:
+    return {
+        t: {k: (float("nan") if v is None else float(v)) for k, v in stats.items()}
+        for t, stats in json.loads(tag or "{}").items()
+    }
 
 
 def score(u2: dict[str, float]) -> float:
@@ -454,20 +501,46 @@ def load_forecaster(
         return PriceForecaster.load(keras_path, prep_path), str(version)
 
 
-def rescore_u2(forecaster: PriceForecaster, history: Any, test: Any) -> dict[str, float]:
-    """U2 against persistence of `forecaster` on the test windows `test` of `history`."""
+def block_predictions(forecaster: PriceForecaster, history: Any, test: Any) -> Any:
+    """(n, 4) predictions of `forecaster` for the test windows `test` of `history`."""
     import numpy as np
-
-    from ml.evaluation import persistence_forecast, theil_u2
 
     frame = forecaster.predict_frame(history)
     by_end = dict(zip(frame["Date"].to_numpy(), frame[list(TARGETS)].to_numpy(), strict=True))
     dates = history["Date"].to_numpy()
     idx = np.searchsorted(dates, test.target_dates) - 1
-    predicted = np.stack([by_end[dates[i]] for i in idx])
+    return np.stack([by_end[dates[i]] for i in idx])
+
+
+def rescore_u2(forecaster: PriceForecaster, history: Any, test: Any) -> dict[str, float]:
+    """U2 against persistence of `forecaster` on the test windows `test` of `history`."""
+    from ml.evaluation import persistence_forecast, theil_u2
+
+    predicted = block_predictions(forecaster, history, test)
     reference = persistence_forecast(test.last_close, test.last_adj_close)
     values = theil_u2(test.actual, predicted, reference)
     return {t: float(v) for t, v in zip(TARGETS, values, strict=True)}
+
+
+def versus_champion(
+    candidate: PriceForecaster, champion: PriceForecaster, history: Any, test: Any
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The champion's U2 against persistence on the candidate's test block, and the
+    Diebold-Mariano test of the candidate against the champion per High/Low/Close."""
+    from ml.evaluation import diebold_mariano, persistence_forecast, theil_u2
+
+    ours = block_predictions(candidate, history, test)
+    theirs = block_predictions(champion, history, test)
+    reference = persistence_forecast(test.last_close, test.last_adj_close)
+    u2 = {
+        t: float(v) for t, v in zip(TARGETS, theil_u2(test.actual, theirs, reference), strict=True)
+    }
+    dm = {
+        t: diebold_mariano(ours[:, j] - test.actual[:, j], theirs[:, j] - test.actual[:, j])
+        for j, t in enumerate(TARGETS)
+        if t in GATE_TARGETS
+    }
+    return u2, dm
 
 
 def promote_if_better(
@@ -495,13 +568,13 @@ def promote_if_better(
             )
         u2 = json.loads(candidate.tags.get("test_u2", "{}"))
         cand_score = score(u2) if all(t in u2 for t in GATE_TARGETS) else None
-        failures = gate_failures(u2, settings.gate)
+        failures = gate_failures(u2, read_dm(candidate.tags.get("test_dm")), settings.gate)
         # Compare with the champion of this date, not a model trained on later bars (backfills).
         champion = champion_as_of(client, name, as_of)
         alias_holder = get_alias(client, name, CHAMPION)
         champ_score: float | None = None
         if failures:
-            promoted, reason = False, "fails the persistence gate: " + "; ".join(failures)
+            promoted, reason = False, "fails the gate against persistence: " + "; ".join(failures)
         elif champion is None:
             promoted, reason = True, "first champion: beats persistence"
         elif champion.version == candidate.version:
@@ -512,11 +585,26 @@ def promote_if_better(
                 history, settings.model.window, settings.model.split, settings.model.naive_lookback
             )
             loaded = load_forecaster(instrument, settings, version=champion.version)
-            assert loaded is not None
-            champ_u2 = rescore_u2(loaded[0], history, split.test)
+            mine = load_forecaster(instrument, settings, version=candidate.version)
+            assert loaded is not None and mine is not None
+            champ_u2, dm_champion = versus_champion(mine[0], loaded[0], history, split.test)
             champ_score = score(champ_u2)
+            client.set_model_version_tag(
+                name, version, "gate_dm_vs_champion", dm_table(dm_champion)
+            )
+            worse = [
+                f"{t} (Diebold-Mariano p {dm_champion[t]['p_worse']:.3g})"
+                for t in GATE_TARGETS
+                if dm_champion[t]["p_worse"] < settings.gate.p_value
+            ]
             assert cand_score is not None
-            if cand_score < champ_score - settings.gate.min_improvement:
+            if worse:
+                promoted = False
+                reason = (
+                    f"significantly worse than champion v{champion.version} on the same test "
+                    f"block: {', '.join(worse)}"
+                )
+            elif cand_score < champ_score - settings.gate.min_improvement:
                 promoted = True
                 reason = (
                     f"beats persistence and champion v{champion.version} "
@@ -528,6 +616,11 @@ def promote_if_better(
                     f"does not beat champion v{champion.version} on the same test block "
                     f"(mean U2 {cand_score:.4f} >= {champ_score:.4f})"
                 )
+        naive = json.loads(candidate.tags.get("test_u2_range_naive", "{}"))
+        if naive:  # shown beside the gate; High/Low already fall back to it where it is better
+            reason += "; U2 vs range-aware naive " + ", ".join(
+                f"{t} {naive[t]:.4f}" for t in ("High", "Low") if t in naive
+            )
         # The alias only moves forward in time: a backfilled date's winner is recorded as promoted
         # (it is the champion as of its date) but does not displace a champion of a later date.
         moves_alias = (

@@ -224,21 +224,105 @@ class SyntheticSource:
 # --- files ---------------------------------------------------------------------------------------
 
 
+# Names a user's file may give each standard column (compared lowercase, spaces/_/- removed).
+_COLUMN_ALIASES = {
+    "Date": ("date", "datetime", "timestamp", "time", "day"),
+    "Open": ("open",),
+    "High": ("high",),
+    "Low": ("low",),
+    "Close": ("close",),
+    "Adj Close": ("adjclose", "adjustedclose"),
+    "Volume": ("volume", "vol"),
+}
+
+
+def _column_key(name: object) -> str:
+    return "".join(ch for ch in str(name).lower() if ch not in " _-.")
+
+
+def standardize_file_frame(raw: pd.DataFrame, ticker: str, path: Path) -> pd.DataFrame:
+    """A user's price table in yfinance's columns, with what was assumed in `attrs["notes"]`.
+
+    Accepted as users have them: the date as the first unnamed column (a saved pandas index), as
+    the index of a Parquet file, or a column named Date/date/timestamp; column names in any case;
+    no `Adj Close` (then Adj Close = Close: the file carries no adjustment, and the note says
+    so); newest-first order (reversed); extra columns (dividends, splits, open interest) ignored.
+    Anything else raises `PriceSourceError` naming the file and the column.
+    """
+    import pandas as pd
+
+    frame = raw
+    if isinstance(frame.index, pd.DatetimeIndex) or frame.index.name is not None:
+        frame = frame.reset_index()
+    keys = {_column_key(c): c for c in reversed(list(frame.columns))}
+    renames: dict[object, str] = {}
+    for column, aliases in _COLUMN_ALIASES.items():
+        found = next((keys[a] for a in aliases if a in keys), None)
+        if found is not None:
+            renames[found] = column
+    if "Date" not in renames.values():
+        first = frame.columns[0] if len(frame.columns) else None
+        if first is not None and (str(first).startswith("Unnamed: ") or str(first).strip() == ""):
+            renames[first] = "Date"
+    missing = [c for c in PRICE_COLUMNS if c not in renames.values() and c != "Adj Close"]
+    if missing:
+        if "Date" in missing:
+            where = "no date column (the first column unnamed, or one named Date, date, timestamp)"
+        else:
+            where = f"missing column(s) {missing}"
+        raise PriceSourceError(
+            f"{ticker}: {path}: {where}; the file has columns {[str(c) for c in frame.columns]}"
+        )
+    frame = frame.rename(columns=renames)
+    notes = []
+    ignored = [str(c) for c in frame.columns if c not in PRICE_COLUMNS]
+    if ignored:
+        notes.append(f"{path.name}: ignored column(s) {ignored}")
+    if "Adj Close" not in frame.columns:
+        frame = frame.assign(**{"Adj Close": frame["Close"]})
+        notes.append(f"{path.name}: no Adj Close column: Adj Close = Close (no adjustment)")
+    frame = frame[PRICE_COLUMNS]
+    try:
+        dates = _session_dates(frame["Date"])
+    except (ValueError, TypeError) as exc:
+        raise PriceSourceError(
+            f"{ticker}: {path}: column {_file_name_of(renames, 'Date')!r} does not hold dates: {exc}"
+        ) from exc
+    if len(dates) > 1 and dates.is_monotonic_decreasing and not dates.is_monotonic_increasing:
+        frame = frame.iloc[::-1].reset_index(drop=True)
+        notes.append(f"{path.name}: newest-first order, read in reverse")
+    frame.attrs["notes"] = notes
+    return frame
+
+
+def _file_name_of(renames: dict[object, str], column: str) -> str:
+    """The file's own name of a standard column."""
+    return next((str(k) for k, v in renames.items() if v == column), column)
+
+
 @dataclass(frozen=True)
 class FileSource:
-    """Replays a folder of CSV or Parquet files in yfinance's layout, one per ticker.
+    """Replays a folder of CSV or Parquet files, one per ticker, in the layouts users have (see
+    `standardize_file_frame`).
 
-    A file is found as `<TICKER>.csv`, `<slug>.csv` or the `.parquet` equivalents.
+    A file is found as `<TICKER>.csv`, `<slug>.csv` or the `.parquet` equivalents, in any case
+    (`msft.csv` serves MSFT).
     """
 
     directory: Path
     name: str = "files"
 
     def _path_for(self, instrument: Instrument) -> Path:
-        for stem in dict.fromkeys((instrument.ticker, instrument.slug)):
+        stems = list(dict.fromkeys((instrument.ticker, instrument.slug)))
+        for stem in stems:
             for ext in (".parquet", ".csv"):
                 path = self.directory / f"{stem}{ext}"
                 if path.is_file():
+                    return path
+        wanted = {f"{stem}{ext}".lower() for stem in stems for ext in (".parquet", ".csv")}
+        if self.directory.is_dir():
+            for path in sorted(self.directory.iterdir()):
+                if path.name.lower() in wanted and path.is_file():
                     return path
         raise PriceSourceError(
             f"{instrument.ticker}: no price file in {self.directory} "
@@ -253,7 +337,10 @@ class FileSource:
             raw = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         except Exception as exc:
             raise PriceSourceError(f"{instrument.ticker}: cannot read {path}: {exc}") from exc
-        return normalize_frame(raw, instrument.ticker, start, end)
+        frame = standardize_file_frame(raw, instrument.ticker, path)
+        out = normalize_frame(frame, instrument.ticker, start, end)
+        out.attrs["notes"] = frame.attrs["notes"]
+        return out
 
 
 # --- yahoo ---------------------------------------------------------------------------------------

@@ -296,13 +296,15 @@ def fit_candidate(
 def fit_skill_weights(
     predicted: np.ndarray, actual: np.ndarray, z: float = 1.645
 ) -> tuple[float, ...]:
-    """Per-target shrinkage of log-ratio predictions toward persistence (log-ratio 0).
+    """Per-target shrinkage of log-ratio predictions toward the target's baseline.
 
-    On the validation block, regress the actual log-ratios on the predicted ones through the
-    origin. Where the slope is not significantly positive (one-sided t < z), the network shows no
-    skill over persistence for that target and its weight is 0, so it forecasts persistence; else
-    the weight is the slope clipped to [0, 1]. On a near-random-walk Close this usually gives 0:
-    the model then claims no skill it does not have. Fitted on validation only, never on test.
+    Both arguments are log-ratios minus the baseline's (persistence: 0; the range-aware naive
+    for High/Low: log of its ratio). On the validation block, regress the actual on the
+    predicted through the origin. Where the slope is not significantly positive (one-sided
+    t < z), the network shows no skill over the baseline for that target and its weight is 0, so
+    it forecasts the baseline; else the weight is the slope clipped to [0, 1]. On a
+    near-random-walk Close this usually gives 0: the model then claims no skill it does not
+    have. Fitted on validation only, never on test.
     """
     import numpy as np
 
@@ -325,12 +327,22 @@ def train_on_history(
     ticker: str, as_of: date, history: pd.DataFrame, config: ModelConfig
 ) -> TrainResult:
     """Train every configured kind on `history` (bars <= as_of) and score the best on test."""
+    split = prepare(
+        history, config.window, config.split, config.naive_lookback, config.vol_horizons
+    )
+    return fit_and_evaluate(ticker, as_of, history, split, config)
 
+
+def fit_and_evaluate(
+    ticker: str, as_of: date, history: pd.DataFrame, split: SplitData, config: ModelConfig
+) -> TrainResult:
+    """Fit every kind on `split`'s train block (early stopping on validation), keep the best,
+    fit its skill weights on validation and score it on the test block against both baselines.
+    `train_on_history` uses the 70/20/10 split; a rolling-origin backtest passes its own."""
     from ml.evaluation import evaluate, mase_scale
     from ml.forecasting import PriceForecaster
 
     configure_tensorflow()
-    split = prepare(history, config.window, config.split, config.naive_lookback)
     fitted = fit_candidates(tuple(config.kinds), split, config)
     candidates = [result for _, result in fitted]
     # The lowest best validation loss wins; on a tie, the kind listed first.
@@ -344,12 +356,19 @@ def train_on_history(
         model=network,
         x_scaler=split.x_scaler,
         y_scaler=split.y_scaler,
+        horizons=tuple(config.vol_horizons),
+        anchors=config.anchors(),
+        naive_lookback=config.naive_lookback,
     )
+    val = split.val
+    base = forecaster.anchor_log_ratios(val.high_ratio, val.low_ratio, len(val))
     forecaster.skill_weights = fit_skill_weights(
-        forecaster.raw_log_ratios(split.val.x), split.val.y
+        forecaster.network_offsets(val.x, base), val.y - base
     )
     test = split.test
-    predicted = forecaster.predict_windows(test.x, test.last_close, test.last_adj_close)
+    predicted = forecaster.predict_windows(
+        test.x, test.last_close, test.last_adj_close, test.high_ratio, test.low_ratio
+    )
     scale = mase_scale(split.train.actual, split.train.last_close, split.train.last_adj_close)
     report = evaluate(
         test.actual,

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ml.features import FEATURES, PRICE_FEATURES, TARGETS, build_features
+from ml.features import FEATURES, PRICE_FEATURES, TARGETS, build_features, feature_names
 
 if TYPE_CHECKING:
     import numpy as np
@@ -97,45 +97,57 @@ class SplitData:
         return self.x_scaler.transform(part.x), self.y_scaler.transform(part.y)
 
 
-def _relative_inputs(features: pd.DataFrame, window: int) -> np.ndarray:
-    """(n_windows_incl_last, window, n_features) with prices/volume relative to each window's last bar."""
+def _relative_inputs(
+    features: pd.DataFrame, window: int, names: tuple[str, ...] = FEATURES
+) -> np.ndarray:
+    """(n_windows_incl_last, window, n_features) with prices/volume relative to each window's last
+    bar; `names` are the input columns in model order (the memory features stay as they are)."""
     import numpy as np
     from numpy.lib.stride_tricks import sliding_window_view
 
-    values = features[list(FEATURES)].to_numpy(dtype="float64")
+    values = features[list(names)].to_numpy(dtype="float64")
     windows = sliding_window_view(values, window, axis=0).transpose(0, 2, 1).copy()
     last = windows[:, -1:, :].copy()
     for col, anchor in _RELATIVE_TO.items():
-        windows[:, :, FEATURES.index(col)] -= last[:, :, FEATURES.index(anchor)]
+        windows[:, :, names.index(col)] -= last[:, :, names.index(anchor)]
     return np.ascontiguousarray(windows)
 
 
-def _trailing_ratio(ratio: np.ndarray, lookback: int) -> np.ndarray:
+def trailing_ratios(features: pd.DataFrame, lookback: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature row, the range-aware naive's ratios: trailing means over `lookback` bars (fewer
+    at the start) of High_t / Close_{t-1} and Low_t / Close_{t-1}, up to and including the row."""
+    import numpy as np
     import pandas as pd
 
-    return pd.Series(ratio).rolling(lookback, min_periods=1).mean().to_numpy()
+    prev_log_close = features["Close"].to_numpy() - features["Return"].to_numpy()
+    out = []
+    for col in ("High", "Low"):
+        ratio = np.exp(features[col].to_numpy() - prev_log_close)
+        out.append(pd.Series(ratio).rolling(lookback, min_periods=1).mean().to_numpy())
+    return out[0], out[1]
 
 
-def make_windows(history: pd.DataFrame, window: int, naive_lookback: int = 20) -> WindowSet:
-    """Cut every window whose next bar exists in `history` (sorted by date, validated)."""
+def make_windows(
+    history: pd.DataFrame, window: int, naive_lookback: int = 20, horizons: tuple[int, ...] = ()
+) -> WindowSet:
+    """Cut every window whose next bar exists in `history` (sorted by date, validated); with
+    `horizons`, each bar also carries the volatility memory of `ml.features`."""
     import numpy as np
 
     if len(history) < window + 2:
         raise InsufficientHistoryError(
             f"{len(history)} bars is too few for windows of {window} plus a target"
         )
-    feats = build_features(history)
+    feats = build_features(history, horizons)
     if len(feats) < window + 1:
         raise InsufficientHistoryError(
             f"{len(history)} bars is too few for windows of {window} plus a target"
         )
-    x_all = _relative_inputs(feats, window)
+    x_all = _relative_inputs(feats, window, feature_names(horizons))
     ends = np.arange(window - 1, len(feats) - 1)  # feature row of each window's last bar
     log_close = feats["Close"].to_numpy()
     log_adj = feats["Adj Close"].to_numpy()
-    prev_log_close = log_close - feats["Return"].to_numpy()
-    high_ratio = _trailing_ratio(np.exp(feats["High"].to_numpy() - prev_log_close), naive_lookback)
-    low_ratio = _trailing_ratio(np.exp(feats["Low"].to_numpy() - prev_log_close), naive_lookback)
+    high_ratio, low_ratio = trailing_ratios(feats, naive_lookback)
     nxt = ends + 1
     y = np.stack(
         [
@@ -160,14 +172,16 @@ def make_windows(history: pd.DataFrame, window: int, naive_lookback: int = 20) -
     )
 
 
-def latest_window(history: pd.DataFrame, window: int) -> np.ndarray:
+def latest_window(history: pd.DataFrame, window: int, horizons: tuple[int, ...] = ()) -> np.ndarray:
     """The single window ending at the last bar of `history`: the input for the next forecast."""
     if len(history) < window + 1:
         raise InsufficientHistoryError(f"{len(history)} bars is too few for a window of {window}")
-    feats = build_features(history)
+    feats = build_features(history, horizons)
     if len(feats) < window:
         raise InsufficientHistoryError(f"{len(history)} bars is too few for a window of {window}")
-    return _relative_inputs(feats.iloc[-window:].reset_index(drop=True), window)
+    return _relative_inputs(
+        feats.iloc[-window:].reset_index(drop=True), window, feature_names(horizons)
+    )
 
 
 def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -182,15 +196,39 @@ def prepare(
     window: int,
     fractions: tuple[float, float, float] = (0.7, 0.2, 0.1),
     naive_lookback: int = 20,
+    horizons: tuple[int, ...] = (),
 ) -> SplitData:
     """Windows split chronologically, with scalers fitted on the train block only."""
-    windows = make_windows(history, window, naive_lookback)
+    windows = make_windows(history, window, naive_lookback, horizons)
     if len(windows) < MIN_WINDOWS:
         raise InsufficientHistoryError(
             f"{len(windows)} windows from {len(history)} bars; need at least {MIN_WINDOWS}"
         )
     n_train, n_val, _ = split_sizes(len(windows), fractions)
-    train = windows.take(0, n_train)
-    val = windows.take(n_train, n_train + n_val)
-    test = windows.take(n_train + n_val, len(windows))
+    return split_at(windows, n_train, n_train + n_val, len(windows))
+
+
+def split_at(windows: WindowSet, val_start: int, test_start: int, test_stop: int) -> SplitData:
+    """Train = windows[:val_start], validation up to `test_start`, test up to `test_stop`; the
+    scalers see the train block only. Windows after `test_stop` are not used."""
+    train = windows.take(0, val_start)
+    val = windows.take(val_start, test_start)
+    test = windows.take(test_start, test_stop)
     return SplitData(train, val, test, Scaler.fit(train.x), Scaler.fit(train.y))
+
+
+def rolling_origins(
+    n_windows: int, n_origins: int, span: float = 0.3, val_share: float = 2 / 9
+) -> list[tuple[int, int, int]]:
+    """(val_start, test_start, test_stop) of `n_origins` consecutive test blocks that tile the
+    last `span` of the windows: a rolling-origin backtest. Before each origin, the windows are
+    split train/validation as 7:2 (the default 70/20 split), so each fit sees only its past."""
+    first = n_windows - math.floor(n_windows * span)
+    size = (n_windows - first) // n_origins
+    out = []
+    for k in range(n_origins):
+        test_start = first + k * size
+        test_stop = n_windows if k == n_origins - 1 else test_start + size
+        val_start = test_start - math.floor(test_start * val_share)
+        out.append((val_start, test_start, test_stop))
+    return out

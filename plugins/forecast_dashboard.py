@@ -270,12 +270,14 @@ def _view_row(row: dict[str, Any], mlflow_base: str | None) -> dict[str, Any]:
     }
 
 
-def _u2_cell(u2: Any, target: str, limit: float, inclusive: bool) -> dict[str, str]:
+def _u2_cell(u2: Any, target: str, limit: float | None) -> dict[str, str]:
+    """A U2 value, marked pass/fail against its cap (`limit` None: no cap, no mark)."""
     value = _number(u2.get(target)) if isinstance(u2, dict) else None
     if value is None:
         return {"text": "–", "cls": ""}
-    passes = value <= limit if inclusive else value < limit
-    return {"text": f"{value:.3f}", "cls": "pass" if passes else "fail"}
+    if limit is None:
+        return {"text": f"{value:.3f}", "cls": ""}
+    return {"text": f"{value:.3f}", "cls": "pass" if value < limit else "fail"}
 
 
 def _text(value: Any) -> str:
@@ -303,9 +305,10 @@ def _view_report(report: dict[str, Any], settings: "Settings") -> dict[str, Any]
                 "failed": r.get("state") == "failed",
                 "validation": _text(r.get("validation")),
                 "training": _text(r.get("training")),
-                "u2_high": _u2_cell(u2, "High", gate.u2_high_max, False),
-                "u2_low": _u2_cell(u2, "Low", gate.u2_low_max, False),
-                "u2_close": _u2_cell(u2, "Close", gate.u2_close_max, gate.close_inclusive),
+                "u2_high": _u2_cell(u2, "High", gate.u2_high_max),
+                "u2_low": _u2_cell(u2, "Low", gate.u2_low_max),
+                # Close has no U2 cap: the gate only asks that it not be significantly worse.
+                "u2_close": _u2_cell(u2, "Close", None),
                 "promotion": promotion,
                 "promoted": promotion.startswith("promoted"),
                 "why": why,
@@ -328,9 +331,10 @@ def _view_report(report: dict[str, Any], settings: "Settings") -> dict[str, Any]
         "promoted": sum(1 for row in rows if row["promoted"]),
         "rows": rows,
         "gate": (
-            f"U2 High < {gate.u2_high_max:g}, U2 Low < {gate.u2_low_max:g}, "
-            f"U2 Close {'<=' if gate.close_inclusive else '<'} {gate.u2_close_max:g}, "
-            "and better than the current champion on the same test block"
+            f"U2 High < {gate.u2_high_max:g} and U2 Low < {gate.u2_low_max:g}, both significantly "
+            "better than persistence, Close not significantly worse (one-sided Diebold-Mariano, "
+            f"p < {gate.p_value:g}); against the current champion on the same test block: no "
+            "target significantly worse and a lower mean U2"
         ),
     }
 

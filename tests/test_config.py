@@ -157,7 +157,7 @@ def test_environment_overrides_every_setting(tmp_path: Path) -> None:
         "MODEL_KINDS": "GRU, lstm",
         "GATE_U2_HIGH_MAX": "0.95",
         "GATE_U2_LOW_MAX": "0.9",
-        "GATE_U2_CLOSE_MAX": "1.02",
+        "GATE_P_VALUE": "0.01",
         "GATE_MIN_IMPROVEMENT": "0.01",
     }
     s = get_settings(env)
@@ -183,11 +183,11 @@ def test_environment_overrides_every_setting(tmp_path: Path) -> None:
     )
     assert isinstance(s.model.window, int) and isinstance(s.model.learning_rate, float)
     assert s.gate == GateConfig(
-        u2_high_max=0.95, u2_low_max=0.9, u2_close_max=1.02, min_improvement=0.01
+        u2_high_max=0.95, u2_low_max=0.9, p_value=0.01, min_improvement=0.01
     )
     table = dict(settings_table(s))
     assert table["model.window"] == "10"
-    assert table["gate.u2_close_max"] == "1.02"
+    assert table["gate.p_value"] == "0.01"
     assert table["price_source"] == "files"
 
 
@@ -210,6 +210,8 @@ def test_empty_values_mean_default() -> None:
         ({"MODEL_KINDS": "lstm,transformer"}, ["MODEL_KINDS", "lstm, gru"]),
         ({"MODEL_KINDS": " , "}, ["MODEL_KINDS", "lstm, gru"]),
         ({"GATE_U2_HIGH_MAX": "high"}, ["GATE_U2_HIGH_MAX", "'high'"]),
+        ({"GATE_P_VALUE": "1"}, ["GATE_P_VALUE", "between 0 and 1"]),
+        ({"GATE_P_VALUE": "0"}, ["GATE_P_VALUE", "positive"]),
         ({"HISTORY_START": "2024-13-01"}, ["HISTORY_START", "'2024-13-01'", "YYYY-MM-DD"]),
         ({"TRAILING_DAYS": "ten"}, ["TRAILING_DAYS", "'ten'"]),
         ({"YAHOO_MAX_RETRIES": "0"}, ["YAHOO_MAX_RETRIES", "positive"]),
@@ -226,7 +228,7 @@ def test_bad_values_raise_config_error_naming_the_variable(
         assert fragment in message, message
 
 
-@pytest.mark.parametrize("name", ["MODEL_LEARNING_RATE", "GATE_U2_CLOSE_MAX"])
+@pytest.mark.parametrize("name", ["MODEL_LEARNING_RATE", "GATE_P_VALUE"])
 def test_nan_is_not_a_valid_number(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         get_settings({name: "nan"})

@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 from ml.evaluation import (
     TARGETS,
     EvaluationReport,
+    diebold_mariano,
     directional_accuracy,
     evaluate,
     mae,
@@ -407,3 +408,50 @@ def test_empty_and_non_finite_input_raise() -> None:
     bad[0, 0] = np.inf
     with pytest.raises(ValueError, match="predicted"):
         evaluate(**{**ex, "predicted": bad})
+
+
+# --------------------------------------------------------------------------------------------------
+# Diebold-Mariano
+# --------------------------------------------------------------------------------------------------
+
+
+def test_diebold_mariano_matches_the_formula_with_the_small_sample_correction() -> None:
+    rng = np.random.default_rng(3)
+    e, r = rng.normal(size=40), rng.normal(size=40) * 0.8
+    d = e**2 - r**2
+    raw = d.mean() / np.sqrt(d.var() / len(d))  # population variance: gamma_0
+    expected = raw * np.sqrt((40 + 1 - 2) / 40)
+    from scipy.stats import t
+
+    got = diebold_mariano(e, r)
+    assert got["stat"] == pytest.approx(expected, rel=1e-12)
+    assert got["p_worse"] == pytest.approx(t.sf(expected, 39), rel=1e-12)
+    assert got["p_worse"] + got["p_better"] == pytest.approx(1.0)
+
+
+def test_diebold_mariano_is_antisymmetric_and_detects_a_worse_forecast() -> None:
+    rng = np.random.default_rng(4)
+    noise = rng.normal(size=300)
+    worse, better = noise * 1.5, noise * 0.5 + rng.normal(size=300) * 0.1
+    result = diebold_mariano(worse, better)
+    assert result["p_worse"] < 1e-6 and result["p_better"] > 0.999
+    swapped = diebold_mariano(better, worse)
+    assert swapped["stat"] == pytest.approx(-result["stat"])
+
+
+def test_diebold_mariano_of_a_forecast_equal_to_its_reference_is_nan() -> None:
+    errors = np.array([0.1, -0.2, 0.3, 0.0])
+    assert all(np.isnan(v) for v in diebold_mariano(errors, errors).values())
+
+
+def test_diebold_mariano_horizon_adds_the_autocovariances() -> None:
+    rng = np.random.default_rng(5)
+    e, r = rng.normal(size=60), rng.normal(size=60)
+    d = e**2 - r**2
+    c = d - d.mean()
+    n, h = 60, 3
+    long_run = (c @ c + 2 * (c[1:] @ c[:-1]) + 2 * (c[2:] @ c[:-2])) / n
+    expected = np.sqrt((n + 1 - 2 * h + h * (h - 1) / n) / n) * d.mean() / np.sqrt(long_run / n)
+    assert diebold_mariano(e, r, horizon=3)["stat"] == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="horizon"):
+        diebold_mariano(e, r, horizon=0)

@@ -132,7 +132,7 @@ def write_fixture_data(settings: Settings) -> None:
                 "training": "trained v4",
                 "u2": {"High": 0.91, "Low": 0.93, "Close": 1.0182},
                 "promotion": "kept v3",
-                "promotion_reason": "fails the persistence gate: U2 Close 1.0182 not <= 1.0",
+                "promotion_reason": "fails the gate against persistence: Close significantly worse than persistence",
             },
             {
                 "ticker": "SOL-USD",
@@ -247,12 +247,13 @@ def test_run_report_summary(client: Any, env_settings: Settings) -> None:
     assert gate["EURUSD=X"][6:] == [
         "1.018",
         "kept v3",
-        "fails the persistence gate: U2 Close 1.0182 not <= 1.0",
+        "fails the gate against persistence: Close significantly worse than persistence",
     ]
     assert gate["SOL-USD"][1] == "failed"
     assert gate["SOL-USD"][-1].startswith("failed at publish: PriceValidationError")
     assert gate["NVDA"][7] == "no champion"
-    assert 'class="num fail">1.018' in html  # above the U2 Close gate
+    assert 'class="num fail">0.930' not in html  # High/Low below their caps pass
+    assert 'class="num ">1.018' in html  # Close has no U2 cap: its DM test is in the reason
     assert "No forecast for <strong>NVDA</strong>" in html
 
 

@@ -120,7 +120,8 @@ def test_forecast_row_holds_prices_from_the_champion(
     mlflow.set_tracking_uri(fc_settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(fc_settings.mlflow_tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/price-forecast-{TICKER}@champion")
-    served = model.predict(history[PRICE_COLUMNS].tail(20).reset_index(drop=True)).iloc[-1]
+    # At least the model's context (window + 66 bars of volatility memory + 1), as documented.
+    served = model.predict(history[PRICE_COLUMNS].tail(100).reset_index(drop=True)).iloc[-1]
     stored = _rows(fc_settings, TICKER, AS_OF).iloc[0]
     for target, key in zip(
         TARGETS, ("pred_high", "pred_low", "pred_close", "pred_adj_close"), strict=True

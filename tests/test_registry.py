@@ -28,6 +28,7 @@ from ml.registry import (
     get_client,
     log_candidate,
     promote_if_better,
+    read_dm,
     score,
 )
 from tests.conftest import ingest as _ingest
@@ -47,30 +48,60 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # --------------------------------------------------------------------------------------------------
 
 
+def _dm(high: float = 0.001, low: float = 0.001, close: float = float("nan")) -> dict:
+    """DM results: p_better of High and Low, p_worse of Close (NaN: Close = persistence)."""
+    return {
+        "High": {"stat": -3.0, "p_better": high, "p_worse": 1 - high},
+        "Low": {"stat": -3.0, "p_better": low, "p_worse": 1 - low},
+        "Close": {"stat": 0.0, "p_better": 1 - close, "p_worse": close},
+    }
+
+
 def test_gate_passes_a_candidate_that_beats_persistence() -> None:
-    assert gate_failures({"High": 0.7, "Low": 0.8, "Close": 0.99}, GateConfig()) == []
+    assert gate_failures({"High": 0.7, "Low": 0.8, "Close": 0.99}, _dm(), GateConfig()) == []
 
 
 def test_gate_high_and_low_are_strict() -> None:
-    failures = gate_failures({"High": 1.0, "Low": 0.5, "Close": 0.5}, GateConfig())
+    failures = gate_failures({"High": 1.0, "Low": 0.5, "Close": 0.5}, _dm(), GateConfig())
     assert len(failures) == 1 and "High" in failures[0] and "<" in failures[0]
-    failures = gate_failures({"High": 0.5, "Low": 1.0, "Close": 0.5}, GateConfig())
+    failures = gate_failures({"High": 0.5, "Low": 1.0, "Close": 0.5}, _dm(), GateConfig())
     assert len(failures) == 1 and "Low" in failures[0]
 
 
-def test_gate_close_is_inclusive_by_default() -> None:
-    # Persistence itself (U2 == 1) is acceptable on Close, where skill is rare.
-    assert gate_failures({"High": 0.9, "Low": 0.9, "Close": 1.0}, GateConfig()) == []
-    failures = gate_failures({"High": 0.9, "Low": 0.9, "Close": 1.0001}, GateConfig())
-    assert len(failures) == 1 and "Close" in failures[0] and "<=" in failures[0]
+def test_gate_high_and_low_must_be_significantly_better_than_persistence() -> None:
+    u2 = {"High": 0.98, "Low": 0.97, "Close": 1.0}
+    failures = gate_failures(u2, _dm(high=0.2), GateConfig())
+    assert failures == [
+        "High not significantly better than persistence (Diebold-Mariano p 0.2 not < 0.05)"
+    ]
+    assert gate_failures(u2, _dm(high=0.2), GateConfig(p_value=0.25)) == []
+    assert len(gate_failures(u2, _dm(high=float("nan")), GateConfig())) == 1  # fails closed
+
+
+def test_gate_close_fails_only_when_significantly_worse_than_persistence() -> None:
+    # A Close U2 of 1.012 that is noise passes (the raw U2 <= 1 rule rejected it).
+    assert (
+        gate_failures({"High": 0.9, "Low": 0.9, "Close": 1.012}, _dm(close=0.3), GateConfig()) == []
+    )
+    assert gate_failures({"High": 0.9, "Low": 0.9, "Close": 1.0}, _dm(), GateConfig()) == []
+    failures = gate_failures(
+        {"High": 0.9, "Low": 0.9, "Close": 1.013}, _dm(close=0.025), GateConfig()
+    )
+    assert len(failures) == 1 and failures[0].startswith("Close significantly worse")
 
 
 @pytest.mark.parametrize("target", ["High", "Low", "Close"])
 def test_gate_fails_closed_on_nan_and_missing_values(target: str) -> None:
     u2 = {"High": 0.5, "Low": 0.5, "Close": 0.5}
-    assert len(gate_failures({**u2, target: math.nan}, GateConfig())) == 1
+    assert len(gate_failures({**u2, target: math.nan}, _dm(), GateConfig())) == 1
     del u2[target]
-    assert len(gate_failures(u2, GateConfig())) == 1
+    assert len(gate_failures(u2, _dm(), GateConfig())) == 1
+
+
+def test_gate_without_dm_statistics_fails_closed() -> None:
+    """A version registered before the gate used Diebold-Mariano has no `test_dm` tag."""
+    failures = gate_failures({"High": 0.5, "Low": 0.5, "Close": 1.0}, {}, GateConfig())
+    assert len(failures) == 2 and all("significantly better" in f for f in failures)
 
 
 @pytest.mark.slow
@@ -91,20 +122,18 @@ def test_unreachable_registry_is_an_error_not_a_missing_champion(monkeypatch) ->
 
 
 def test_gate_reports_every_failing_target() -> None:
-    failures = gate_failures({"High": 1.2, "Low": 1.1, "Close": 1.05}, GateConfig())
-    assert len(failures) == 3
+    u2 = {"High": 1.2, "Low": 1.1, "Close": 1.05}
+    failures = gate_failures(u2, _dm(high=0.9, low=0.9, close=0.001), GateConfig())
+    assert len(failures) == 5
 
 
 def test_gate_honours_configured_thresholds() -> None:
-    gate = GateConfig(u2_high_max=0.8, u2_low_max=0.9, u2_close_max=0.95)
-    assert gate_failures({"High": 0.79, "Low": 0.89, "Close": 0.95}, gate) == []
-    assert len(gate_failures({"High": 0.85, "Low": 0.89, "Close": 0.95}, gate)) == 1
-    assert len(gate_failures({"High": 0.79, "Low": 0.9, "Close": 0.95}, gate)) == 1
-    assert len(gate_failures({"High": 0.79, "Low": 0.89, "Close": 0.96}, gate)) == 1
-    strict_close = replace(gate, close_inclusive=False)
-    assert len(gate_failures({"High": 0.79, "Low": 0.89, "Close": 0.95}, strict_close)) == 1
-    loose = GateConfig(u2_high_max=1.2, u2_low_max=1.2, u2_close_max=1.2)
-    assert gate_failures({"High": 1.1, "Low": 1.1, "Close": 1.1}, loose) == []
+    gate = GateConfig(u2_high_max=0.8, u2_low_max=0.9)
+    assert gate_failures({"High": 0.79, "Low": 0.89, "Close": 0.95}, _dm(), gate) == []
+    assert len(gate_failures({"High": 0.85, "Low": 0.89, "Close": 0.95}, _dm(), gate)) == 1
+    assert len(gate_failures({"High": 0.79, "Low": 0.9, "Close": 0.95}, _dm(), gate)) == 1
+    loose = GateConfig(u2_high_max=1.2, u2_low_max=1.2)
+    assert gate_failures({"High": 1.1, "Low": 1.1, "Close": 1.1}, _dm(), loose) == []
 
 
 def test_score_is_the_mean_u2_over_high_low_close() -> None:
@@ -192,6 +221,10 @@ def test_first_version_tags(first_run: dict[str, Any], reg_settings: Settings) -
     assert tags["run_id"] == first_run["trained"]["run_id"] == mv.run_id
     u2 = json.loads(tags["test_u2"])
     assert set(u2) == set(TARGETS)
+    naive = json.loads(tags["test_u2_range_naive"])
+    assert set(naive) == {"High", "Low"}
+    assert naive == first_run["trained"]["metrics_range_naive"]
+    assert f"U2 vs range-aware naive High {naive['High']:.4f}" in tags["gate_reason"]
     # Decision tags are written by promotion.
     assert tags["gate_status"] in ("promoted", "rejected")
     assert tags["gate_reason"]
@@ -206,7 +239,9 @@ def test_first_version_passes_the_gate_and_becomes_champion(
     promoted = first_run["promoted"]
     tags = get_client(reg_settings).get_model_version(first_run["name"], "1").tags
     u2 = json.loads(tags["test_u2"])
-    assert gate_failures(u2, reg_settings.gate) == [], u2  # synthetic High/Low are predictable
+    dm = read_dm(tags["test_dm"])
+    # synthetic High/Low are predictable
+    assert gate_failures(u2, dm, reg_settings.gate) == [], (u2, dm)
     assert promoted["promoted"] is True
     assert promoted["champion_version"] == "1"
     assert "first champion" in promoted["reason"]
@@ -334,7 +369,8 @@ def test_logged_model_has_signature_and_input_example(
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path))
     example = Model.load(local).load_input_example(local)
     assert list(example.columns) == PRICE_COLUMNS
-    assert len(example) == reg_settings.model.window + 1
+    model = reg_settings.model  # the window, the longest memory horizon, one bar for the return
+    assert len(example) == model.window + max(*model.vol_horizons, model.naive_lookback) + 1
     history = _history(reg_settings, MAIN, AS_OF)
     np.testing.assert_allclose(
         example["Close"].to_numpy(dtype=float), history["Close"].iloc[-len(example) :].to_numpy()
@@ -435,7 +471,7 @@ def _sabotaged_result(settings: Settings, ticker: str, as_of: date):
     split = result.split
     test, train = split.test, split.train
     result.test_predictions = result.forecaster.predict_windows(
-        test.x, test.last_close, test.last_adj_close
+        test.x, test.last_close, test.last_adj_close, test.high_ratio, test.low_ratio
     )
     result.evaluation = evaluate(
         test.actual,
@@ -475,7 +511,7 @@ def test_worse_candidate_is_registered_but_not_promoted(
     decision = promote_if_better(instrument, AS_OF, outcome.version, reg_settings)
     assert decision.promoted is False
     assert decision.champion_version == champion_before.version
-    assert "persistence gate" in decision.reason
+    assert "gate against persistence" in decision.reason
 
     tags = client.get_model_version(name, outcome.version).tags
     assert tags["gate_status"] == "rejected"
@@ -511,7 +547,8 @@ def test_concurrent_promotions_leave_exactly_one_champion(reg_settings: Settings
     _ingest(RACE, AS_OF, reg_settings)
     instrument = instrument_for(RACE, reg_settings)
     result = train_on_history(RACE, AS_OF, _history(reg_settings, RACE, AS_OF), reg_settings.model)
-    assert gate_failures(result.evaluation.u2(), reg_settings.gate) == []
+    dm = dict(result.evaluation.dm_vs_persistence)
+    assert gate_failures(result.evaluation.u2(), dm, reg_settings.gate) == []
     versions = [log_candidate(result, instrument, reg_settings).version for _ in range(2)]
     assert len(set(versions)) == 2
     client = get_client(reg_settings)
@@ -592,3 +629,32 @@ def test_backfilled_date_uses_and_keeps_the_champion_of_its_own_date(
     assert row is not None and row["model_version"] == early["version"]
     assert row["last_bar_date"] <= earlier.isoformat()
     assert forecast_step(PIT, later, reg_settings)["model_version"] == late["version"]
+
+
+def test_versus_champion_flags_a_candidate_significantly_worse_on_a_target() -> None:
+    """Pure: two forecasters on one test block. The champion forecasts the baselines (skill
+    weights 0); the candidate adds a network whose output bias is far off on High."""
+    from ml.config import ModelConfig
+    from ml.registry import versus_champion
+    from ml.sources import SyntheticSource
+    from ml.universe import Instrument
+    from ml.windows import prepare
+    from tests.test_memory_features import _forecaster
+
+    config = ModelConfig()
+    bars = SyntheticSource().fetch(Instrument("AMD", "stock"), date(2022, 1, 3), AS_OF)
+    history = bars.drop(columns="Ticker")
+    test = prepare(history, config.window, config.split, config.naive_lookback).test
+    champion = _forecaster(config, 15, (0.0, 0.0, 0.0, 0.0))
+    candidate = _forecaster(config, 15, (1.0, 0.0, 0.0, 0.0))
+    weights = [np.zeros_like(w) for w in candidate.model.get_weights()]
+    weights[-1][:] = 10.0  # output bias: a High 10 % above the last Close on every bar
+    candidate.model.set_weights(weights)
+
+    champ_u2, dm = versus_champion(candidate, champion, history, test)
+    assert set(dm) == {"High", "Low", "Close"}
+    assert champ_u2["Close"] == pytest.approx(1.0)  # the champion's Close is persistence
+    assert dm["High"]["p_worse"] < 1e-6
+    assert all(math.isnan(v) for v in dm["Low"].values())  # identical Low forecasts: no test
+    same_u2, same = versus_champion(champion, champion, history, test)
+    assert same_u2 == champ_u2 and all(math.isnan(p["p_worse"]) for p in same.values())

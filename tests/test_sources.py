@@ -253,10 +253,79 @@ def test_missing_file_names_the_expected_file(tmp_path: Path) -> None:
 
 
 def test_missing_column_raises_naming_it(tmp_path: Path, googl: pd.DataFrame) -> None:
-    googl.drop(columns=["Ticker", "Adj Close"]).to_csv(tmp_path / "GOOGL.csv", index=False)
+    googl.drop(columns=["Ticker", "Low"]).to_csv(tmp_path / "GOOGL.csv", index=False)
     with pytest.raises(PriceSourceError) as excinfo:
         FileSource(tmp_path).fetch(GOOGL, START, END)
-    assert "GOOGL" in str(excinfo.value) and "'Adj Close'" in str(excinfo.value)
+    message = str(excinfo.value)
+    assert "GOOGL" in message and "'Low'" in message and "GOOGL.csv" in message
+
+
+# --- files as users have them (plain OHLCV, other names, other orders) ---------------------------
+
+
+def plain_ohlcv(frame: pd.DataFrame) -> pd.DataFrame:
+    """What `backtesting`'s GOOG.csv looks like: the date as an unnamed index, no Adj Close."""
+    return frame.drop(columns=["Ticker", "Adj Close"]).set_index("Date").rename_axis(None)
+
+
+def test_plain_ohlcv_with_an_unnamed_date_column_reads_with_adj_close_equal_close(
+    tmp_path: Path, googl: pd.DataFrame
+) -> None:
+    plain_ohlcv(googl).to_csv(tmp_path / "GOOGL.csv")
+    assert (tmp_path / "GOOGL.csv").read_text().startswith(",Open,High,Low,Close,Volume\n")
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    expected = googl.assign(**{"Adj Close": googl["Close"]})
+    pd.testing.assert_frame_equal(got, expected)
+    assert got.attrs["notes"] == [
+        "GOOGL.csv: no Adj Close column: Adj Close = Close (no adjustment)"
+    ]
+
+
+@pytest.mark.parametrize("date_name", ["date", "Date", "timestamp"])
+def test_lowercase_names_newest_first_and_extra_columns(
+    tmp_path: Path, googl: pd.DataFrame, date_name: str
+) -> None:
+    raw = googl.drop(columns="Ticker").iloc[::-1].reset_index(drop=True)
+    raw.columns = [date_name if c == "Date" else c.lower() for c in raw.columns]
+    raw["dividends"], raw["stock splits"], raw["OpenInt"] = 0.0, 0.0, 0
+    raw.to_csv(tmp_path / "googl.csv", index=False)  # the file name in another case, too
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    pd.testing.assert_frame_equal(got, googl)
+    notes = got.attrs["notes"]
+    assert "googl.csv: newest-first order, read in reverse" in notes
+    assert "googl.csv: ignored column(s) ['dividends', 'stock splits', 'OpenInt']" in notes
+
+
+def test_a_file_without_a_date_column_names_the_file_and_its_columns(
+    tmp_path: Path, googl: pd.DataFrame
+) -> None:
+    googl.drop(columns=["Ticker", "Date"]).to_csv(tmp_path / "GOOGL.csv", index=False)
+    with pytest.raises(PriceSourceError) as excinfo:
+        FileSource(tmp_path).fetch(GOOGL, START, END)
+    message = str(excinfo.value)
+    assert "GOOGL.csv" in message and "no date column" in message and "'Volume'" in message
+
+
+def test_a_date_column_that_holds_no_dates_names_the_file_and_the_column(
+    tmp_path: Path, googl: pd.DataFrame
+) -> None:
+    raw = googl.drop(columns="Ticker").rename(columns={"Date": "timestamp"})
+    raw["timestamp"] = raw["timestamp"].astype(str)
+    raw.loc[5, "timestamp"] = "yesterday-ish"
+    raw.to_csv(tmp_path / "GOOGL.csv", index=False)
+    with pytest.raises(PriceSourceError) as excinfo:
+        FileSource(tmp_path).fetch(GOOGL, START, END)
+    message = str(excinfo.value)
+    assert "GOOGL.csv" in message and "column 'timestamp' does not hold dates" in message
+
+
+def test_a_shuffled_file_is_not_sorted_silently(tmp_path: Path, googl: pd.DataFrame) -> None:
+    """Only a whole newest-first file is reversed: out-of-order rows reach validation."""
+    raw = googl.drop(columns="Ticker")
+    raw = raw.iloc[[*range(len(raw) - 3), len(raw) - 2, len(raw) - 3, len(raw) - 1]]
+    raw.to_csv(tmp_path / "GOOGL.csv", index=False)
+    got = FileSource(tmp_path).fetch(GOOGL, START, END)
+    assert not got["Date"].is_monotonic_increasing and got.attrs["notes"] == []
 
 
 def test_unreadable_file_raises_naming_it(tmp_path: Path) -> None:
