@@ -205,9 +205,16 @@ def price_forecast():
         context = get_current_context()
         context["ticker_name"] = ticker
         params = context["params"]
+        # The ledger's monitor may ask to retrain a ticker whose bars did not change (live U2,
+        # input drift): validate then hands over the seed of that retrain.
+        asked = ((_validation_summary() or {}).get("tickers") or {}).get(ticker) or {}
         try:
             return train_step(
-                ticker, _as_of(), _settings(params), force=bool(params.get("force_retrain"))
+                ticker,
+                _as_of(),
+                _settings(params),
+                force=bool(params.get("force_retrain")),
+                seed=asked.get("retrain_seed"),
             )
         except Exception as exc:
             # The report names the error; Airflow keeps the XComs of a task's last try.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates the MLflow backend database and its own login beside the Airflow metadata database.
+# Creates the MLflow backend database and its own login beside the Airflow metadata database,
+# and the forecast ledger's database (owned by the Airflow login, which the tasks use).
 # The postgres image runs this once, on the first start with an empty data volume, as the
 # superuser from POSTGRES_USER. The password arrives as a psql variable, so it is quoted by psql
 # and never spliced into SQL text.
@@ -18,5 +19,8 @@ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'db_user')
 \gexec
 SELECT format('CREATE DATABASE %I OWNER %I', :'db_name', :'db_user')
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db_name')
+\gexec
+SELECT format('CREATE DATABASE %I OWNER %I', 'ledger', current_user)
+WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'ledger')
 \gexec
 SQL

@@ -81,6 +81,8 @@ class Settings:
     price_files_dir: Path | None = None
     data_dir: Path = PROJECT_ROOT / ".state" / "data"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    # The forecast ledger's database (ml.ledger); None = SQLite at DATA_DIR/ledger.db.
+    ledger_url: str | None = None
     experiment_name: str = "price-forecast"
     universe_file: Path = PROJECT_ROOT / "universe.csv"
     history_start: date = date(2015, 1, 2)
@@ -174,6 +176,7 @@ PIPELINE_ENV = frozenset(
         "PRICE_SOURCE",
         "PRICE_FILES_DIR",
         "DATA_DIR",
+        "LEDGER_DB_URL",
         "UNIVERSE_FILE",
         "HISTORY_START",
         "TRAILING_DAYS",
@@ -213,7 +216,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
             model_changes[attr] = _parse_number(name, env[name], kind, allow_zero=attr == "seed")
     if env.get("MODEL_KINDS"):
         model_changes["kinds"] = _parse_kinds(env["MODEL_KINDS"])
-    if "MODEL_VOL_HORIZONS" in env:
+    if env.get("MODEL_VOL_HORIZONS"):  # empty = the default; "none" = off
         model_changes["vol_horizons"] = _parse_horizons(env["MODEL_VOL_HORIZONS"])
     if env.get("MODEL_HL_BASELINE"):
         model_changes["hl_baseline"] = _parse_choice(
@@ -236,6 +239,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         price_files_dir=files_dir,
         data_dir=Path(env.get("DATA_DIR") or defaults.data_dir),
         mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or defaults.mlflow_tracking_uri,
+        ledger_url=env.get("LEDGER_DB_URL") or None,
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or defaults.experiment_name,
         universe_file=Path(env.get("UNIVERSE_FILE") or defaults.universe_file),
         history_start=_parse_date("HISTORY_START", env["HISTORY_START"])

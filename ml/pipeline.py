@@ -142,6 +142,8 @@ def validate_all(
     universe = load_universe(settings.universe_file)
     store = PriceStore(settings.data_dir)
     config_fp = settings.model.fingerprint()
+    # What the ledger's monitor asked for after the last run (live U2 >= 1 or input drift).
+    monitor_asks = _pending_retrains(settings, staged, as_of) if check_registry else {}
     client = None
     registry_error: str | None = None
     to_train: list[str] = []
@@ -179,6 +181,17 @@ def validate_all(
             summary["train_reason"] = f"registry lookup failed ({registry_error})"
             to_train.append(ticker)
             continue
+        asked = monitor_asks.get(ticker)
+        if asked and (version is None or version.tags.get("logical_date", "") <= asked[1]):
+            # Flagged (live U2 or input drift) and nothing trained since: retrain on the same
+            # bars with a seed of this date (the same seed would reproduce the same network);
+            # the gate still decides. A re-run finds that version by its config and reuses it.
+            summary.update(
+                train_reason=f"monitor ({asked[1]}): {asked[0]}",
+                retrain_seed=settings.model.seed + as_of.toordinal() % 100_000,
+            )
+            to_train.append(ticker)
+            continue
         if version is None:
             summary["train_reason"] = "no version trained on these bars and this config"
             to_train.append(ticker)
@@ -193,17 +206,33 @@ def validate_all(
     return {"train": to_train, "tickers": summaries, "failed": failed}
 
 
+def _pending_retrains(
+    settings: Settings, tickers: list[str], as_of: date
+) -> dict[str, tuple[str, str]]:
+    """`ml.ledger.pending_retrains`; a ledger that cannot be read only costs the retrain hint."""
+    from ml.ledger import pending_retrains
+
+    try:
+        return pending_retrains(settings, tickers, as_of)
+    except Exception as exc:
+        log.warning("ledger not readable (%s): no monitor-driven retrains this run", _error(exc))
+        return {}
+
+
 # --- training (one task per ticker) --------------------------------------------------------------
 
 
 def train_step(
-    ticker: str, as_of: date, settings: Settings, *, force: bool = False
+    ticker: str, as_of: date, settings: Settings, *, force: bool = False, seed: int | None = None
 ) -> dict[str, Any]:
     """Train and register a candidate, unless a version already covers exactly these bars.
 
     Idempotent: a retry after a registered version (or a second run for the same bars) finds it
-    by its data and config fingerprints and reports it instead of training again.
+    by its data and config fingerprints and reports it instead of training again. `seed`
+    replaces the config's seed (a retrain the ledger's monitor asked for, see `validate_all`).
     """
+    if seed is not None:
+        settings = replace(settings, model=replace(settings.model, seed=int(seed)))
     from ml.registry import existing_outcome, log_candidate
     from ml.store import PriceStore, data_fingerprint
     from ml.training import train_on_history
@@ -309,27 +338,50 @@ def promote_all(
 def forecast_all(
     tickers: Iterable[str], as_of: date, settings: Settings, *, strict: bool = False
 ) -> dict[str, Any]:
-    """Forecast the bar after `as_of` for every ticker with a champion; one write for all.
+    """Score the ledger, then forecast the bar after `as_of` for every ticker with a champion.
 
-    A ticker whose champion already forecast the bar after its last bar (a day without a new
-    bar) keeps that row: the model is not loaded again. Returns {"forecasts": {ticker: row},
-    "kept": [ticker], "no_champion": [ticker], "failed": {ticker: error}}.
+    First the ledger (`ml.ledger.monitor`): every earlier forecast whose bar is now published is
+    scored, and each ticker gets live metrics and an input-drift test (a ticker that should be
+    retrained is picked up by the next run's `validate_all`). Then the forecasts: a ticker whose
+    champion already forecast the bar after its last bar (a day without a new bar) keeps that
+    row and the model is not loaded again. New forecasts go to the ledger in one transaction and
+    to the CSV export in one write. Returns {"forecasts": {ticker: row}, "kept": [ticker],
+    "no_champion": [ticker], "failed": {ticker: error}, "monitor": {ticker: live summary}}.
     """
-    from ml.forecasting import read_forecasts, upsert_forecasts
-    from ml.registry import get_client
+    from ml.forecasting import upsert_forecasts
+    from ml.ledger import read_table, record_forecasts
+    from ml.registry import champion_as_of, get_client
+    from ml.store import PriceStore
 
     tickers = list(tickers)
     universe = load_universe(settings.universe_file)
-    table = read_forecasts(settings)
+    store = PriceStore(settings.data_dir)
+    table = read_table(settings, "forecasts")  # the store of record (the CSV is an export)
     client = get_client(settings) if tickers else None
     forecasts: dict[str, Any] = {}
     kept: list[str] = []
     no_champion: list[str] = []
     failed: dict[str, str] = {}
     new_rows: list[dict[str, Any]] = []
+    states: dict[str, tuple[Instrument, Any, Any]] = {}
     for ticker in tickers:
         try:
-            outcome, row = _forecast_one(universe.get(ticker), as_of, settings, client, table)
+            instrument = universe.get(ticker)
+            history = store.load(instrument, until=as_of)
+            states[ticker] = (
+                instrument,
+                history,
+                champion_as_of(client, instrument.model_name, as_of),
+            )
+        except Exception as exc:
+            failed[ticker] = _error(exc)
+            log.warning("%s: forecast failed: %s", ticker, failed[ticker])
+    monitored = monitor_all(states, as_of, settings, client)
+    for ticker, (instrument, history, champion) in states.items():
+        try:
+            outcome, row = _forecast_one(
+                instrument, as_of, settings, client, table, history=history, champion=champion
+            )
         except Exception as exc:
             failed[ticker] = _error(exc)
             log.warning("%s: forecast failed: %s", ticker, failed[ticker])
@@ -343,23 +395,77 @@ def forecast_all(
             new_rows.append(row)
         forecasts[ticker] = row
     if new_rows:
+        record_forecasts(settings, new_rows)
         upsert_forecasts(settings, new_rows)
     _raise_if_all_failed("forecast", len(tickers) - len(no_champion) - len(kept), failed, strict)
-    return {"forecasts": forecasts, "kept": kept, "no_champion": no_champion, "failed": failed}
+    return {
+        "forecasts": forecasts,
+        "kept": kept,
+        "no_champion": no_champion,
+        "failed": failed,
+        "monitor": monitored,
+    }
+
+
+def monitor_all(
+    states: Mapping[str, tuple[Instrument, Any, Any]], as_of: date, settings: Settings, client: Any
+) -> dict[str, Any]:
+    """The ledger's scoring, live metrics and drift for these tickers ((instrument, history up
+    to as_of, champion version or None) each); the champion's model version gets the live
+    metrics as tags (`live_metrics`, `input_drift`), unless a later date already wrote them.
+    Returns a small summary per ticker for the run report."""
+    from ml.ledger import LIVE_WINDOWS, monitor
+
+    histories = {t: h for t, (_, h, _) in states.items() if len(h)}
+    champions = {
+        t: (str(c.version), date.fromisoformat(c.tags["logical_date"]))
+        if c is not None and c.tags.get("logical_date")
+        else None
+        for t, (_, _, c) in states.items()
+    }
+    result = monitor(settings, histories, champions, as_of)
+    summary: dict[str, Any] = {}
+    for ticker, watched in result.items():
+        champion = states[ticker][2]
+        if champion is not None and champion.tags.get("live_as_of", "") <= as_of.isoformat():
+            name = states[ticker][0].model_name
+            for key, value in (
+                ("live_as_of", as_of.isoformat()),
+                ("live_metrics", json.dumps(watched.live, sort_keys=True)),
+                ("input_drift", json.dumps(watched.drift, sort_keys=True)),
+            ):
+                if champion.tags.get(key) != value:  # a day without new bars writes nothing
+                    client.set_model_version_tag(name, champion.version, key, value)
+        summary[ticker] = {
+            "live": watched.live[str(LIVE_WINDOWS[0])],
+            "drifted": bool(watched.drift.get("drifted")),
+            "retrain_reason": watched.retrain_reason,
+        }
+    return summary
 
 
 def _forecast_one(
-    instrument: Instrument, as_of: date, settings: Settings, client: Any, table: Any
+    instrument: Instrument,
+    as_of: date,
+    settings: Settings,
+    client: Any,
+    table: Any,
+    *,
+    history: Any = None,
+    champion: Any = None,
 ) -> tuple[str, dict[str, Any] | None]:
-    """("no champion", None), ("kept", the existing row) or ("new", a row to write)."""
+    """("no champion", None), ("kept", the existing row) or ("new", a row to write); `history`
+    (bars up to as_of) and `champion` are looked up when not given."""
     from ml.forecasting import forecast_row
     from ml.registry import champion_as_of, load_forecaster
     from ml.store import PriceStore
 
-    champion = champion_as_of(client, instrument.model_name, as_of)
+    if champion is None:
+        champion = champion_as_of(client, instrument.model_name, as_of)
     if champion is None:
         return "no champion", None
-    history = PriceStore(settings.data_dir).load(instrument, until=as_of)
+    if history is None:
+        history = PriceStore(settings.data_dir).load(instrument, until=as_of)
     last_bar = history["Date"].iloc[-1].date().isoformat()
     existing = table.loc[
         (table["ticker"] == instrument.ticker)
@@ -376,7 +482,8 @@ def _forecast_one(
 
 def forecast_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] | None:
     """Forecast one ticker and upsert its row (errors raised as they are); None: no champion."""
-    from ml.forecasting import read_forecasts, upsert_forecasts
+    from ml.forecasting import upsert_forecasts
+    from ml.ledger import read_table, record_forecasts
     from ml.registry import get_client
 
     outcome, row = _forecast_one(
@@ -384,9 +491,10 @@ def forecast_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any
         as_of,
         settings,
         get_client(settings),
-        read_forecasts(settings),
+        read_table(settings, "forecasts"),
     )
     if outcome == "new":
+        record_forecasts(settings, [row])
         upsert_forecasts(settings, [row])
     return row
 
@@ -474,6 +582,13 @@ def summarize_tickers(
             "failed" if row.get("failed_step") == "validate" else (summary.get("validation", "-"))
         )
         row["u2"] = outcome.get("metrics") or summary.get("metrics") or {}
+        watched = ((forecasted or {}).get("monitor") or {}).get(ticker) or {}
+        if watched:
+            row["live"] = watched.get("live")
+            row["drifted"] = watched.get("drifted")
+            row["retrain_next_run"] = watched.get("retrain_reason")
+        if summary.get("train_reason"):
+            row["train_reason"] = summary["train_reason"]
         row["u2_range_naive"] = (
             outcome.get("metrics_range_naive") or summary.get("metrics_range_naive") or {}
         )
@@ -548,6 +663,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "validation",
         "U2 H/L/C",
         "vs naive H/L",
+        "live U2 H/L (n)",
         "model",
         "champion",
         "next close",
@@ -558,6 +674,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         u2_text = "/".join(f"{u2[t]:.3f}" for t in ("High", "Low", "Close") if t in u2) or "-"
         naive = r.get("u2_range_naive") or {}
         naive_text = "/".join(f"{naive[t]:.3f}" for t in ("High", "Low") if t in naive) or "-"
+        live = r.get("live") or {}
+        live_text = (
+            f"{live['u2_high']:.3f}/{live['u2_low']:.3f} ({live['n']})"
+            if live.get("u2_high") is not None and live.get("u2_low") is not None
+            else "-"
+        )
         close = r.get("forecast_close")
         lines.append(
             [
@@ -567,6 +689,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 str(r.get("validation", "-")),
                 u2_text,
                 naive_text,
+                live_text,
                 str(r.get("training", "-")),
                 str(r.get("promotion", "-")),
                 f"{close:.4f}" if isinstance(close, float) else "-",

@@ -2,7 +2,7 @@
 
 Everything goes through the tracking server URI (`MLFLOW_TRACKING_URI`); no task opens the MLflow
 database. The newest candidate holds the `challenger` alias; `champion` moves only through
-`promote_if_better`, serialized per ticker, after the gate of DESIGN.md section 6.
+`promote_if_better`, serialized per ticker, after the gate (README.md, "The gate").
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
 
 It needs PostgreSQL (trust auth for user `postgres`) and Redis on 127.0.0.1 and starts:
 
-- two throwaway PostgreSQL databases, `pf_airflow_<id>` (Airflow metadata and Celery results) and
-  `pf_mlflow_<id>` (MLflow backend store);
+- three throwaway PostgreSQL databases, `pf_airflow_<id>` (Airflow metadata and Celery results),
+  `pf_mlflow_<id>` (MLflow backend store) and `pf_ledger_<id>` (the forecast ledger);
 - an MLflow tracking server on the MLflow database, serving artifacts from the state dir;
 - Airflow with CeleryExecutor and a Redis broker (an empty Redis database number plus a unique key
   prefix): `db migrate`, pools, api-server, scheduler, dag-processor, triggerer and two Celery
@@ -51,7 +51,7 @@ PG_PORT = int(os.environ.get("PF_PG_PORT", "5432"))
 PG_USER = os.environ.get("PF_PG_USER", "postgres")
 REDIS_HOST = os.environ.get("PF_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("PF_REDIS_PORT", "6379"))
-DB_PREFIXES = ("pf_airflow_", "pf_mlflow_")
+DB_PREFIXES = ("pf_airflow_", "pf_mlflow_", "pf_ledger_")
 WORKERS = ("worker1", "worker2")
 LOGICAL_DATE = "2024-06-28T22:30:00+00:00"
 # Every process this script starts carries this variable (with the topology's id): cleanup uses it
@@ -200,6 +200,7 @@ class Topology:
         self.logs = self.state / "logs"
         self.airflow_db = f"pf_airflow_{self.token}"
         self.mlflow_db = f"pf_mlflow_{self.token}"
+        self.ledger_db = f"pf_ledger_{self.token}"  # the forecast ledger (ml.ledger)
         self.redis_db: int | None = None
         self.redis_prefix = f"pf_{self.token}:"
         self.api_port = 0
@@ -213,11 +214,13 @@ class Topology:
     # --- resources -------------------------------------------------------------------------------
 
     def _create_databases(self) -> None:
-        for name in (self.airflow_db, self.mlflow_db):
+        for name in (self.airflow_db, self.mlflow_db, self.ledger_db):
             _pg_exec(f'CREATE DATABASE "{name}"')
             self.created_databases.append(name)
             self._save_manifest()
-        self.log(f"created PostgreSQL databases {self.airflow_db}, {self.mlflow_db}")
+        self.log(
+            f"created PostgreSQL databases {self.airflow_db}, {self.mlflow_db}, {self.ledger_db}"
+        )
 
     def _pick_redis_db(self) -> None:
         """An empty Redis database number (others' data stays out of reach), plus our key prefix."""
@@ -279,6 +282,7 @@ class Topology:
                 "simple_auth_manager.SimpleAuthManager",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+                "LEDGER_DB_URL": _pg_url(self.ledger_db, "postgresql+psycopg2"),
                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _pg_url(
                     self.airflow_db, "postgresql+psycopg2"
                 ),
@@ -604,7 +608,7 @@ class Topology:
         return processes_with_marker(self.token)
 
     def cleanup(self, remove_state: bool = True) -> dict[str, Any]:
-        """Stop everything, drop both databases, delete our Redis keys, remove the state dir.
+        """Stop everything, drop our databases, delete our Redis keys, remove the state dir.
         Each step runs even if an earlier one failed; errors are reported, not raised."""
         report: dict[str, Any] = {"errors": []}
         try:
@@ -679,7 +683,8 @@ def run_topology(
 
     `timeout` bounds start-up plus the run; cleanup adds up to about a minute. The result dict has
     `state`, `wall_seconds`, `task_instances`, `tasks_per_worker`, `registry` (from the server),
-    `registry_in_postgres` (model names read from the MLflow database), `report` (the run's JSON
+    `registry_in_postgres` (model names read from the MLflow database), `ledger_in_postgres`
+    (tickers in the ledger's forecasts and monitor tables), `report` (the run's JSON
     summary), `cleanup` (None with keep) and the topology's names (token, databases, Redis db and
     key prefix, URLs, state dir). `token` (default random) names the databases and marks every
     process started, so a caller can check afterwards that nothing is left."""
@@ -724,6 +729,11 @@ def run_topology(
         result["registry_in_postgres"] = sorted(
             r[0] for r in _pg_exec("SELECT name FROM registered_models", topo.mlflow_db)
         )
+        # The forecast ledger lives in its own PostgreSQL database too.
+        result["ledger_in_postgres"] = {
+            table: sorted({r[0] for r in _pg_exec(f"SELECT ticker FROM {table}", topo.ledger_db)})
+            for table in ("forecasts", "monitor")
+        }
         report = Path(topo.env["DATA_DIR"]) / "reports" / f"{logical_date[:10]}.json"
         result["report"] = json.loads(report.read_text()) if report.exists() else None
         if result["state"] != "success":

@@ -1,7 +1,7 @@
 """The production stack (docker-compose.yaml, Dockerfile, .env.example), checked without Docker.
 
 The compose file is validated against the Compose Specification schema, then held to the contracts
-of DESIGN.md section 7: every Airflow service runs one image with one environment that carries the
+of the production stack: every Airflow service runs one image with one environment that carries the
 pipeline's settings, workers scale, only the two UIs publish ports, secrets come from `.env`, and
 the flags and config keys passed to MLflow and Airflow exist in the installed versions.
 """
@@ -34,7 +34,8 @@ DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 AIRFLOW_INIT_SCRIPT = REPO / "docker" / "airflow-init.sh"
 POSTGRES_INIT_SCRIPT = REPO / "docker" / "postgres-init.sh"
-COMPOSE_SCHEMA = Path(__file__).resolve().parents[2] / "shared/schemas/compose-spec.json"
+# The Compose Specification's JSON schema (compose-spec/compose-spec, Apache-2.0: LICENSE beside it).
+COMPOSE_SCHEMA = REPO / "tests" / "fixtures" / "compose" / "compose-spec.json"
 
 AIRFLOW_SERVICES = (
     "airflow-apiserver",

@@ -241,3 +241,76 @@ def test_price_forecaster_save_load_round_trip(
     np.testing.assert_allclose(
         actual[list(TARGETS)].to_numpy(), expected[list(TARGETS)].to_numpy(), rtol=1e-12
     )
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_champions_forecast(
+    champion: dict[str, Any], fc_settings: Settings, tmp_path: Path
+) -> None:
+    """`mlflow models serve -m models:/<name>@champion` (as the README documents it) from the test
+    server, in this environment (`--env-manager local`); POST the last bars, get the forecast."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from ml.config import without_pipeline_env
+    from ml.pipeline import instrument_for
+    from ml.registry import load_forecaster
+    from ml.servers import free_port
+    from ml.sources import PRICE_COLUMNS
+
+    port = free_port()
+    env = without_pipeline_env(dict(os.environ))
+    # As the README says: the venv's bin on PATH (the server execs `uvicorn` by name).
+    bin_dir = Path(sys.executable).parent
+    env.update(
+        MLFLOW_TRACKING_URI=fc_settings.mlflow_tracking_uri,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+    )
+    mlflow_cli = bin_dir / "mlflow"
+    model_uri = f"models:/price-forecast-{TICKER}@champion"
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    serve = subprocess.Popen(
+        [str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local", *address],
+        env=env,
+        cwd=tmp_path,
+        stdout=open(tmp_path / "serve.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        bars = _history(fc_settings, TICKER, AS_OF)[PRICE_COLUMNS].tail(100).reset_index(drop=True)
+        days = bars.assign(Date=bars["Date"].dt.strftime("%Y-%m-%d"))
+        payload = {"dataframe_split": json.loads(days.to_json(orient="split", index=False))}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+            answer = json.loads(response.read())
+        served = answer["predictions"][-1]
+        forecaster, _ = load_forecaster(instrument_for(TICKER, fc_settings), fc_settings)
+        expected = forecaster.predict_frame(bars).iloc[-1]
+        for target in TARGETS:
+            assert served[target] == pytest.approx(float(expected[target]), rel=1e-6)
+    finally:
+        os.killpg(serve.pid, 15)
+        serve.wait(timeout=30)

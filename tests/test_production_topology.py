@@ -1,10 +1,11 @@
 """The production topology of docker-compose.yaml, natively: PostgreSQL, Redis, CeleryExecutor.
 
-Runs `scripts/production_native.py` for a handful of tickers: two throwaway PostgreSQL databases
-(Airflow metadata, MLflow backend), an MLflow server on PostgreSQL, the Airflow api-server,
+Runs `scripts/production_native.py` for a handful of tickers: three throwaway PostgreSQL databases
+(Airflow metadata, MLflow backend, the forecast ledger), an MLflow server on PostgreSQL, the Airflow api-server,
 scheduler, dag-processor, triggerer and two Celery workers on a Redis broker. One `price_forecast`
 run must succeed with its task instances spread over both workers, every ticker must end with a
-`champion` (or a recorded gate rejection) in the PostgreSQL-backed registry, and afterwards nothing
+`champion` (or a recorded gate rejection) in the PostgreSQL-backed registry, its forecasts must be
+in the ledger's PostgreSQL database, and afterwards nothing
 may be left: no databases, no processes, no Redis keys, no state dir.
 
 Skips, with the reason, only where PostgreSQL or Redis does not answer on 127.0.0.1.
@@ -128,6 +129,18 @@ def test_every_ticker_has_a_champion_or_a_recorded_rejection(topology: dict) -> 
             assert champion["gate_status"] == "promoted", (name, model)
     # The server's registry is the PostgreSQL database: the same names, read with SQL.
     assert topology["registry_in_postgres"] == sorted(registry)
+
+
+def test_forecasts_and_the_ledger_are_in_postgresql(topology: dict) -> None:
+    registry = topology["registry"]
+    with_champion = sorted(
+        t
+        for t, _, _ in TICKERS
+        if "champion" in registry.get(MODEL_NAME_PREFIX + ticker_slug(t), {}).get("aliases", {})
+    )
+    ledger = topology["ledger_in_postgres"]
+    assert ledger["forecasts"] == with_champion, ledger
+    assert ledger["monitor"] == sorted(t for t, _, _ in TICKERS)
 
 
 def test_everything_was_cleaned_up(topology: dict) -> None:

@@ -1,4 +1,5 @@
-"""ml.yahoo against recorded Yahoo Finance answers, replayed at the HTTP session layer.
+"""ml.yahoo against Yahoo Finance answers replayed at the HTTP session layer (fixtures written
+offline in Yahoo's v8 format, not captures: tests/fixtures/yahoo/README.md).
 
 yfinance runs for real (cookie/crumb handling, time-zone probe, v8 chart parsing, error branches):
 only `session.request` is answered from tests/fixtures/yahoo/*.json. Any request without a recorded

@@ -1,4 +1,4 @@
-"""A 3-day backfill through the REAL Airflow 3 scheduler (DESIGN.md section 4, "Point in time").
+"""A 3-day backfill through the REAL Airflow 3 scheduler (point in time: README.md, "Backfills").
 
 The test starts its own stack as subprocesses on a temp AIRFLOW_HOME: `airflow dag-processor`,
 `airflow scheduler` (LocalExecutor on the SQLite metadata DB) and `airflow api-server` (LocalExecutor

@@ -1,4 +1,4 @@
-"""`price_forecast` end to end with `dag.test()` against a real MLflow server (DESIGN.md section 4).
+"""`price_forecast` end to end with `dag.test()` against a real MLflow server (README.md, "What a daily run does").
 
 Each scenario runs the DAG in a subprocess (`dag_runner.py`) with its own AIRFLOW_HOME, DATA_DIR
 and MLflow server, then checks what the run left behind: task states, the run report, the store,

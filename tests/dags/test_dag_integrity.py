@@ -1,4 +1,4 @@
-"""The DAG file parses cleanly and fast, and `price_forecast` is wired as DESIGN.md section 4 says.
+"""The DAG file parses cleanly and fast, and `price_forecast` is wired as the README's "What a daily run does" says.
 
 Airflow is loaded in a subprocess (`dag_probe.py`), which describes the DagBag as JSON; the params
 are checked with jsonschema and a FormatChecker exactly as Airflow's `Param.resolve` validates them
