@@ -15,9 +15,14 @@ So `fetch_yahoo`:
 * classifies the outcome: HTTP 429 / `YFRateLimitError` -> retry, then `YahooRateLimited`;
   HTTP 5xx, connection errors, timeouts, non-JSON bodies -> retry, then `YahooError`;
   HTTP 404 or an unresolvable ticker -> `YahooTickerNotFound` at once; a valid ticker with no
-  sessions in the range -> an empty frame; anything else -> `YahooError` at once.
+  sessions in the range -> an empty frame, except that an empty answer for a range of at least
+  `EMPTY_RETRY_DAYS` calendar days (every market trades in a week; the daily trailing window is
+  10 days) is retried first, since Yahoo sometimes answers a transient empty chart; anything else
+  -> `YahooError` at once.
 
-Retries wait `backoff_seconds * 2**attempt` (attempt = 0, 1, ...) through the injected `sleep`;
+Retries wait `backoff_seconds * 2**attempt` (attempt = 0, 1, ...) times a jitter factor drawn
+from [0.5, 1.5) (so many workers do not retry in step), or the 429 answer's `Retry-After`
+seconds when that is longer (at most `MAX_RETRY_AFTER_SECONDS`), through the injected `sleep`;
 `max_retries` counts the retries, so at most `max_retries + 1` attempts are made.
 """
 
@@ -27,6 +32,7 @@ import contextvars
 import functools
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_SECONDS = 30.0
+# An empty answer for at least this many calendar days is retried before it is believed.
+EMPTY_RETRY_DAYS = 7
+# The longest `Retry-After` of a 429 that is honoured (a longer one is capped, not ignored).
+MAX_RETRY_AFTER_SECONDS = 120.0
 # Yahoo endpoints whose status code tells about the ticker (cookie/crumb/consent calls do not).
 _DATA_PATHS = ("/v8/finance/chart/", "/v10/finance/quoteSummary/", "/v7/finance/quote")
 _TRANSIENT_NAMES = frozenset(
@@ -82,6 +92,7 @@ class _Exchange:
     url: str
     status: int | None
     error: BaseException | None = None
+    retry_after: str | None = None  # the Retry-After header of the answer, if any
 
 
 _exchanges: contextvars.ContextVar[list[_Exchange] | None] = contextvars.ContextVar(
@@ -105,7 +116,12 @@ def _observe(session: Any) -> None:
                 seen.append(_Exchange(url, None, exc))
             raise
         if seen is not None:
-            seen.append(_Exchange(url, getattr(response, "status_code", None)))
+            headers = getattr(response, "headers", None) or {}
+            seen.append(
+                _Exchange(
+                    url, getattr(response, "status_code", None), None, headers.get("Retry-After")
+                )
+            )
         return response
 
     try:
@@ -150,6 +166,19 @@ class _Failure:
     kind: str  # "rate_limited" | "transient" | "not_found" | "empty" | "error"
     detail: str
     exc: BaseException | None = None
+    retry_after: float | None = None  # seconds a 429 asked for
+
+
+def _retry_after(seen: list[_Exchange]) -> float | None:
+    """The longest `Retry-After` (in seconds; an HTTP date is not used) of this attempt's 429s."""
+    waits = []
+    for e in seen:
+        if e.status == 429 and e.retry_after:
+            try:
+                waits.append(max(0.0, float(e.retry_after)))
+            except ValueError:
+                continue
+    return max(waits) if waits else None
 
 
 def _is_data_url(url: str) -> bool:
@@ -182,7 +211,7 @@ def _classify(exc: BaseException, seen: list[_Exchange]) -> _Failure:
     what = f"{type(exc).__name__}: {exc}"
 
     if isinstance(exc, YFRateLimitError) or 429 in codes:
-        return _Failure("rate_limited", "HTTP 429 Too Many Requests", exc)
+        return _Failure("rate_limited", "HTTP 429 Too Many Requests", exc, _retry_after(seen))
     server = [c for c in codes if c >= 500]
     if server:
         return _Failure("transient", f"HTTP {server[-1]} from Yahoo ({what})", exc)
@@ -280,6 +309,7 @@ def fetch_yahoo(
     backoff_seconds: float = 2.0,
     session: Any = None,
     sleep: Callable[[float], object] = time.sleep,
+    jitter: Callable[[], float] = random.random,
 ) -> pd.DataFrame:
     """Daily bars of `ticker` with start <= Date <= end (both inclusive) from Yahoo Finance.
 
@@ -289,6 +319,7 @@ def fetch_yahoo(
     gives an empty frame with these columns.
 
     `session`: a curl_cffi (or requests) Session for yfinance; None uses yfinance's own.
+    `sleep` and `jitter` (a draw from [0, 1)) are injectable so tests need not wait or guess.
     Raises YahooTickerNotFound (no retry), YahooRateLimited or YahooError (after retries).
     """
     if not isinstance(ticker, str) or not ticker.strip():
@@ -304,12 +335,24 @@ def fetch_yahoo(
     failure: _Failure | None = None
     for attempt in range(attempts):
         outcome = _attempt(ticker, start, end, session)
+        long_range = (end - start).days + 1 >= EMPTY_RETRY_DAYS
         if not isinstance(outcome, _Failure):
-            return outcome
+            if not (outcome.empty and long_range and attempt + 1 < attempts):
+                return outcome
+            outcome = _Failure("empty", "an empty chart answer")
         failure = outcome
         if failure.kind == "empty":
-            log.info("%s: Yahoo has no sessions in %s..%s (%s)", ticker, start, end, failure.detail)
-            return empty_prices(PRICE_COLUMNS)
+            if not long_range or attempt + 1 == attempts:
+                log.info(
+                    "%s: Yahoo has no sessions in %s..%s (%s)", ticker, start, end, failure.detail
+                )
+                return empty_prices(PRICE_COLUMNS)
+            failure = _Failure(
+                "transient",
+                f"no sessions in {(end - start).days + 1} days ({failure.detail}), "
+                "which no market has: asking again",
+                failure.exc,
+            )
         if failure.kind == "not_found":
             raise YahooTickerNotFound(
                 f"{ticker}: unknown or delisted ticker: Yahoo Finance has no data for this symbol "
@@ -320,7 +363,9 @@ def fetch_yahoo(
                 f"{ticker}: Yahoo Finance request failed: {failure.detail}"
             ) from failure.exc
         if attempt + 1 < attempts:
-            wait = backoff_seconds * 2**attempt
+            wait = backoff_seconds * 2**attempt * (0.5 + jitter())
+            if failure.retry_after is not None:
+                wait = max(wait, min(failure.retry_after, MAX_RETRY_AFTER_SECONDS))
             log.warning(
                 "%s: %s on attempt %d/%d; retrying in %.1fs",
                 ticker,
@@ -337,7 +382,7 @@ def fetch_yahoo(
         raise YahooRateLimited(
             f"{ticker}: Yahoo Finance rate limit (HTTP 429 Too Many Requests) persisted through "
             f"{attempts} attempts for {span} (max_retries={max_retries}, "
-            f"backoff {backoff_seconds}s doubling)"
+            f"backoff {backoff_seconds}s doubling, with jitter)"
         ) from failure.exc
     raise YahooError(
         f"{ticker}: Yahoo Finance still failing after {attempts} attempts for {span}: "

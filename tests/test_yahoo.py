@@ -97,6 +97,11 @@ class Sleeps(list):
         self.append(seconds)
 
 
+def no_jitter() -> float:
+    """The jitter draw that makes the factor exactly 1 (the draw is from [0, 1), factor 0.5 + draw)."""
+    return 0.5
+
+
 def recorded_chart(fixture: str, ticker: str) -> dict:
     """chart.result[0] of the recorded period1/period2 answer for `ticker`."""
     for exchange in load_interactions(fixture):
@@ -116,7 +121,7 @@ def midnight(day: date, tz: str) -> int:
 def test_googl_daily_bars_parsed_by_real_yfinance(replay):
     session = replay("GOOGL.json")
     sleeps = Sleeps()
-    df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, session=session, sleep=sleeps)
+    df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, session=session, sleep=sleeps, jitter=no_jitter)
 
     assert list(df.columns) == PRICE_COLUMNS
     assert str(df["Date"].dtype) == "datetime64[ns]"
@@ -163,7 +168,14 @@ def test_forex_keeps_zero_volume_and_london_session_dates(replay):
 def test_valid_ticker_without_sessions_gives_empty_frame(replay):
     session = replay("GOOGL.json")
     sleeps = Sleeps()
-    df = fetch_yahoo("GOOGL", date(2024, 6, 15), date(2024, 6, 16), session=session, sleep=sleeps)
+    df = fetch_yahoo(
+        "GOOGL",
+        date(2024, 6, 15),
+        date(2024, 6, 16),
+        session=session,
+        sleep=sleeps,
+        jitter=no_jitter,
+    )
 
     assert df.empty
     assert list(df.columns) == PRICE_COLUMNS
@@ -181,7 +193,15 @@ def test_rate_limit_then_success_backs_off_exponentially(replay):
     session.script(CHART + "GOOGL", *[ERRORS["rate_limited"]] * 4)
     sleeps = Sleeps()
 
-    df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, backoff_seconds=0.5, session=session, sleep=sleeps)
+    df = fetch_yahoo(
+        "GOOGL",
+        JUNE_3,
+        JUNE_14,
+        backoff_seconds=0.5,
+        session=session,
+        sleep=sleeps,
+        jitter=no_jitter,
+    )
 
     assert sleeps == [0.5, 1.0]
     assert [d.date() for d in df["Date"]] == SESSIONS
@@ -202,6 +222,7 @@ def test_persistent_rate_limit_raises_after_max_retries(replay):
             backoff_seconds=1.0,
             session=session,
             sleep=sleeps,
+            jitter=no_jitter,
         )
 
     assert sleeps == [1.0, 2.0, 4.0]
@@ -231,7 +252,15 @@ def test_transient_error_then_success_is_retried(replay, failure, stage):
     session.script("/v10/finance/quoteSummary/GOOGL", ERRORS["server_error"], forever=True)
     sleeps = Sleeps()
 
-    df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, backoff_seconds=2.0, session=session, sleep=sleeps)
+    df = fetch_yahoo(
+        "GOOGL",
+        JUNE_3,
+        JUNE_14,
+        backoff_seconds=2.0,
+        session=session,
+        sleep=sleeps,
+        jitter=no_jitter,
+    )
 
     assert sleeps == ([2.0, 4.0] if isinstance(failure, Exception) else [2.0])
     assert [d.date() for d in df["Date"]] == SESSIONS
@@ -249,7 +278,7 @@ def test_server_error_on_timezone_probe_is_not_mistaken_for_unknown_ticker(repla
     )
     sleeps = Sleeps()
 
-    df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, session=session, sleep=sleeps)
+    df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, session=session, sleep=sleeps, jitter=no_jitter)
 
     assert sleeps == [2.0]
     assert len(df) == len(SESSIONS)
@@ -261,7 +290,9 @@ def test_persistent_server_error_raises_yahoo_error(replay):
     sleeps = Sleeps()
 
     with pytest.raises(YahooError) as info:
-        fetch_yahoo("GOOGL", JUNE_3, JUNE_14, max_retries=2, session=session, sleep=sleeps)
+        fetch_yahoo(
+            "GOOGL", JUNE_3, JUNE_14, max_retries=2, session=session, sleep=sleeps, jitter=no_jitter
+        )
 
     assert not isinstance(info.value, (YahooRateLimited, YahooTickerNotFound))
     assert "GOOGL" in str(info.value) and "3 attempts" in str(info.value)
@@ -282,7 +313,9 @@ def test_unknown_ticker_raises_not_found_without_retry(replay, monkeypatch, fall
     sleeps = Sleeps()
 
     with pytest.raises(YahooTickerNotFound) as info:
-        fetch_yahoo("NOSUCHTICKER", JUNE_3, JUNE_14, session=session, sleep=sleeps)
+        fetch_yahoo(
+            "NOSUCHTICKER", JUNE_3, JUNE_14, session=session, sleep=sleeps, jitter=no_jitter
+        )
 
     assert sleeps == []
     assert "NOSUCHTICKER" in str(info.value) and "unknown or delisted" in str(info.value)
@@ -389,3 +422,116 @@ def test_record_writes_replayable_fixtures(tmp_path, monkeypatch):
         "GOOGL", JUNE_3, JUNE_14, session=ReplaySession("session.json", "GOOGL.json")
     )
     pd.testing.assert_frame_equal(replayed, original)
+
+
+# --- Retry-After, jitter, empty answers ----------------------------------------------------------
+
+
+def test_rate_limit_honours_retry_after_and_caps_it(replay):
+    session = replay("GOOGL.json")
+    polite = {
+        **ERRORS["rate_limited"],
+        "headers": {**ERRORS["rate_limited"]["headers"], "Retry-After": "7"},
+    }
+    rude = {**polite, "headers": {**polite["headers"], "Retry-After": "86400"}}
+    # Two 429s per failed attempt (yfinance re-sends once itself).
+    session.script(CHART + "GOOGL", polite, polite, rude, rude)
+    sleeps = Sleeps()
+
+    df = fetch_yahoo(
+        "GOOGL",
+        JUNE_3,
+        JUNE_14,
+        backoff_seconds=0.5,
+        session=session,
+        sleep=sleeps,
+        jitter=no_jitter,
+    )
+
+    assert sleeps == [7.0, 120.0]  # Retry-After when longer than the backoff, capped at 120 s
+    assert [d.date() for d in df["Date"]] == SESSIONS
+
+
+def test_backoff_is_jittered(replay):
+    session = replay("GOOGL.json")
+    # Two 500s per failed attempt on the history call (yfinance re-sends once itself).
+    history = {"period1": str(midnight(JUNE_3, "America/New_York"))}
+    session.script(CHART + "GOOGL", *[ERRORS["server_error"]] * 4, params=history)
+    draws = iter([0.0, 0.999])
+    sleeps = Sleeps()
+
+    fetch_yahoo(
+        "GOOGL",
+        JUNE_3,
+        JUNE_14,
+        backoff_seconds=2.0,
+        session=session,
+        sleep=sleeps,
+        jitter=lambda: next(draws),
+    )
+
+    assert sleeps == [pytest.approx(1.0), pytest.approx(4 * 1.499)]  # 2 x 0.5, then 4 x 1.499
+
+
+def _empty_chart() -> dict:
+    """The recorded answer of a range without sessions (a weekend): a valid, empty chart."""
+    for exchange in load_interactions("GOOGL.json"):
+        req = exchange["request"]
+        if req["url"].endswith(CHART + "GOOGL") and req["params"].get("period1") == str(
+            midnight(date(2024, 6, 15), "America/New_York")
+        ):
+            return exchange["response"]
+    raise LookupError("no recorded weekend answer")
+
+
+def test_an_empty_answer_for_a_long_range_is_retried_before_it_is_believed(replay):
+    """A transient empty chart for a 12-day range (every market trades in a week): asked again,
+    and the full answer that follows is used (yfinance's real parsing on both)."""
+    session = replay("GOOGL.json")
+    session.script(
+        CHART + "GOOGL",
+        _empty_chart(),
+        params={"period1": str(midnight(JUNE_3, "America/New_York"))},
+    )
+    sleeps = Sleeps()
+
+    df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, session=session, sleep=sleeps, jitter=no_jitter)
+
+    assert sleeps == [2.0]
+    assert [d.date() for d in df["Date"]] == SESSIONS
+
+
+def test_an_empty_answer_that_persists_is_returned_after_the_retries(replay):
+    session = replay("GOOGL.json")
+    session.script(
+        CHART + "GOOGL",
+        _empty_chart(),
+        params={"period1": str(midnight(JUNE_3, "America/New_York"))},
+        forever=True,
+    )
+    sleeps = Sleeps()
+
+    df = fetch_yahoo(
+        "GOOGL", JUNE_3, JUNE_14, max_retries=2, session=session, sleep=sleeps, jitter=no_jitter
+    )
+
+    assert df.empty and list(df.columns) == PRICE_COLUMNS  # validation then reports "no rows"
+    assert sleeps == [2.0, 4.0]
+
+
+def test_a_truncated_body_is_retried(replay):
+    session = replay("GOOGL.json")
+    truncated = {
+        "status_code": 200,
+        "reason": "OK",
+        "headers": {"content-type": "application/json;charset=utf-8"},
+        "text": '{"chart":{"result":[{"meta":{"currency":"USD","symbol":"GOO',
+    }
+    history = {"period1": str(midnight(JUNE_3, "America/New_York"))}
+    session.script(CHART + "GOOGL", truncated, truncated, params=history)
+    sleeps = Sleeps()
+
+    df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, session=session, sleep=sleeps, jitter=no_jitter)
+
+    assert sleeps and sleeps[0] == 2.0
+    assert [d.date() for d in df["Date"]] == SESSIONS
