@@ -32,9 +32,25 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+# A temp file of an atomic write older than this was left by a killed writer (a live one renames
+# its file within seconds): the next write of the same file removes it.
+STALE_TEMP_SECONDS = 3600.0
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temp file beside `path`, fsync it and rename it onto `path`."""
+    """Call `write(tmp)` on a temp file beside `path`, fsync it, rename it onto `path` and fsync
+    the folder, so the rename itself survives a crash. Temp files of `path` left by a writer that
+    was killed (SIGKILL, OOM) are removed first."""
+    import time
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > STALE_TEMP_SECONDS:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -46,6 +62,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -69,6 +69,47 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temp(tmp_path: Path) -> No
 # --- publish -------------------------------------------------------------------------------------
 
 
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """A SIGKILL between mkstemp and rename leaves `.<name>.<random>.tmp`; the next write of the
+    same file removes it once it is old enough to belong to no live writer."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ml.store import STALE_TEMP_SECONDS
+
+    target = tmp_path / "prices.parquet"
+    # A real writer killed by SIGKILL while its temp file is open (never renamed).
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from ml.store import atomic_write\n"
+            "def slow(tmp):\n    tmp.write_text('half'); print('writing', flush=True); "
+            "time.sleep(60)\n"
+            f"atomic_write(Path({str(target)!r}), slow)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "writing"
+    child.kill()
+    child.wait(timeout=30)
+    [left] = list(tmp_path.glob(".prices.parquet.*.tmp"))
+    assert not target.exists()
+
+    fresh = tmp_path / ".prices.parquet.live.tmp"
+    fresh.write_text("a writer still running")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(left, (old, old))
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert not left.exists() and fresh.exists()
+
+
 def test_paths_use_the_slug_inside_the_root(store: PriceStore) -> None:
     assert store.history_path(EURUSD) == store.root / "prices" / "EURUSD_X.parquet"
     assert store.staging_path(EURUSD, AS_OF) == store.root / "staging/EURUSD_X/2024-06-28.parquet"
