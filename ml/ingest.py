@@ -6,6 +6,7 @@ runs both for the command line.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from ml.universe import Instrument
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,15 @@ class IngestResult:
 def fetch_window(
     store: PriceStore, instrument: Instrument, as_of: date, settings: Settings
 ) -> tuple[date, bool]:
-    """The first date to fetch: full history on the first load, a short trailing window after."""
-    last = store.last_date(instrument)
+    """The first date to fetch: full history on the first load, a short trailing window after
+    (and the full history again when the published file turned out corrupt: it is quarantined)."""
+    from ml.store import CorruptPriceFile
+
+    try:
+        last = store.last_date(instrument)
+    except CorruptPriceFile as exc:
+        log.warning("%s", exc)
+        last = None
     if last is None or last < settings.history_start:
         return settings.history_start, False
     anchor = min(last, as_of)

@@ -14,6 +14,7 @@ a batch that changes nothing writes nothing, so re-ingesting a date leaves files
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -96,6 +97,10 @@ def count_changes(history: pd.DataFrame, batch: pd.DataFrame) -> tuple[int, int]
     return len(batch) - len(overlap), rows_updated
 
 
+class CorruptPriceFile(RuntimeError):
+    """A published price file could not be read; it has been moved to quarantine."""
+
+
 @dataclass(frozen=True)
 class PublishResult:
     rows_added: int
@@ -148,10 +153,32 @@ class PriceStore:
         path = self.history_path(instrument)
         if not path.exists():
             return empty_prices()
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # truncated, overwritten, not Parquet at all
+            raise self._quarantine_corrupt(instrument, path, exc) from exc
         if until is not None:
             frame = frame.loc[frame["Date"] <= pd.Timestamp(until)].reset_index(drop=True)
         return frame
+
+    def _quarantine_corrupt(
+        self, instrument: Instrument, path: Path, exc: Exception
+    ) -> CorruptPriceFile:
+        """Move an unreadable price file aside (so the next ingest refetches the full history)
+        and return the error that says so."""
+        import time
+
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}"
+        target = self._dir("quarantine", instrument) / f"corrupt-{stamp}"
+        target.mkdir(parents=True, exist_ok=True)
+        moved = target / path.name
+        with contextlib.suppress(FileNotFoundError):  # another reader moved it first
+            os.replace(path, moved)
+        return CorruptPriceFile(
+            f"{instrument.ticker}: the published price file {path} is unreadable "
+            f"({type(exc).__name__}: {exc}); it was moved to {moved}. The next ingest fetches "
+            "the full history again; restore the file from there if it can be repaired."
+        )
 
     def last_date(self, instrument: Instrument) -> date | None:
         frame = self.load(instrument)

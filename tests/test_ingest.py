@@ -427,3 +427,29 @@ def test_a_batch_of_published_bars_skips_the_suite_and_changes_no_file(case: Cas
     assert (revised.rows_added, revised.rows_updated) == (0, 1)
     report = json.loads(case.store.report_path(instrument, next_monday).read_text())
     assert "unchanged" not in report["meta"] and len(report["results"]) > 2
+
+
+def test_a_corrupt_price_file_is_quarantined_and_the_history_refetched(case: Case) -> None:
+    """A published Parquet file overwritten with garbage: reading it names the file and the way
+    out and moves it to quarantine; the same ingest then fetches the full history again."""
+    from ml.store import CorruptPriceFile
+
+    instrument = UNIVERSE.get("GOOGL")
+    path = case.store.history_path(instrument)
+    good = case.store.load(instrument)
+    path.write_bytes(b"PAR1 garbage, not a parquet file")
+
+    with pytest.raises(CorruptPriceFile) as excinfo:
+        case.store.load(instrument)
+    message = str(excinfo.value)
+    assert str(path) in message and "quarantine" in message and "full history" in message
+    assert not path.exists()
+    [moved] = list((case.store.root / "quarantine" / instrument.slug).glob("corrupt-*/*.parquet"))
+    assert moved.read_bytes() == b"PAR1 garbage, not a parquet file"
+
+    path.write_bytes(b"garbage again")  # the next ingest meets it: full history, same run
+    result = ingest_ticker(instrument, AS_OF, case.settings, FileSource(case.files))
+    assert result.incremental is False and result.validation == "passed"
+    pd.testing.assert_frame_equal(
+        case.store.load(instrument, until=GOOD_AS_OF), good, check_like=True
+    )
