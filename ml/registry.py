@@ -8,6 +8,7 @@ database. The newest candidate holds the `challenger` alias; `champion` moves on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
     from ml.forecasting import PriceForecaster
     from ml.training import TrainResult
+
+log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -225,6 +228,18 @@ def _input_example(result: TrainResult):
     return bars.reset_index(drop=True)
 
 
+def fail_orphan_runs(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> list[str]:
+    """Mark FAILED the runs an earlier try left RUNNING for the same ticker, date, bars and config
+    (a task killed inside `start_run`: nothing else would ever end them). Returns their ids."""
+    keys = ("ticker", "logical_date", "data_fingerprint", "config_fingerprint")
+    conditions = [f"tags.{k} = '{tags[k]}'" for k in keys] + ["attributes.status = 'RUNNING'"]
+    runs = client.search_runs([experiment_id], filter_string=" and ".join(conditions))
+    for run in runs:
+        log.warning("marking run %s FAILED: left RUNNING by an earlier try", run.info.run_id)
+        client.set_terminated(run.info.run_id, status="FAILED")
+    return [run.info.run_id for run in runs]
+
+
 def log_candidate(
     result: TrainResult,
     instrument: Instrument,
@@ -263,6 +278,7 @@ def log_candidate(
         "model_kind": result.forecaster.kind,
     }
     metrics = result.evaluation.as_metrics()
+    fail_orphan_runs(client, experiment_id, model_tags)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=f"{instrument.slug}-{as_of}", tags=model_tags
     ) as run:

@@ -658,3 +658,28 @@ def test_versus_champion_flags_a_candidate_significantly_worse_on_a_target() -> 
     assert all(math.isnan(v) for v in dm["Low"].values())  # identical Low forecasts: no test
     same_u2, same = versus_champion(champion, champion, history, test)
     assert same_u2 == champ_u2 and all(math.isnan(p["p_worse"]) for p in same.values())
+
+
+@pytest.mark.slow
+def test_a_run_left_running_by_a_killed_try_is_marked_failed(reg_settings: Settings) -> None:
+    """A task killed inside `start_run` leaves its MLflow run RUNNING; the next try of the same
+    ticker, date, bars and config marks it FAILED before starting its own. Others are left alone."""
+    from ml.registry import ensure_experiment, fail_orphan_runs
+
+    client = get_client(reg_settings)
+    experiment_id = ensure_experiment(client, reg_settings.experiment_name)
+    tags = {
+        "ticker": "ORPHN",
+        "logical_date": "2024-06-28",
+        "data_fingerprint": "abc",
+        "config_fingerprint": "def",
+    }
+    orphan = client.create_run(experiment_id, tags=tags).info.run_id
+    other_day = client.create_run(experiment_id, tags={**tags, "logical_date": "2024-06-27"})
+    assert client.get_run(orphan).info.status == "RUNNING"
+
+    assert fail_orphan_runs(client, experiment_id, tags) == [orphan]
+    assert client.get_run(orphan).info.status == "FAILED"
+    assert client.get_run(other_day.info.run_id).info.status == "RUNNING"
+    assert fail_orphan_runs(client, experiment_id, tags) == []
+    client.set_terminated(other_day.info.run_id)
