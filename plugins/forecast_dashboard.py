@@ -450,7 +450,7 @@ for decisions.</div>
   <tbody>
   {% for r in rows %}
   <tr>
-    <td><strong>{{ r.ticker }}</strong></td>
+    <td><strong><a href="{{ self_url }}ticker/{{ r.ticker|urlencode }}">{{ r.ticker }}</a></strong></td>
     <td>{{ r.last_bar_date }}</td>
     <td class="num">{{ r.last_close }}</td>
     <td class="num">{{ r.pred_low }}</td>
@@ -690,6 +690,134 @@ def render_dashboard(raw_date: str | None, self_url: str) -> "Response":
     return _html(200, **context)
 
 
+# --- the per-ticker page -------------------------------------------------------------------------
+
+_TICKER_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ ticker }}: forecasts against what happened</title>
+<style>
+body { margin: 0; padding: 20px 24px 40px; font: 14px/1.45 system-ui, sans-serif; }
+.chart { width: 100%; max-width: 960px; height: auto; display: block; margin: 8px 0 20px; }
+table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 1px solid #ddd; }
+.muted { color: #666; }
+</style></head><body>
+<p><a href="{{ home }}">All forecasts</a></p>
+<h1>{{ ticker }}</h1>
+<p class="muted">{{ bars_count }} bars to {{ last_bar }}; blue: the range each past forecast
+predicted for its bar; orange: the forecast of the next bar.{% if reason %} Gate: {{ reason }}{% endif %}</p>
+{% if price_svg %}{{ price_svg | safe }}{% else %}<p>No published bars yet.</p>{% endif %}
+{% if next_forecast %}<p id="next">Next bar after {{ next_forecast.last_bar_date }} (model
+v{{ next_forecast.model_version }}): Low {{ next_forecast.low }}, High {{ next_forecast.high }},
+Close {{ next_forecast.close }}.</p>{% else %}<p id="next">No forecast: no champion yet.</p>{% endif %}
+<h2>Live skill</h2>
+{% if live_svg %}{{ live_svg | safe }}{% endif %}
+{% if live %}<table id="live"><tr><th>window</th><th>n</th><th>U2 High</th><th>U2 Low</th>
+<th>U2 Close</th><th>range coverage</th><th>direction</th></tr>
+{% for w in live %}<tr><td>{{ w.window }}</td><td>{{ w.n }}</td><td>{{ w.u2_high }}</td>
+<td>{{ w.u2_low }}</td><td>{{ w.u2_close }}</td><td>{{ w.coverage }}</td>
+<td>{{ w.direction }}</td></tr>{% endfor %}</table>
+{% else %}<p>No scored forecast yet: the ledger scores each forecast when its bar arrives.</p>{% endif %}
+</body></html>
+"""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    number = _number(value)
+    return "–" if number is None else f"{number:.{digits}f}"
+
+
+def render_ticker(ticker: str) -> "Response":
+    """The chart page of one ticker: the last 120 bars, each past forecast's predicted range
+    against what happened (the ledger), the next forecast, and the live U2 over time."""
+    import json
+
+    import jinja2
+    from starlette.responses import HTMLResponse
+
+    from ml.charts import line_chart, price_band_chart
+    from ml.ledger import read_table
+    from ml.store import PriceStore
+    from ml.universe import UniverseError, load_universe
+
+    try:
+        settings = _settings()
+        instrument = load_universe(settings.universe_file).get(ticker)
+    except (DashboardError, UniverseError, KeyError, ValueError) as exc:
+        return _html(404, title="Unknown ticker", error_title="Not found", error=str(exc),
+                     back_link=True)  # fmt: skip
+    bars = PriceStore(settings.data_dir).load(instrument).tail(120)
+    rows = [
+        {"Date": d.date().isoformat(), "High": h, "Low": lo, "Close": c}
+        for d, h, lo, c in zip(bars["Date"], bars["High"], bars["Low"], bars["Close"], strict=True)
+    ]
+    forecasts = read_table(settings, "forecasts")
+    forecasts = forecasts.loc[forecasts["ticker"] == instrument.ticker]
+    outcomes = read_table(settings, "outcomes")
+    outcomes = outcomes.loc[outcomes["ticker"] == instrument.ticker]
+    keys = ["ticker", "last_bar_date", "model_version"]
+    scored = outcomes.merge(forecasts, on=keys)
+    bands = {
+        t: (float(lo), float(hi))
+        for t, lo, hi in zip(
+            scored["target_date"], scored["pred_low"], scored["pred_high"], strict=True
+        )
+    }
+    last_bar = rows[-1]["Date"] if rows else None
+    latest = forecasts.loc[forecasts["last_bar_date"] == last_bar].sort_values("logical_date")
+    next_forecast = None
+    next_band = None
+    if len(latest):
+        f = latest.iloc[-1]
+        next_band = (float(f["pred_low"]), float(f["pred_high"]))
+        next_forecast = {
+            "last_bar_date": f["last_bar_date"],
+            "model_version": f["model_version"],
+            "low": _fmt(f["pred_low"], 4),
+            "high": _fmt(f["pred_high"], 4),
+            "close": _fmt(f["pred_close"], 4),
+        }
+    monitor = read_table(settings, "monitor")
+    monitor = monitor.loc[monitor["ticker"] == instrument.ticker].sort_values("as_of")
+    lives = [json.loads(v) for v in monitor["live"]]
+    series = {
+        f"live U2 {t} (20 bars)": [(x.get("20") or {}).get(f"u2_{t.lower()}") for x in lives]
+        for t in ("High", "Low")
+    }
+    live = [
+        {
+            "window": w,
+            "n": stats.get("n"),
+            "u2_high": _fmt(stats.get("u2_high")),
+            "u2_low": _fmt(stats.get("u2_low")),
+            "u2_close": _fmt(stats.get("u2_close")),
+            "coverage": _fmt(stats.get("coverage"), 2),
+            "direction": _fmt(stats.get("directional_accuracy"), 2),
+        }
+        for w, stats in (lives[-1].items() if lives else ())
+        if stats.get("n")
+    ]
+    report_rows = {}
+    dates = report_dates(settings)
+    if dates:
+        report = load_report(settings, dates[-1]) or {}
+        report_rows = {r.get("ticker"): r for r in report.get("tickers") or []}
+    reason = (report_rows.get(instrument.ticker) or {}).get("promotion_reason")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    page = env.from_string(_TICKER_TEMPLATE).render(
+        ticker=instrument.ticker,
+        home=URL_PREFIX + "/",
+        bars_count=len(rows),
+        last_bar=last_bar or "–",
+        reason=reason,
+        price_svg=price_band_chart(rows, bands, next_band, f"{instrument.ticker}: last bars"),
+        next_forecast=next_forecast,
+        live_svg=line_chart(list(monitor["as_of"]), series, "live U2 against persistence"),
+        live=live,
+    )
+    return HTMLResponse(page, headers=_SECURITY_HEADERS)
+
+
 # --- the FastAPI app ------------------------------------------------------------------------------
 
 
@@ -760,6 +888,10 @@ def create_app() -> "FastAPI":
     @app.get("/", include_in_schema=False)
     def dashboard(request: Request, raw_date: str | None = date_query) -> Response:
         return render_dashboard(raw_date, str(request.url.replace(query="")))
+
+    @app.get("/ticker/{ticker}", include_in_schema=False)
+    def ticker_page(ticker: str) -> Response:
+        return render_ticker(ticker)
 
     @app.get("/api/forecasts")
     def api_forecasts(raw_date: str | None = date_query) -> dict[str, Any]:

@@ -105,6 +105,50 @@ def forecast_row(ticker: str, as_of: date, last_close: float, **changes: Any) ->
     return row
 
 
+def write_ledger_fixture(settings: Settings) -> int:
+    """AMD's published bars to D2 and ten days of its forecasts in the ledger, scored, with a
+    monitor row per day. Returns the number of scored forecasts."""
+    import pandas as pd
+
+    from ml import ledger
+    from ml.sources import SyntheticSource
+    from ml.store import PriceStore
+    from ml.universe import Instrument
+
+    amd = Instrument("AMD", "stock", "AMD")
+    bars = SyntheticSource().fetch(amd, date(2026, 5, 1), D2)
+    store = PriceStore(settings.data_dir)
+    store.publish(amd, bars, D2, "{}")
+    closes = bars.set_index(bars["Date"].dt.strftime("%Y-%m-%d"))["Close"]
+    days = list(closes.index[-11:])
+    for day in days:
+        last = float(closes[day])
+        ledger.record_forecasts(
+            settings,
+            [
+                {
+                    "ticker": "AMD",
+                    "last_bar_date": day,
+                    "model_version": "4",
+                    "logical_date": day,
+                    "model_name": "price-forecast-AMD",
+                    "last_close": last,
+                    "pred_high": last * 1.02,
+                    "pred_low": last * 0.98,
+                    "pred_close": last * 1.001,
+                    "pred_adj_close": last,
+                    "source": "synthetic",
+                }
+            ],
+        )
+    history = store.load(amd)
+    for day in days[1:]:
+        as_of = date.fromisoformat(day)
+        visible = history.loc[history["Date"] <= pd.Timestamp(as_of)]
+        ledger.monitor(settings, {"AMD": visible}, {"AMD": ("4", date(2026, 10, 1))}, as_of)
+    return len(days) - 1
+
+
 def write_fixture_data(settings: Settings) -> None:
     """Forecasts for D1 (2 tickers) and D2 (3 tickers), and the run report of D2."""
     upsert_forecast(settings, forecast_row("AMD", D1, 150.0))
@@ -552,6 +596,7 @@ def api_server(tmp_path: Path, settings: Settings) -> Iterator[ApiServer]:
     base = f"http://127.0.0.1:{port}"
     home = tmp_path / "airflow"
     write_fixture_data(settings)
+    write_ledger_fixture(settings)
     env = airflow_env(
         home,
         AIRFLOW__CORE__AUTH_MANAGER=(
@@ -658,6 +703,14 @@ def test_dashboard_in_a_real_browser(
             page.goto(dashboard)
             expect(table.locator("tbody tr")).to_have_count(3)
             page.screenshot(path=str(dashboard_png), full_page=True)
+            # A ticker's page: the chart of past forecasts against what happened, drawn inline.
+            table.get_by_role("link", name="AMD").click()
+            page.wait_for_url("**/forecast-dashboard/ticker/AMD")
+            expect(page.locator("svg.chart").first).to_be_visible()
+            expect(page.locator("svg.chart rect.band")).to_have_count(10)
+            expect(page.locator("svg.chart rect.next")).to_be_visible()
+            expect(page.locator("table#live")).to_contain_text("20")
+            page.screenshot(path=str(tmp_path / "ticker-chart.png"), full_page=True)
 
             # The Airflow UI: Browse -> Forecasts embeds the dashboard (same session cookie).
             page.goto(f"{base}/", wait_until="networkidle")
@@ -676,3 +729,24 @@ def test_dashboard_in_a_real_browser(
         assert png.stat().st_size > 10_000
         request.node.user_properties.append(("screenshot", str(png)))
         print(f"screenshot: {png}")
+
+
+def test_ticker_page_draws_past_forecasts_against_what_happened(
+    client: Any, env_settings: Settings
+) -> None:
+    write_fixture_data(env_settings)
+    scored = write_ledger_fixture(env_settings)
+    resp = client.get("/ticker/AMD")
+    assert resp.status_code == 200
+    html = resp.text
+    assert html.count('class="band"') == scored  # one predicted range per scored forecast
+    assert html.count('class="next"') == 1  # the forecast of the bar after the last one
+    assert html.count('class="series"') == 2  # live U2 High and Low over the monitor's days
+    assert 'id="live"' in html and "beats the champion v3" in html
+    assert "<script" not in html and "http://" not in html.replace("http://www.w3.org", "")
+    assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert 'ticker/AMD">AMD</a>' in client.get("/").text  # linked from the table
+
+    assert client.get("/ticker/NOSUCH").status_code == 404
+    empty = client.get("/ticker/EURUSD=X")  # in the universe, nothing published or scored
+    assert empty.status_code == 200 and "No published bars yet" in empty.text
