@@ -704,7 +704,7 @@ def test_dashboard_in_a_real_browser(
             expect(table.locator("tbody tr")).to_have_count(3)
             page.screenshot(path=str(dashboard_png), full_page=True)
             # A ticker's page: the chart of past forecasts against what happened, drawn inline.
-            table.get_by_role("link", name="AMD").click()
+            table.get_by_role("link", name="AMD", exact=True).click()
             page.wait_for_url("**/forecast-dashboard/ticker/AMD")
             expect(page.locator("svg.chart").first).to_be_visible()
             expect(page.locator("svg.chart rect.band")).to_have_count(10)
