@@ -88,13 +88,24 @@ def _alive(pid: int) -> bool:
 
 
 def airflow(*args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "airflow"), *args],
-        env=stack_env(),
-        check=check,
-        text=True,
-        capture_output=capture,
-    )
+    """Run an `airflow` CLI command against the stack. SQLite allows one writer at a time: a
+    command that timed out on "database is locked" (the scheduler was writing) rolled back and
+    is run again, up to five times."""
+    for attempt in range(5):
+        proc = subprocess.run(
+            [str(BIN / "airflow"), *args],
+            env=stack_env(),
+            check=False,
+            text=True,
+            capture_output=capture,
+        )
+        output = (proc.stdout or "") + (proc.stderr or "")
+        if proc.returncode == 0 or "database is locked" not in output:
+            break
+        time.sleep(3 * (attempt + 1))
+    if check and proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+    return proc
 
 
 def start() -> None:

@@ -55,14 +55,20 @@ class Stack:
     def cli(
         self, *args: str, timeout: float = 180, check: bool = True
     ) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            [AIRFLOW, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        for attempt in range(5):
+            proc = subprocess.run(
+                [AIRFLOW, *args],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            # SQLite allows one writer: a CLI write can time out while the scheduler holds the
+            # lock (the command rolled back, so it is safe to run again), as scripts/stack.py does.
+            if proc.returncode == 0 or "database is locked" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(3 * (attempt + 1))
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"airflow {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
