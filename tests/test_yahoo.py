@@ -115,6 +115,10 @@ def midnight(day: date, tz: str) -> int:
     return int(datetime.combine(day, time(0), ZoneInfo(tz)).timestamp())
 
 
+# The query of GOOGL's recorded history call (June 3..14), for scripting answers to that call only.
+GOOGL_HISTORY = {"period1": str(midnight(JUNE_3, "America/New_York"))}
+
+
 # --- happy paths ---------------------------------------------------------------------------------
 
 
@@ -246,7 +250,7 @@ def test_persistent_rate_limit_raises_after_max_retries(replay):
 @pytest.mark.parametrize("stage", ["timezone-probe", "history"])
 def test_transient_error_then_success_is_retried(replay, failure, stage):
     session = replay("GOOGL.json")
-    params = {"range": "1d"} if stage == "timezone-probe" else {"period1": "1717387200"}
+    params = {"range": "1d"} if stage == "timezone-probe" else GOOGL_HISTORY
     session.script(CHART + "GOOGL", failure, failure, params=params)
     # A 500 on the time-zone probe sends yfinance to quoteSummary: Yahoo is failing there too.
     session.script("/v10/finance/quoteSummary/GOOGL", ERRORS["server_error"], forever=True)
@@ -455,8 +459,7 @@ def test_rate_limit_honours_retry_after_and_caps_it(replay):
 def test_backoff_is_jittered(replay):
     session = replay("GOOGL.json")
     # Two 500s per failed attempt on the history call (yfinance re-sends once itself).
-    history = {"period1": str(midnight(JUNE_3, "America/New_York"))}
-    session.script(CHART + "GOOGL", *[ERRORS["server_error"]] * 4, params=history)
+    session.script(CHART + "GOOGL", *[ERRORS["server_error"]] * 4, params=GOOGL_HISTORY)
     draws = iter([0.0, 0.999])
     sleeps = Sleeps()
 
@@ -491,7 +494,7 @@ def test_an_empty_answer_for_a_long_range_is_retried_before_it_is_believed(repla
     session.script(
         CHART + "GOOGL",
         _empty_chart(),
-        params={"period1": str(midnight(JUNE_3, "America/New_York"))},
+        params=GOOGL_HISTORY,
     )
     sleeps = Sleeps()
 
@@ -506,7 +509,7 @@ def test_an_empty_answer_that_persists_is_returned_after_the_retries(replay):
     session.script(
         CHART + "GOOGL",
         _empty_chart(),
-        params={"period1": str(midnight(JUNE_3, "America/New_York"))},
+        params=GOOGL_HISTORY,
         forever=True,
     )
     sleeps = Sleeps()
@@ -527,8 +530,7 @@ def test_a_truncated_body_is_retried(replay):
         "headers": {"content-type": "application/json;charset=utf-8"},
         "text": '{"chart":{"result":[{"meta":{"currency":"USD","symbol":"GOO',
     }
-    history = {"period1": str(midnight(JUNE_3, "America/New_York"))}
-    session.script(CHART + "GOOGL", truncated, truncated, params=history)
+    session.script(CHART + "GOOGL", truncated, truncated, params=GOOGL_HISTORY)
     sleeps = Sleeps()
 
     df = fetch_yahoo("GOOGL", JUNE_3, JUNE_14, session=session, sleep=sleeps, jitter=no_jitter)
