@@ -34,6 +34,8 @@ RUN pip install --no-cache-dir --no-deps /opt/airflow/project \
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
 COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/
 COPY --chown=airflow:0 docker/airflow-init.sh /opt/airflow/scripts/airflow-init.sh
+# MLflow's basic-auth settings (no secret in it), read through MLFLOW_AUTH_CONFIG_PATH.
+COPY --chown=airflow:0 docker/mlflow-basic-auth.ini /opt/mlflow/basic_auth.ini
 
 # Defaults for running the image on its own; docker-compose.yaml sets the same values.
 ENV DATA_DIR=/opt/airflow/data \

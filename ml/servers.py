@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import configparser
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -11,8 +13,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+# Basic-auth settings without a template: docker/mlflow-basic-auth.ini's, bar its database_uri.
+DEFAULT_AUTH_SETTINGS = {
+    "default_permission": "NO_PERMISSIONS",
+    "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,6 +59,49 @@ def wait_for_http(
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s ({last_error})")
 
 
+@dataclass(frozen=True)
+class BasicAuth:
+    """`mlflow server --app-name basic-auth`: users in `database_uri`, every request needs a login.
+
+    The server creates the admin user `username`/`password` on its first start against an empty
+    auth database (and ignores both once that user exists). Clients log in through
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (`client_env`), which the MLflow client
+    reads at every request. `template` is an ini whose other settings are kept (database_uri is
+    replaced); without one, DEFAULT_AUTH_SETTINGS."""
+
+    username: str
+    password: str
+    database_uri: str
+    template: Path | None = None
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+
+    def client_env(self) -> dict[str, str]:
+        return {
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+        }
+
+    def server_env(self, config_path: Path) -> dict[str, str]:
+        """Writes the ini to `config_path`; returns the variables the server reads."""
+        config = configparser.ConfigParser()
+        if self.template is not None:
+            if not config.read(self.template):
+                raise FileNotFoundError(self.template)
+        else:
+            config["mlflow"] = DEFAULT_AUTH_SETTINGS
+        config["mlflow"]["database_uri"] = self.database_uri
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        with open(os.open(config_path, flags, 0o600), "w") as handle:  # the URI may hold a password
+            config.write(handle)
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config_path),
+            "MLFLOW_AUTH_ADMIN_USERNAME": self.username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.password,
+            # Signs the auth app's CSRF tokens: one key for all the server's workers.
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key,
+        }
+
+
 @dataclass
 class MlflowServer:
     process: subprocess.Popen
@@ -76,8 +127,10 @@ def start_mlflow_server(
     port: int | None = None,
     workers: int = 2,
     timeout: float = 120.0,
+    auth: BasicAuth | None = None,
 ) -> MlflowServer:
-    """Start `mlflow server` (artifacts served through it) and wait until /health answers."""
+    """Start `mlflow server` (artifacts served through it) and wait until /health answers.
+    With `auth`, the basic-auth app (its ini is written beside the log)."""
     port = port or free_port(host)
     if not port_is_free(host, port):
         # Otherwise /health could be answered by whatever server already holds the port.
@@ -105,6 +158,9 @@ def start_mlflow_server(
     # The server's background job runner (GenAI evaluation jobs) is not used here: it would start
     # eight more processes per server.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if auth is not None:
+        cmd += ["--app-name", "basic-auth"]
+        env.update(auth.server_env(log_path.with_name("basic_auth.ini")))
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env

@@ -7,9 +7,12 @@
 
 It needs PostgreSQL (trust auth for user `postgres`) and Redis on 127.0.0.1 and starts:
 
-- three throwaway PostgreSQL databases, `pf_airflow_<id>` (Airflow metadata and Celery results),
-  `pf_mlflow_<id>` (MLflow backend store) and `pf_ledger_<id>` (the forecast ledger);
-- an MLflow tracking server on the MLflow database, serving artifacts from the state dir;
+- four throwaway PostgreSQL databases, `pf_airflow_<id>` (Airflow metadata and Celery results),
+  `pf_mlflow_<id>` (MLflow backend store), `pf_mlflow_auth_<id>` (MLflow's users) and
+  `pf_ledger_<id>` (the forecast ledger);
+- an MLflow tracking server on the MLflow database, serving artifacts from the state dir, behind
+  basic auth as in docker-compose.yaml (docker/mlflow-basic-auth.ini, a random admin password):
+  only the Celery workers get the login (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD);
 - Airflow with CeleryExecutor and a Redis broker (an empty Redis database number plus a unique key
   prefix): `db migrate`, pools, api-server, scheduler, dag-processor, triggerer and two Celery
   workers, `worker1@<host>` and `worker2@<host>`, each in its own process group;
@@ -18,7 +21,7 @@ It needs PostgreSQL (trust auth for user `postgres`) and Redis on 127.0.0.1 and 
 
 Each worker records its own name as the task-instance hostname (`[core] hostname_callable` set to
 `production_native.worker_hostname`, which reads PF_WORKER_NAME), so the metadata database shows
-which worker ran what. Without --keep everything is removed at the end: process groups, both
+which worker ran what. Without --keep everything is removed at the end: process groups, the
 databases, the Redis keys, the state dir.
 """
 
@@ -51,7 +54,7 @@ PG_PORT = int(os.environ.get("PF_PG_PORT", "5432"))
 PG_USER = os.environ.get("PF_PG_USER", "postgres")
 REDIS_HOST = os.environ.get("PF_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("PF_REDIS_PORT", "6379"))
-DB_PREFIXES = ("pf_airflow_", "pf_mlflow_", "pf_ledger_")
+DB_PREFIXES = ("pf_airflow_", "pf_mlflow_", "pf_mlflow_auth_", "pf_ledger_")
 WORKERS = ("worker1", "worker2")
 LOGICAL_DATE = "2024-06-28T22:30:00+00:00"
 # Every process this script starts carries this variable (with the topology's id): cleanup uses it
@@ -200,12 +203,22 @@ class Topology:
         self.logs = self.state / "logs"
         self.airflow_db = f"pf_airflow_{self.token}"
         self.mlflow_db = f"pf_mlflow_{self.token}"
+        self.mlflow_auth_db = f"pf_mlflow_auth_{self.token}"  # MLflow's basic-auth users
         self.ledger_db = f"pf_ledger_{self.token}"  # the forecast ledger (ml.ledger)
         self.redis_db: int | None = None
         self.redis_prefix = f"pf_{self.token}:"
         self.api_port = 0
         self.mlflow_uri = ""
         self.admin_password = secrets.token_urlsafe(12)
+        from ml.servers import BasicAuth
+
+        # The MLflow admin, created by the server on its first start; the workers log in as it.
+        self.mlflow_auth = BasicAuth(
+            "admin",
+            secrets.token_urlsafe(18),
+            _pg_url(self.mlflow_auth_db, "postgresql+psycopg2"),
+            template=ROOT / "docker" / "mlflow-basic-auth.ini",
+        )
         self.processes: dict[str, subprocess.Popen] = {}
         self.pids: dict[str, int] = {}
         self.created_databases: list[str] = []
@@ -214,13 +227,12 @@ class Topology:
     # --- resources -------------------------------------------------------------------------------
 
     def _create_databases(self) -> None:
-        for name in (self.airflow_db, self.mlflow_db, self.ledger_db):
+        names = (self.airflow_db, self.mlflow_db, self.mlflow_auth_db, self.ledger_db)
+        for name in names:
             _pg_exec(f'CREATE DATABASE "{name}"')
             self.created_databases.append(name)
             self._save_manifest()
-        self.log(
-            f"created PostgreSQL databases {self.airflow_db}, {self.mlflow_db}, {self.ledger_db}"
-        )
+        self.log(f"created PostgreSQL databases {', '.join(names)}")
 
     def _pick_redis_db(self) -> None:
         """An empty Redis database number (others' data stays out of reach), plus our key prefix."""
@@ -381,7 +393,7 @@ class Topology:
         self._create_databases()
         self._pick_redis_db()
 
-        self.log("starting MLflow tracking server (PostgreSQL backend store)")
+        self.log("starting MLflow tracking server (PostgreSQL backend store, basic auth)")
         with _environ(**{MARKER_ENV: self.token, "MLFLOW_DISABLE_TELEMETRY": "true"}):
             # psycopg2, as docker-compose.yaml: with SQLAlchemy 2.1 a bare postgresql:// means
             # psycopg 3, whose pipeline mode logs "pipeline aborted" errors under MLflow.
@@ -390,6 +402,7 @@ class Topology:
                 self.state / "mlflow" / "artifacts",
                 self.logs / "mlflow.log",
                 timeout=min(180.0, _remaining(deadline)),
+                auth=self.mlflow_auth,
             )
         self.processes["mlflow"] = server.process
         self._save_manifest()
@@ -421,6 +434,8 @@ class Topology:
                 **self.env,
                 "PF_WORKER_NAME": self.worker_name(worker),
                 "AIRFLOW__CORE__HOSTNAME_CALLABLE": "production_native.worker_hostname",
+                # Tasks run here only: the only processes that log in to MLflow.
+                **self.mlflow_auth.client_env(),
             }
             self._spawn(
                 worker,
@@ -532,15 +547,16 @@ class Topology:
 
         client = MlflowClient(tracking_uri=self.mlflow_uri, registry_uri=self.mlflow_uri)
         models: dict[str, dict[str, Any]] = {}
-        for model in client.search_registered_models():
-            versions = client.search_model_versions(f"name = '{model.name}'")
-            models[model.name] = {
-                "aliases": dict(model.aliases or {}),
-                "versions": {
-                    v.version: {"gate_status": v.tags.get("gate_status"), "run_id": v.run_id}
-                    for v in versions
-                },
-            }
+        with _environ(**self.mlflow_auth.client_env()):  # read at every request
+            for model in client.search_registered_models():
+                versions = client.search_model_versions(f"name = '{model.name}'")
+                models[model.name] = {
+                    "aliases": dict(model.aliases or {}),
+                    "versions": {
+                        v.version: {"gate_status": v.tags.get("gate_status"), "run_id": v.run_id}
+                        for v in versions
+                    },
+                }
         return models
 
     # --- cleanup ---------------------------------------------------------------------------------
@@ -677,9 +693,11 @@ def run_topology(
     scheduled_runs: bool = False,
     token: str | None = None,
     log: Log = _print,
+    while_up: Callable[[Topology], Any] | None = None,
 ) -> dict[str, Any]:
     """Start the topology, run price_forecast once for `logical_date`, collect where every task ran
     and what the registry holds, then (unless `keep`) tear everything down.
+    `while_up(topology)`, if given, runs after the run, before teardown; its result is `while_up`.
 
     `timeout` bounds start-up plus the run; cleanup adds up to about a minute. The result dict has
     `state`, `wall_seconds`, `task_instances`, `tasks_per_worker`, `registry` (from the server),
@@ -705,7 +723,7 @@ def run_topology(
     result: dict[str, Any] = {
         "token": topo.token,
         "state_dir": str(topo.state),
-        "databases": [topo.airflow_db, topo.mlflow_db],
+        "databases": [topo.airflow_db, topo.mlflow_db, topo.mlflow_auth_db],
         "tickers": [t for t, _, _ in topo.tickers],
         "cleanup": None,
     }
@@ -717,6 +735,7 @@ def run_topology(
             airflow_url=f"http://127.0.0.1:{topo.api_port}",
             mlflow_url=topo.mlflow_uri,
             admin_password=topo.admin_password,
+            mlflow_login=[topo.mlflow_auth.username, topo.mlflow_auth.password],
             workers=[topo.worker_name(w) for w in WORKERS],
         )
         result.update(topo.run_dag(logical_date, deadline))
@@ -736,6 +755,8 @@ def run_topology(
         }
         report = Path(topo.env["DATA_DIR"]) / "reports" / f"{logical_date[:10]}.json"
         result["report"] = json.loads(report.read_text()) if report.exists() else None
+        if while_up is not None:
+            result["while_up"] = while_up(topo)
         if result["state"] != "success":
             result["failed_task_logs"] = _failed_task_logs(topo, tis)
     finally:
@@ -846,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(result))
     if args.keep:
         print(f"Airflow UI : {result['airflow_url']}  (login: admin / {result['admin_password']})")
-        print(f"MLflow UI  : {result['mlflow_url']}")
+        print(f"MLflow UI  : {result['mlflow_url']}  (login: {' / '.join(result['mlflow_login'])})")
         print(f"logs       : {result['state_dir']}/logs")
         print(f"stop with  : {sys.executable} {__file__} --stop {result['state_dir']}")
     if args.json:

@@ -2,8 +2,9 @@
 
 The compose file is validated against the Compose Specification schema, then held to the contracts
 of the production stack: every Airflow service runs one image with one environment that carries the
-pipeline's settings, workers scale, only the two UIs publish ports, secrets come from `.env`, and
-the flags and config keys passed to MLflow and Airflow exist in the installed versions.
+pipeline's settings, workers scale, only the two UIs publish ports, secrets come from `.env`,
+MLflow requires a login that only the workers hold, and the flags and config keys passed to MLflow
+and Airflow exist in the installed versions.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 AIRFLOW_INIT_SCRIPT = REPO / "docker" / "airflow-init.sh"
 POSTGRES_INIT_SCRIPT = REPO / "docker" / "postgres-init.sh"
+MLFLOW_AUTH_INI = REPO / "docker" / "mlflow-basic-auth.ini"
 # The Compose Specification's JSON schema (compose-spec/compose-spec, Apache-2.0: LICENSE beside it).
 COMPOSE_SCHEMA = REPO / "tests" / "fixtures" / "compose" / "compose-spec.json"
 
@@ -63,7 +65,8 @@ REQUIRED_AIRFLOW_ENV = (
 )
 # Variables a service may add to the shared environment (never change).
 EXTRA_ENV_ALLOWED = {
-    "airflow-worker": {"DUMB_INIT_SETSID"},
+    # The MLflow login: only the workers run tasks, so only they hold it.
+    "airflow-worker": {"DUMB_INIT_SETSID", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
     "airflow-init": {
         "AIRFLOW_ADMIN_USERNAME",
         "AIRFLOW_ADMIN_PASSWORD",
@@ -715,14 +718,91 @@ def test_mlflow_serves_artifacts_from_a_named_volume(
 def test_mlflow_server_flags_and_variables_exist_in_the_installed_mlflow(
     services: dict[str, Any], mlflow_argv: list[str]
 ) -> None:
+    import mlflow.environment_variables
     from mlflow.cli import server
 
     options = {opt for param in server.params for opt in (*param.opts, *param.secondary_opts)}
     flags = [arg.split("=")[0] for arg in mlflow_argv[2:] if arg.startswith("-")]
     assert not set(flags) - options, f"unknown mlflow server flags: {sorted(set(flags) - options)}"
     envvars = {param.envvar for param in server.params if isinstance(param.envvar, str)}
+    # Or read by the basic-auth app: its variables are declared in mlflow.environment_variables.
+    envvars |= {
+        getattr(value, "name", None) for value in vars(mlflow.environment_variables).values()
+    }
     mlflow_env = {k for k in as_env(services["mlflow"]["environment"]) if k.startswith("MLFLOW_")}
     assert not mlflow_env - envvars, f"mlflow server reads none of {sorted(mlflow_env - envvars)}"
+
+
+def test_mlflow_requires_a_login_and_keeps_its_users_in_postgres(
+    services: dict[str, Any], mlflow_argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--app-name basic-auth`, with the ini baked into the image: users in the `mlflow_auth`
+    database that docker/postgres-init.sh creates, nothing granted to anyone but the admin, and
+    the admin, the database password and the Flask key from the environment (.env)."""
+    import flask_wtf  # noqa: F401  the basic-auth app's dependency (mlflow[auth])
+    from mlflow.server.auth.config import DEFAULT_AUTHORIZATION_FUNCTION, read_auth_config
+
+    assert option_value(mlflow_argv, "--app-name") == "basic-auth"
+    for package in ("flask-wtf", "wtforms"):
+        assert re.search(rf"^{package}==", (REPO / "requirements.txt").read_text(), re.M), package
+    env = as_env(services["mlflow"]["environment"])
+    ini = str(MLFLOW_AUTH_INI.relative_to(REPO))
+    assert dockerfile_copies().get(ini) == env["MLFLOW_AUTH_CONFIG_PATH"], (
+        f"MLFLOW_AUTH_CONFIG_PATH is not where the Dockerfile copies {ini}"
+    )
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(MLFLOW_AUTH_INI))
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    config = read_auth_config()
+    assert config.default_permission == "NO_PERMISSIONS"
+    assert config.authorization_function == DEFAULT_AUTHORIZATION_FUNCTION
+    assert config.admin_password is None, "the admin password must come from the environment"
+    assert not config.grant_default_workspace_access
+    database = urlsplit(config.database_uri)
+    script = POSTGRES_INIT_SCRIPT.read_text()
+    user = re.search(r'MLFLOW_DB_USER="\$\{MLFLOW_DB_USER:-(\w+)\}"', script)
+    name = re.search(r'MLFLOW_AUTH_DB_NAME="\$\{MLFLOW_AUTH_DB_NAME:-(\w+)\}"', script)
+    assert user and name and ":'auth_db_name'" in script
+    assert database.scheme == "postgresql+psycopg2"
+    assert (database.hostname, database.username) == ("postgres", user[1])
+    assert database.path == f"/{name[1]}" == "/mlflow_auth"
+    assert database.password is None, "no password in the ini: libpq reads PGPASSWORD"
+    assert env["PGPASSWORD"] == urlsplit(env["MLFLOW_BACKEND_STORE_URI"]).password
+    for key in (
+        "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
+        assert env.get(key), f"the mlflow service lacks {key}"
+
+
+def test_only_the_workers_hold_the_mlflow_login(
+    raw: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    """Tasks run on the Celery workers (local and remote), whose MLflow client logs in as the admin
+    the mlflow service creates; no other service gets the login."""
+    from mlflow.environment_variables import MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_USERNAME
+
+    values = {**env_example, "MLFLOW_ADMIN_USERNAME": "pipeline", "MLFLOW_ADMIN_PASSWORD": "pw"}
+    services = interpolate_tree(raw, values)["services"]
+    mlflow_env = as_env(services["mlflow"]["environment"])
+    login = {
+        MLFLOW_TRACKING_USERNAME.name: mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"],
+        MLFLOW_TRACKING_PASSWORD.name: mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"],
+    }
+    assert login == {"MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": "pw"}
+    override = yaml.safe_load(REMOTE_WORKER_FILE.read_text())["services"]["airflow-worker"]
+    remote = {
+        **as_env(services["airflow-worker"]["environment"]),
+        **as_env(interpolate_tree(override, values).get("environment")),
+    }
+    for name, env in [*((n, as_env(services[n].get("environment"))) for n in AIRFLOW_SERVICES),
+                      ("remote airflow-worker", remote)]:  # fmt: skip
+        held = {key: env[key] for key in login if key in env}
+        if name.endswith("airflow-worker"):
+            assert held == login, f"{name} does not log in to MLflow as its admin: {held}"
+        else:
+            assert not held, f"{name} holds the MLflow login but runs no task"
 
 
 def test_mlflow_accepts_the_host_names_its_clients_use(

@@ -1,11 +1,14 @@
 """The production topology of docker-compose.yaml, natively: PostgreSQL, Redis, CeleryExecutor.
 
-Runs `scripts/production_native.py` for a handful of tickers: three throwaway PostgreSQL databases
-(Airflow metadata, MLflow backend, the forecast ledger), an MLflow server on PostgreSQL, the Airflow api-server,
+Runs `scripts/production_native.py` for a handful of tickers: four throwaway PostgreSQL databases
+(Airflow metadata, MLflow backend, MLflow's users, the forecast ledger), an MLflow server on
+PostgreSQL behind basic auth, the Airflow api-server,
 scheduler, dag-processor, triggerer and two Celery workers on a Redis broker. One `price_forecast`
-run must succeed with its task instances spread over both workers, every ticker must end with a
+run must succeed with its task instances spread over both workers (so the pipeline logged in to
+MLflow), every ticker must end with a
 `champion` (or a recorded gate rejection) in the PostgreSQL-backed registry, its forecasts must be
-in the ledger's PostgreSQL database, and afterwards nothing
+in the ledger's PostgreSQL database, MLflow must refuse requests without the pipeline's login and
+other users' attempts to move the `champion` alias, and afterwards nothing
 may be left: no databases, no processes, no Redis keys, no state dir.
 
 Skips, with the reason, only where PostgreSQL or Redis does not answer on 127.0.0.1.
@@ -20,6 +23,7 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 # Installed from requirements.txt: missing clients are a broken environment, not a reason to skip.
 import psycopg2  # noqa: F401
@@ -43,6 +47,9 @@ TICKERS = (
 RUN_TIMEOUT = 720
 TEST_TIMEOUT = 900
 
+LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+VIEWER = ("viewer", "a-viewer-password")
+
 # The timeout covers the module fixture's set-up, whichever test triggers it.
 pytestmark = [pytest.mark.production, pytest.mark.slow, pytest.mark.timeout(TEST_TIMEOUT)]
 
@@ -59,7 +66,9 @@ def topology() -> dict:
         pytest.skip(f"needs PostgreSQL and Redis on 127.0.0.1: {reason}")
     token = "t" + secrets.token_hex(4)
     try:
-        result = native.run_topology(TICKERS, timeout=RUN_TIMEOUT, token=token)
+        result = native.run_topology(
+            TICKERS, timeout=RUN_TIMEOUT, token=token, while_up=_probe_mlflow_auth
+        )
     finally:
         # run_topology cleans up in its own `finally`; this only catches what it could not.
         leftovers = [d for d in native.existing_databases() if d.endswith(f"_{token}")]
@@ -72,6 +81,60 @@ def topology() -> dict:
     result["leftover_processes_seen_by_test"] = stray
     _print_summary(result)
     return result
+
+
+def _probe_mlflow_auth(topo: native.Topology) -> dict[str, Any]:
+    """While the topology is up: HTTP statuses of MLflow requests made without the pipeline's login,
+    with a wrong one, with the right one, and by another (non-admin) user on a pipeline model."""
+    import requests
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = topo.mlflow_uri
+    api = f"{uri}/api/2.0/mlflow"
+    search = f"{api}/registered-models/search"
+    login = (topo.mlflow_auth.username, topo.mlflow_auth.password)
+    out: dict[str, Any] = {}
+    try:
+        out["no_login"] = requests.get(search, timeout=30).status_code
+        out["wrong_password"] = requests.get(
+            search, auth=(login[0], "x" + login[1]), timeout=30
+        ).status_code
+        out["unknown_user"] = requests.get(
+            search, auth=("nobody", login[1]), timeout=30
+        ).status_code
+        out["pipeline_login"] = requests.get(search, auth=login, timeout=30).status_code
+        saved = {k: os.environ.pop(k) for k in LOGIN_VARIABLES if k in os.environ}
+        try:
+            MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models()
+            out["client_without_login"] = "allowed"
+        except MlflowException as exc:
+            out["client_without_login"] = exc.get_http_status_code()
+        finally:
+            os.environ.update(saved)
+        # Another user, as the admin may create for people: by default it is granted nothing.
+        user = {"username": VIEWER[0], "password": VIEWER[1]}
+        out["viewer_created"] = requests.post(
+            f"{api}/users/create", json=user, auth=login, timeout=30
+        ).status_code
+        models = sorted(
+            topo.registry().items(), key=lambda m: ("champion" not in m[1]["aliases"], m)
+        )
+        name, info = models[0]
+        # Point `champion` where it already is (or at version 1): harmless had it been allowed.
+        alias = {"name": name, "alias": "champion", "version": info["aliases"].get("champion", "1")}
+        out["viewer_reads_model"] = requests.get(
+            f"{api}/registered-models/get", params={"name": name}, auth=VIEWER, timeout=30
+        ).status_code
+        out["viewer_sets_champion"] = requests.post(
+            f"{api}/registered-models/alias", json=alias, auth=VIEWER, timeout=30
+        ).status_code
+        out["admin_sets_champion"] = requests.post(
+            f"{api}/registered-models/alias", json=alias, auth=login, timeout=30
+        ).status_code
+    except Exception as exc:  # reported by the test, not raised into the fixture
+        out["error"] = repr(exc)
+    return out
 
 
 def _print_summary(result: dict) -> None:
@@ -157,3 +220,23 @@ def test_everything_was_cleaned_up(topology: dict) -> None:
     assert cleanup["redis_keys_left"] == 0
     assert cleanup["state_dir_removed"] is True
     assert not Path(topology["state_dir"]).exists()
+
+
+def test_mlflow_refuses_requests_without_the_pipelines_login(topology: dict) -> None:
+    # The run succeeded (test_run_succeeds): the workers logged in; nothing else gets in.
+    auth = topology["while_up"]
+    assert "error" not in auth, auth
+    assert auth["no_login"] == 401, auth
+    assert auth["client_without_login"] == 401, auth
+    assert auth["wrong_password"] == 401, auth
+    assert auth["unknown_user"] == 401, auth
+    assert auth["pipeline_login"] == 200, auth
+
+
+def test_other_mlflow_users_cannot_read_or_move_the_champion(topology: dict) -> None:
+    auth = topology["while_up"]
+    assert "error" not in auth, auth
+    assert auth["viewer_created"] == 200, auth
+    assert auth["viewer_reads_model"] == 403, auth
+    assert auth["viewer_sets_champion"] == 403, auth
+    assert auth["admin_sets_champion"] == 200, auth
