@@ -11,7 +11,7 @@ prints, per ticker, the fit seconds (sum of `CandidateResult.seconds`), the whol
 then the mean U2 over High/Low/Close over all tickers and the total fit time.
 
 `--log N` also starts a throwaway SQLite MLflow server and, for the first N tickers, times what
-the train step does around the fit: the registry lookup (`existing_outcome`) and
+the train step does around the fit: the registry lookup (`reuse_outcome`) and
 `ml.registry.log_candidate` (params, metrics, plot, pyfunc model, registration). The first ticker
 pays the process's one-off costs (imports, first traces); later ones show the warm cost.
 """
@@ -206,7 +206,7 @@ def gate_verdicts(result) -> dict[str, bool]:
 
 def time_logging(instruments, results, settings, as_of) -> list[dict]:
     """Registry lookup + log_candidate for each of `instruments` against a throwaway server."""
-    from ml.registry import existing_outcome, log_candidate
+    from ml.registry import get_client, log_candidate, reuse_outcome
     from ml.servers import sqlite_mlflow_server
 
     out = []
@@ -218,8 +218,12 @@ def time_logging(instruments, results, settings, as_of) -> list[dict]:
         for instrument in instruments:
             result = results[instrument.ticker]
             t0 = time.perf_counter()
-            found = existing_outcome(
-                instrument, as_of, result.data_fingerprint, result.config_fingerprint, logged
+            found = reuse_outcome(
+                get_client(logged),
+                instrument,
+                as_of,
+                result.data_fingerprint,
+                result.config_fingerprint,
             )
             lookup = time.perf_counter() - t0
             assert found is None

@@ -1,4 +1,4 @@
-"""Command line: `python -m ml ingest|train|forecast|universe|config`.
+"""Command line: `python -m ml run|ingest|train|forecast|universe|config`.
 
 Each command prints one line per ticker and exits non-zero if any ticker failed (1) or the input
 was bad (2).
@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
+        (
+            "run",
+            "the whole day as the DAG runs it, in this process: ingest, validate, train, "
+            "promote, forecast, report",
+        ),
         ("ingest", "fetch, validate (Great Expectations) and publish bars up to --date"),
         ("train", "train candidates on bars up to --date, register them, promote if better"),
         ("forecast", "forecast the bar after --date with each ticker's champion"),
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--tickers", nargs="+", type=_ticker, help="subset of the universe (default: all)"
         )
-        if name == "train":
+        if name in ("train", "run"):
             cmd.add_argument(
                 "--force", action="store_true", help="retrain even if the data did not change"
             )
@@ -75,6 +80,44 @@ def _run_per_ticker(tickers: Sequence[str], step: Callable[[str], str]) -> int:
     return 1 if failed else 0
 
 
+def run_day(tickers: Sequence[str], as_of: date, settings: Settings, *, force: bool) -> int:
+    """One day in the DAG's shape (`dags/price_forecast.py`) without Airflow: the same steps,
+    one after another in this process, each ticker's failure recorded and the others carried on;
+    the run report is written and printed. Exits 1 if any ticker failed."""
+    from ml import pipeline
+
+    ingested = pipeline.ingest_all(tickers, as_of, settings)
+    validated = pipeline.validate_all(list(ingested["staged"]), as_of, settings, force=force)
+    trained, errors = [], []
+    for ticker in validated["train"]:
+        seed = (validated["tickers"].get(ticker) or {}).get("retrain_seed")
+        try:
+            trained.append(pipeline.train_step(ticker, as_of, settings, force=force, seed=seed))
+        except Exception as exc:
+            errors.append({"ticker": ticker, "error": f"{type(exc).__name__}: {exc}"})
+    promoted = pipeline.promote_all(validated, trained, as_of, settings)
+    forecasted = pipeline.forecast_all(sorted(validated["tickers"]), as_of, settings)
+    rows = pipeline.summarize_tickers(
+        tickers,
+        ingested=ingested,
+        validated=validated,
+        trained=trained,
+        train_errors=errors,
+        promoted=promoted,
+        forecasted=forecasted,
+    )
+    path = pipeline.write_run_report(settings, as_of, rows, run_id=f"cli__{as_of.isoformat()}")
+    print(pipeline.format_table(rows))
+    print(f"report: {path}")
+    failed = [r["ticker"] for r in rows if r["state"] == "failed"]
+    for row in rows:
+        if row["state"] == "failed":
+            print(
+                f"{row['ticker']} failed at {row['failed_step']}: {row['error']}", file=sys.stderr
+            )
+    return 1 if failed else 0
+
+
 def _fmt_u2(u2: dict[str, Any]) -> str:
     return " ".join(f"{k}={float(v):.3f}" for k, v in u2.items() if k in ("High", "Low", "Close"))
 
@@ -100,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ml import pipeline
 
     as_of: date = args.date
+    if args.command == "run":
+        return run_day(tickers, as_of, settings, force=args.force)
     if args.command == "ingest":
         ingested = pipeline.ingest_all(tickers, as_of, settings)
         validated = pipeline.validate_all(

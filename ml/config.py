@@ -91,6 +91,10 @@ class Settings:
     yahoo_backoff_seconds: float = 2.0
     # Downloads in flight at once inside the ingest task (Yahoo rate-limits bursts).
     fetch_concurrency: int = 4
+    # The per-ticker lock in the MLflow registry (ml.registry_lock): a holder whose heartbeat is
+    # older than the ttl is gone; a waiter gives up after the timeout.
+    registry_lock_ttl: float = 120.0
+    registry_lock_timeout: float = 3600.0
     model: ModelConfig = field(default_factory=ModelConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -183,6 +187,9 @@ PIPELINE_ENV = frozenset(
         "YAHOO_MAX_RETRIES",
         "YAHOO_BACKOFF_SECONDS",
         "FETCH_CONCURRENCY",
+        "REGISTRY_LOCK_TTL",
+        "REGISTRY_LOCK_TIMEOUT",
+        "ML_FAULT_KILL_AT",
         "CODE_VERSION",
         "TF_INTRA_OP_THREADS",
     }
@@ -259,6 +266,14 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         fetch_concurrency=int(_parse_number("FETCH_CONCURRENCY", env["FETCH_CONCURRENCY"], int))
         if env.get("FETCH_CONCURRENCY")
         else defaults.fetch_concurrency,
+        registry_lock_ttl=float(_parse_number("REGISTRY_LOCK_TTL", env["REGISTRY_LOCK_TTL"], float))
+        if env.get("REGISTRY_LOCK_TTL")
+        else defaults.registry_lock_ttl,
+        registry_lock_timeout=float(
+            _parse_number("REGISTRY_LOCK_TIMEOUT", env["REGISTRY_LOCK_TIMEOUT"], float)
+        )
+        if env.get("REGISTRY_LOCK_TIMEOUT")
+        else defaults.registry_lock_timeout,
         model=model,
         gate=gate,
     )

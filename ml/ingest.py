@@ -12,6 +12,7 @@ from datetime import date, timedelta
 from typing import TYPE_CHECKING
 
 from ml.config import Settings
+from ml.faults import checkpoint
 from ml.sources import PriceSource, get_source
 from ml.store import PriceStore
 from ml.universe import Instrument
@@ -80,6 +81,7 @@ def stage_ticker(
     start, incremental = fetch_window(store, instrument, as_of, settings)
     batch = source.fetch(instrument, start, as_of)
     store.stage(instrument, batch, as_of)
+    checkpoint("staged")
     return StagedBatch(
         instrument.ticker,
         as_of.isoformat(),

@@ -233,7 +233,7 @@ def train_step(
     """
     if seed is not None:
         settings = replace(settings, model=replace(settings.model, seed=int(seed)))
-    from ml.registry import existing_outcome, log_candidate
+    from ml.registry import get_client, log_candidate, reuse_outcome, ticker_lock
     from ml.store import PriceStore, data_fingerprint
     from ml.training import train_on_history
 
@@ -243,15 +243,19 @@ def train_step(
     if history.empty:
         raise ValueError(f"{ticker}: no published bars up to {as_of}; ingest first")
     data_fp = data_fingerprint(history)
-    if not force:
-        existing = existing_outcome(
-            instrument, as_of, data_fp, settings.model.fingerprint(), settings
-        )
-        if existing is not None:
-            return existing.to_dict()
-    result = train_on_history(ticker, as_of, history, settings.model)
-    report = store.report_path(instrument, as_of)
-    outcome = log_candidate(result, instrument, settings, validation_report=report)
+    client = get_client(settings)
+    # Check, train and register under the ticker's lock in the registry: a second process on the
+    # same ticker (another host or DATA_DIR too) waits, then finds this version and reuses it.
+    with ticker_lock(client, instrument, settings):
+        if not force:
+            existing = reuse_outcome(
+                client, instrument, as_of, data_fp, settings.model.fingerprint()
+            )
+            if existing is not None:
+                return existing.to_dict()
+        result = train_on_history(ticker, as_of, history, settings.model)
+        report = store.report_path(instrument, as_of)
+        outcome = log_candidate(result, instrument, settings, validation_report=report)
     out = outcome.to_dict()
     out["candidates"] = {
         c.kind: {
@@ -311,21 +315,26 @@ def promote_all(
     whose gate never ran (a run that died between train and promote): the next run finishes it.
     Returns {"decisions": {ticker: decision}, "failed": {ticker: error}}.
     """
-    from ml.registry import promote_if_better
+    from ml.registry import get_client, promote_if_better, set_challenger
 
     universe = load_universe(settings.universe_file)
     candidates: dict[str, str] = {}
     for ticker, summary in ((validated or {}).get("tickers") or {}).items():
         if summary.get("version") and not summary.get("gate_status"):
             candidates[ticker] = str(summary["version"])
+    unfinished = set(candidates)  # left by a run that died after registering them
     for outcome in trained or ():
         if outcome and outcome.get("version"):
             candidates[outcome["ticker"]] = str(outcome["version"])
+            unfinished.discard(outcome["ticker"])
     decisions: dict[str, Any] = {}
     failed: dict[str, str] = {}
     for ticker in sorted(candidates):
         try:
-            decision = promote_if_better(universe.get(ticker), as_of, candidates[ticker], settings)
+            instrument = universe.get(ticker)
+            if ticker in unfinished:  # that run may have died before moving `challenger`
+                set_challenger(get_client(settings), instrument.model_name, candidates[ticker])
+            decision = promote_if_better(instrument, as_of, candidates[ticker], settings)
         except Exception as exc:
             failed[ticker] = _error(exc)
             log.warning("%s: promotion failed: %s", ticker, failed[ticker])
@@ -348,7 +357,7 @@ def forecast_all(
     to the CSV export in one write. Returns {"forecasts": {ticker: row}, "kept": [ticker],
     "no_champion": [ticker], "failed": {ticker: error}, "monitor": {ticker: live summary}}.
     """
-    from ml.forecasting import upsert_forecasts
+    from ml.forecasting import read_forecasts, upsert_forecasts
     from ml.ledger import read_table, record_forecasts
     from ml.registry import champion_as_of, get_client
     from ml.store import PriceStore
@@ -396,7 +405,19 @@ def forecast_all(
         forecasts[ticker] = row
     if new_rows:
         record_forecasts(settings, new_rows)
-        upsert_forecasts(settings, new_rows)
+    # The CSV is an export of the ledger: rows kept from the ledger go in again when the export
+    # lacks them (a try killed between the ledger's commit and the export's rename).
+    exported = read_forecasts(settings) if kept else None
+    missing = [
+        forecasts[t]
+        for t in kept
+        if exported is not None
+        and not (
+            (exported["ticker"] == t) & (exported["logical_date"] == forecasts[t]["logical_date"])
+        ).any()
+    ]
+    if new_rows or missing:
+        upsert_forecasts(settings, new_rows + missing)
     _raise_if_all_failed("forecast", len(tickers) - len(no_champion) - len(kept), failed, strict)
     return {
         "forecasts": forecasts,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.config import PROJECT_ROOT, GateConfig, Settings
+from ml.faults import checkpoint
 from ml.features import TARGETS
 from ml.universe import Instrument
 
@@ -85,6 +86,19 @@ def get_client(settings: Settings) -> MlflowClient:
 
     uri = settings.mlflow_tracking_uri
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ticker_lock(client: MlflowClient, instrument: Instrument, settings: Settings):
+    """The ticker's lock in the registry (ml.registry_lock): one process at a time trains,
+    registers or promotes it, whatever its host or DATA_DIR."""
+    from ml.registry_lock import registry_lock
+
+    return registry_lock(
+        client,
+        instrument.model_name,
+        ttl=settings.registry_lock_ttl,
+        timeout=settings.registry_lock_timeout,
+    )
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -189,12 +203,20 @@ def outcome_of(instrument: Instrument, as_of: date, version: ModelVersion) -> Tr
     )
 
 
-def existing_outcome(
-    instrument: Instrument, as_of: date, data_fp: str, config_fp: str, settings: Settings
+def reuse_outcome(
+    client: MlflowClient, instrument: Instrument, as_of: date, data_fp: str, config_fp: str
 ) -> TrainingOutcome | None:
-    """A version trained on exactly these bars and config, if one exists (no retrain needed)."""
-    version = trained_version(get_client(settings), instrument, data_fp, config_fp)
-    return None if version is None else outcome_of(instrument, as_of, version)
+    """A version trained on exactly these bars and config, if one exists (no retrain needed).
+
+    A version trained for this very date is the newest candidate: `challenger` is moved onto it
+    if a try killed between registering it and moving the alias left the alias behind."""
+    version = trained_version(client, instrument, data_fp, config_fp)
+    if version is None:
+        return None
+    outcome = outcome_of(instrument, as_of, version)
+    if outcome.status == "reused":
+        set_challenger(client, instrument.model_name, str(version.version))
+    return outcome
 
 
 def _plot_test_block(result: TrainResult) -> Any:
@@ -240,6 +262,28 @@ def fail_orphan_runs(client: MlflowClient, experiment_id: str, tags: dict[str, s
     return [run.info.run_id for run in runs]
 
 
+def _drop_duplicate_versions(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """Keep the first version registered from `run_id`, delete any other.
+
+    The MLflow client retries a request whose answer was lost, POSTs included: a server that
+    restarted while creating a version can have created it twice. Returns the version kept."""
+    versions = sorted(find_versions(client, name, run_id=run_id), key=lambda v: int(v.version))
+    for extra in versions[1:]:
+        log.warning(
+            "%s: deleting version %s, a duplicate of %s", name, extra.version, versions[0].version
+        )
+        client.delete_model_version(name, extra.version)
+    return versions[0] if versions else None
+
+
+def set_challenger(client: MlflowClient, name: str, version: str) -> None:
+    """Point `challenger` at `version` unless it already points at it or at a newer version (a
+    retry that reuses a version registered by a try killed before it moved the alias)."""
+    holder = get_alias(client, name, CHALLENGER)
+    if holder is None or int(holder.version) < int(version):
+        client.set_registered_model_alias(name, CHALLENGER, version)
+
+
 def log_candidate(
     result: TrainResult,
     instrument: Instrument,
@@ -278,7 +322,6 @@ def log_candidate(
         "model_kind": result.forecaster.kind,
     }
     metrics = result.evaluation.as_metrics()
-    fail_orphan_runs(client, experiment_id, model_tags)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=f"{instrument.slug}-{as_of}", tags=model_tags
     ) as run:
@@ -297,6 +340,7 @@ def log_candidate(
             n_test=len(result.split.test),
         )
         mlflow.log_params(params)
+        checkpoint("run-open")  # killed here, the run stays RUNNING until the next try
         example = _input_example(result)
         with tempfile.TemporaryDirectory() as tmp:
             artifacts = result.forecaster.save(Path(tmp) / "model")
@@ -346,22 +390,27 @@ def log_candidate(
             {"candidates": [asdict(c) for c in result.candidates], "test": metrics},
             "training_summary.json",
         )
-        u2 = {t: round(float(v), 6) for t, v in result.evaluation.u2().items()}
-        u2_naive = {
-            t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")
-        }
-        version = mlflow.register_model(
-            info.model_uri,
-            instrument.model_name,
-            tags={
-                **model_tags,
-                "test_u2": json.dumps(u2, sort_keys=True),
-                "test_u2_range_naive": json.dumps(u2_naive, sort_keys=True),
-                "test_dm": dm_table(dict(result.evaluation.dm_vs_persistence)),
-                "run_id": run_id,
-            },
-        )
+    # The run is complete before its model is registered: a process killed after this point
+    # leaves a FINISHED run; one killed inside the run leaves it RUNNING, and the next try marks
+    # it FAILED here (so is a run that a retried create_run POST duplicated).
+    fail_orphan_runs(client, experiment_id, model_tags)
+    u2 = {t: round(float(v), 6) for t, v in result.evaluation.u2().items()}
+    u2_naive = {t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")}
+    version = mlflow.register_model(
+        info.model_uri,
+        instrument.model_name,
+        tags={
+            **model_tags,
+            "test_u2": json.dumps(u2, sort_keys=True),
+            "test_u2_range_naive": json.dumps(u2_naive, sort_keys=True),
+            "test_dm": dm_table(dict(result.evaluation.dm_vs_persistence)),
+            "run_id": run_id,
+        },
+    )
+    version = _drop_duplicate_versions(client, instrument.model_name, run_id) or version
+    checkpoint("registered")
     client.set_registered_model_alias(instrument.model_name, CHALLENGER, version.version)
+    checkpoint("challenger")
     return TrainingOutcome(
         instrument.ticker,
         as_of,
@@ -569,7 +618,7 @@ def promote_if_better(
     client = get_client(settings)
     name = instrument.model_name
     store = PriceStore(settings.data_dir)
-    with store.lock(f"promote-{instrument.slug}"):
+    with ticker_lock(client, instrument, settings):
         candidate = client.get_model_version(name, version)
         if candidate.tags.get("gate_status") in ("promoted", "rejected"):
             current = champion_as_of(client, name, as_of)
@@ -577,7 +626,7 @@ def promote_if_better(
                 instrument.ticker,
                 version,
                 candidate.tags["gate_status"] == "promoted",
-                candidate.tags.get("gate_reason", "decided earlier"),
+                f"decided earlier: {candidate.tags.get('gate_reason', '')}",
                 current.version if current else None,
                 None,
                 None,

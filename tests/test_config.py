@@ -300,6 +300,6 @@ def test_without_pipeline_env_clears_every_variable_the_settings_read() -> None:
     from ml.config import without_pipeline_env
     from tests.conftest import names_read_by_settings
 
-    names = names_read_by_settings() | {"TF_INTRA_OP_THREADS", "CODE_VERSION"}
+    names = names_read_by_settings() | {"TF_INTRA_OP_THREADS", "CODE_VERSION", "ML_FAULT_KILL_AT"}
     env = {**dict.fromkeys(names, "x"), "AIRFLOW__CORE__EXECUTOR": "x", "PATH": "/bin"}
     assert without_pipeline_env(env) == {"PATH": "/bin"}

@@ -530,7 +530,7 @@ def test_worse_candidate_is_registered_but_not_promoted(
     # Deciding again is a no-op that reports the earlier decision.
     again = promote_if_better(instrument, AS_OF, outcome.version, reg_settings)
     assert again.promoted is False
-    assert again.reason == decision.reason
+    assert again.reason == f"decided earlier: {decision.reason}"
     assert get_alias(client, name, CHAMPION).version == champion_before.version
 
 
@@ -541,6 +541,9 @@ def test_worse_candidate_is_registered_but_not_promoted(
 
 @pytest.mark.slow
 def test_concurrent_promotions_leave_exactly_one_champion(reg_settings: Settings) -> None:
+    """Two threads of this process promote two versions at once: the registry lock serializes
+    them. (Threads, not processes: two processes with their own DATA_DIRs racing on one ticker
+    are in tests/faults/test_race_and_restart.py.)"""
     from ml.pipeline import instrument_for
     from ml.training import train_on_history
 
