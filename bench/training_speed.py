@@ -12,7 +12,7 @@ then the mean U2 over High/Low/Close over all tickers and the total fit time.
 
 `--log N` also starts a throwaway SQLite MLflow server and, for the first N tickers, times what
 the train step does around the fit: the registry lookup (`reuse_outcome`) and
-`ml.registry.log_candidate` (params, metrics, plot, pyfunc model, registration). The first ticker
+`ml.registry.tracking.log_candidate` (params, metrics, plot, pyfunc model, registration). The first ticker
 pays the process's one-off costs (imports, first traces); later ones show the warm cost.
 """
 
@@ -190,9 +190,9 @@ def main() -> int:
 
 def gate_verdicts(result) -> dict[str, bool]:
     """The gate against persistence on this test block: the raw U2 rule it replaced (U2 < 1 on
-    High and Low, <= 1 on Close) and today's Diebold-Mariano rule (`ml.registry.gate_failures`)."""
+    High and Low, <= 1 on Close) and today's Diebold-Mariano rule (`ml.registry.gate.gate_failures`)."""
     from ml.config import GateConfig
-    from ml.registry import gate_failures
+    from ml.registry.gate import gate_failures
 
     u2 = result.evaluation.u2()
     dm = dict(result.evaluation.dm_vs_persistence)
@@ -206,7 +206,9 @@ def gate_verdicts(result) -> dict[str, bool]:
 
 def time_logging(instruments, results, settings, as_of) -> list[dict]:
     """Registry lookup + log_candidate for each of `instruments` against a throwaway server."""
-    from ml.registry import get_client, log_candidate, reuse_outcome
+    from ml.registry.client import get_client
+    from ml.registry.tracking import log_candidate
+    from ml.registry.versions import reuse_outcome
     from ml.servers import sqlite_mlflow_server
 
     out = []

@@ -91,7 +91,7 @@ class Settings:
     yahoo_backoff_seconds: float = 2.0
     # Downloads in flight at once inside the ingest task (Yahoo rate-limits bursts).
     fetch_concurrency: int = 4
-    # The per-ticker lock in the MLflow registry (ml.registry_lock): a holder whose heartbeat is
+    # The per-ticker lock in the MLflow registry (ml.registry.lock): a holder whose heartbeat is
     # older than the ttl is gone; a waiter gives up after the timeout.
     registry_lock_ttl: float = 120.0
     registry_lock_timeout: float = 3600.0

@@ -135,7 +135,8 @@ def validate_all(
     import pandas as pd
 
     from ml.ingest import publish_with_history
-    from ml.registry import get_client, trained_version
+    from ml.registry.client import get_client
+    from ml.registry.versions import trained_version
     from ml.store import PriceStore, data_fingerprint
 
     staged = list(staged)
@@ -233,7 +234,9 @@ def train_step(
     """
     if seed is not None:
         settings = replace(settings, model=replace(settings.model, seed=int(seed)))
-    from ml.registry import get_client, log_candidate, reuse_outcome, ticker_lock
+    from ml.registry.client import get_client
+    from ml.registry.tracking import log_candidate
+    from ml.registry.versions import reuse_outcome, ticker_lock
     from ml.store import PriceStore, data_fingerprint
     from ml.training import train_on_history
 
@@ -280,7 +283,9 @@ def promote_step(
     A ticker that was not retrained (no version, or a version from an earlier date whose gate
     already ran) keeps its champion; an earlier version whose gate never ran is decided now.
     """
-    from ml.registry import champion_as_of, get_client, promote_if_better
+    from ml.registry.client import get_client
+    from ml.registry.promotion import promote_if_better
+    from ml.registry.versions import champion_as_of
 
     instrument = instrument_for(ticker, settings)
     client = get_client(settings)
@@ -315,7 +320,9 @@ def promote_all(
     whose gate never ran (a run that died between train and promote): the next run finishes it.
     Returns {"decisions": {ticker: decision}, "failed": {ticker: error}}.
     """
-    from ml.registry import get_client, promote_if_better, set_challenger
+    from ml.registry.client import get_client
+    from ml.registry.promotion import promote_if_better
+    from ml.registry.versions import set_challenger
 
     universe = load_universe(settings.universe_file)
     candidates: dict[str, str] = {}
@@ -359,7 +366,8 @@ def forecast_all(
     """
     from ml.forecasting import read_forecasts, upsert_forecasts
     from ml.ledger import read_table, record_forecasts
-    from ml.registry import champion_as_of, get_client
+    from ml.registry.client import get_client
+    from ml.registry.versions import champion_as_of
     from ml.store import PriceStore
 
     tickers = list(tickers)
@@ -478,7 +486,7 @@ def _forecast_one(
     """("no champion", None), ("kept", the existing row) or ("new", a row to write); `history`
     (bars up to as_of) and `champion` are looked up when not given."""
     from ml.forecasting import forecast_row
-    from ml.registry import champion_as_of, load_forecaster
+    from ml.registry.versions import champion_as_of, load_forecaster
     from ml.store import PriceStore
 
     if champion is None:
@@ -505,7 +513,7 @@ def forecast_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any
     """Forecast one ticker and upsert its row (errors raised as they are); None: no champion."""
     from ml.forecasting import upsert_forecasts
     from ml.ledger import read_table, record_forecasts
-    from ml.registry import get_client
+    from ml.registry.client import get_client
 
     outcome, row = _forecast_one(
         instrument_for(ticker, settings),

@@ -322,7 +322,7 @@ class Topology:
                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                 "TF_CPP_MIN_LOG_LEVEL": "2",
                 "GIT_PYTHON_REFRESH": "quiet",
-                # ml.registry.code_version runs `git status` in every task process: never let it
+                # ml.registry.client.code_version runs `git status` in every task process: never let it
                 # take index.lock in the working tree others are using.
                 "GIT_OPTIONAL_LOCKS": "0",
                 **MODEL_ENV,

@@ -24,7 +24,7 @@ from ml.config import (
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY_MODULES = ("tensorflow", "keras", "mlflow", "great_expectations", "airflow", "yfinance")
-# `ml.pyfunc` is the MLflow model wrapper: it imports mlflow by nature, so it is imported last and
+# `ml.registry.pyfunc` is the MLflow model wrapper: it imports mlflow by nature, so it is imported last and
 # only checked for side effects.
 WRAPPER_MODULES = ("pyfunc",)
 

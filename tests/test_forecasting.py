@@ -213,7 +213,7 @@ def test_price_forecaster_save_load_round_trip(
 ) -> None:
     from ml.forecasting import KERAS_FILE, PREPROCESSING_FILE, PriceForecaster
     from ml.pipeline import instrument_for
-    from ml.registry import load_forecaster
+    from ml.registry.versions import load_forecaster
 
     loaded = load_forecaster(instrument_for(TICKER, fc_settings), fc_settings)
     assert loaded is not None
@@ -259,7 +259,7 @@ def test_mlflow_models_serve_answers_with_the_champions_forecast(
 
     from ml.config import without_pipeline_env
     from ml.pipeline import instrument_for
-    from ml.registry import load_forecaster
+    from ml.registry.versions import load_forecaster
     from ml.servers import free_port
     from ml.sources import PRICE_COLUMNS
 

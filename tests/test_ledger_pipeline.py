@@ -85,7 +85,7 @@ def test_ten_days_leave_one_scored_outcome_per_forecast_whose_bar_arrived(ten_da
 
 def test_live_metrics_reach_the_run_summary_and_the_champion_version(ten_days) -> None:
     from ml.pipeline import instrument_for, summarize_tickers
-    from ml.registry import CHAMPION, get_alias, get_client
+    from ml.registry.client import CHAMPION, get_alias, get_client
 
     settings = ten_days["settings"]
     last = ten_days["runs"][DAYS[-1]]

@@ -155,7 +155,7 @@ def test_version_without_gate_decision_is_promoted_by_the_next_run(
 ) -> None:
     """A run that died between train and promote: the next run's promote finishes the job."""
     from ml.pipeline import promote_all, train_step
-    from ml.registry import get_client
+    from ml.registry.client import get_client
 
     strict = replace(pl_settings, gate=GateConfig(u2_high_max=0.0, u2_low_max=0.0))
     validated = _data_phase([REJECTED], FRIDAY, strict)

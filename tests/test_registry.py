@@ -20,17 +20,10 @@ import pytest
 
 from ml.config import GateConfig, Settings, get_settings
 from ml.features import TARGETS
-from ml.registry import (
-    CHALLENGER,
-    CHAMPION,
-    gate_failures,
-    get_alias,
-    get_client,
-    log_candidate,
-    promote_if_better,
-    read_dm,
-    score,
-)
+from ml.registry.client import CHALLENGER, CHAMPION, get_alias, get_client
+from ml.registry.gate import gate_failures, read_dm, score
+from ml.registry.promotion import promote_if_better
+from ml.registry.tracking import log_candidate
 from tests.conftest import ingest as _ingest
 from tests.conftest import isolated_settings
 from tests.conftest import published_history as _history
@@ -604,7 +597,7 @@ def test_backfilled_date_uses_and_keeps_the_champion_of_its_own_date(
     """Run a later date first, then backfill an earlier one: the earlier date's gate and forecast
     never use the model trained on later bars, and the alias is not moved back in time."""
     from ml.pipeline import forecast_step, instrument_for, promote_step, train_step
-    from ml.registry import champion_as_of
+    from ml.registry.versions import champion_as_of
 
     later, earlier = date(2024, 1, 12), date(2024, 1, 5)
     name = instrument_for(PIT, reg_settings).model_name
@@ -638,7 +631,7 @@ def test_versus_champion_flags_a_candidate_significantly_worse_on_a_target() -> 
     """Pure: two forecasters on one test block. The champion forecasts the baselines (skill
     weights 0); the candidate adds a network whose output bias is far off on High."""
     from ml.config import ModelConfig
-    from ml.registry import versus_champion
+    from ml.registry.gate import versus_champion
     from ml.sources import SyntheticSource
     from ml.universe import Instrument
     from ml.windows import prepare
@@ -667,7 +660,8 @@ def test_versus_champion_flags_a_candidate_significantly_worse_on_a_target() -> 
 def test_a_run_left_running_by_a_killed_try_is_marked_failed(reg_settings: Settings) -> None:
     """A task killed inside `start_run` leaves its MLflow run RUNNING; the next try of the same
     ticker, date, bars and config marks it FAILED before starting its own. Others are left alone."""
-    from ml.registry import ensure_experiment, fail_orphan_runs
+    from ml.registry.client import ensure_experiment
+    from ml.registry.tracking import fail_orphan_runs
 
     client = get_client(reg_settings)
     experiment_id = ensure_experiment(client, reg_settings.experiment_name)

@@ -1,4 +1,4 @@
-"""The per-ticker lock in the MLflow registry (ml/registry_lock.py), on a real tracking server.
+"""The per-ticker lock in the MLflow registry (ml/registry/lock.py), on a real tracking server.
 
 Holders are real processes where it matters: a lock held by a process that was SIGKILLed is
 broken at once on its host; one whose heartbeat stopped (another host, as far as the waiter can
@@ -15,7 +15,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from ml.registry_lock import RegistryLockTimeout, is_lock, lock_name, registry_lock
+from ml.registry.lock import RegistryLockTimeout, is_lock, lock_name, registry_lock
 from ml.servers import MlflowServer
 from tests.faults.daykit import REPO
 
@@ -35,7 +35,7 @@ def _holder(uri: str, model: str) -> subprocess.Popen:
         f"""
         import sys, time
         from mlflow import MlflowClient
-        from ml.registry_lock import registry_lock
+        from ml.registry.lock import registry_lock
         with registry_lock(MlflowClient({uri!r}, {uri!r}), {model!r}, ttl=600):
             print("held", flush=True)
             time.sleep(600)
@@ -115,3 +115,29 @@ def test_the_holder_keeps_its_heartbeat_fresh(client: MlflowClient) -> None:
         time.sleep(1.5)
         later = float(client.get_registered_model(name).tags["heartbeat"])
     assert later > first, "the heartbeat thread did not refresh the lock"
+
+
+def test_a_version_duplicated_by_a_retried_post_is_deleted(client: MlflowClient) -> None:
+    """The MLflow client retries a request whose answer was lost, POSTs too: a server restarting
+    during create_model_version can create the version twice. Made here by calling it twice for
+    one run, as the retry would; `log_candidate` then keeps the first and deletes the other."""
+    from ml.registry.client import find_versions
+    from ml.registry.versions import drop_duplicate_versions
+
+    name = "dup-post"
+    client.create_registered_model(name)
+    experiment = client.create_experiment("dup-post")
+    run = client.create_run(experiment)
+    client.set_terminated(run.info.run_id)
+    created = [
+        client.create_model_version(
+            name,
+            f"runs:/{run.info.run_id}/model",
+            run_id=run.info.run_id,
+            tags={"run_id": run.info.run_id},
+        ).version
+        for _ in range(2)
+    ]
+    kept = drop_duplicate_versions(client, name, run.info.run_id)
+    assert kept is not None and kept.version == min(created, key=int)
+    assert [v.version for v in find_versions(client, name)] == [kept.version]

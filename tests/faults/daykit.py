@@ -139,7 +139,7 @@ def snapshot(env: dict[str, str], tickers: list[str]) -> DayState:
 
 
 def _alias(client: Any, name: str, alias: str) -> str | None:
-    from ml.registry import get_alias
+    from ml.registry.client import get_alias
 
     mv = get_alias(client, name, alias)
     return None if mv is None else str(mv.version)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ml.registry_lock import lock_name
+from ml.registry.lock import lock_name
 from ml.servers import sqlite_mlflow_server, start_mlflow_server
 from ml.universe import load_universe
 from tests.faults.daykit import DAY, REPO, day_env, explain, snapshot

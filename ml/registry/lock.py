@@ -106,7 +106,7 @@ def registry_lock(
                 name,
                 tags={"owner": owner, "heartbeat": f"{time.time():.3f}"},
                 description="A lock held while one process trains or promotes this ticker "
-                "(ml/registry_lock.py). It is deleted on release; do not use it as a model.",
+                "(ml/registry/lock.py). It is deleted on release; do not use it as a model.",
             )
             break
         except MlflowException as exc:

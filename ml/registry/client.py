@@ -1,0 +1,115 @@
+"""The MLflow client, the experiment, aliases and version searches: what every registry step uses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from ml.config import PROJECT_ROOT, Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+CHALLENGER = "challenger"
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of the code that trained a model (or CODE_VERSION, or 'unknown')."""
+    if os.environ.get("CODE_VERSION"):
+        return os.environ["CODE_VERSION"]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        dirty = subprocess.run(
+            [
+                "git",
+                "--no-optional-locks",
+                "-C",
+                str(PROJECT_ROOT),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def get_client(settings: Settings) -> MlflowClient:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    uri = settings.mlflow_tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another task
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version behind `alias`, None if the model or alias does not exist. Any other error
+    (server down, internal error) is raised: it must never look like "no champion"."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def find_versions(client: MlflowClient, name: str, **tags: str) -> list[ModelVersion]:
+    """Versions of `name` whose tags match all of `tags`, newest first.
+
+    The tags are filtered by the tracking server (one query, whatever the number of versions);
+    names and values are our own slugs, hashes and dates, checked here before they are quoted.
+    """
+    import re
+
+    terms = [f"name = '{name}'"]
+    for key, value in tags.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.:=+-]*", f"{key}{value}"):
+            raise ValueError(f"unsafe tag filter {key}={value!r}")
+        terms.append(f"tags.{key} = '{value}'")
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(" AND ".join(terms), max_results=1000, page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            break
+    matching = [v for v in versions if all(v.tags.get(k) == val for k, val in tags.items())]
+    return sorted(matching, key=lambda v: int(v.version), reverse=True)
