@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.features import FEATURES, TARGETS, feature_names
+from ml.store import CorruptFile
 from ml.windows import Scaler, _relative_inputs, trailing_ratios
 
 if TYPE_CHECKING:
@@ -198,6 +199,9 @@ def forecasts_path(settings: Settings) -> Path:
 
 
 def read_forecasts(settings: Settings) -> pd.DataFrame:
+    """The forecasts export (every column filled in: the ledger holds nothing less). A file that
+    is not such a table (garbage, a cut-off row, a value that is not a number) raises
+    CorruptForecastsFile naming it and the way out; it is left in place, never overwritten."""
     import pandas as pd
 
     path = forecasts_path(settings)
@@ -205,7 +209,46 @@ def read_forecasts(settings: Settings) -> pd.DataFrame:
         return pd.DataFrame(columns=FORECAST_COLUMNS)
     # Text columns stay text: a ticker such as "NA" or "NULL" is not a missing value.
     text = ["ticker", "logical_date", "last_bar_date", "model_name", "model_version", "source"]
-    return pd.read_csv(path, dtype=dict.fromkeys(text, str), keep_default_na=False, na_values=[""])
+    try:
+        table = pd.read_csv(
+            path, dtype=dict.fromkeys(text, str), keep_default_na=False, na_values=[""]
+        )
+    except ValueError as exc:  # not UTF-8, not CSV, empty (ParserError, EmptyDataError)
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise _corrupt_forecasts(settings, path, error) from exc
+    missing = [c for c in FORECAST_COLUMNS if c not in table.columns]
+    if missing:
+        raise _corrupt_forecasts(settings, path, f"no column(s) {', '.join(missing)}")
+    for column in FORECAST_COLUMNS:
+        values = table[column]
+        if column not in text:
+            values = pd.to_numeric(values, errors="coerce")
+        bad = values.isna().to_numpy().nonzero()[0]
+        if len(bad):
+            what = "empty" if column in text else "empty or not a number"
+            more = f", {len(bad) - 1} more row(s) too" if len(bad) > 1 else ""
+            where = f"line {int(bad[0]) + 2}: {column} is {what}{more}"
+            raise _corrupt_forecasts(settings, path, where)
+        if column not in text:
+            table[column] = values
+    return table
+
+
+class CorruptForecastsFile(CorruptFile):
+    """The forecasts export could not be read; it is left in place (see the message)."""
+
+
+def _corrupt_forecasts(settings: Settings, path: Path, error: str) -> CorruptForecastsFile:
+    from ml.ledger import ledger_location
+
+    return CorruptForecastsFile(
+        f"the forecasts export {path} is not a readable forecasts table ({error}). It is "
+        "left as it is and nothing is written over it. It is an export: every forecast is in "
+        f"the ledger ({ledger_location(settings)}), the store of record. Restore the file from a "
+        "backup, or move it aside: the next forecast run then starts a new export with its "
+        "own rows.",
+        path,
+    )
 
 
 def upsert_forecasts(settings: Settings, rows: list[dict[str, Any]]) -> Path:

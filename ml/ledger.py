@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
+from ml.store import CorruptFile
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,20 +54,114 @@ def ledger_url(settings: Settings) -> str:
     return settings.ledger_url or f"sqlite:///{settings.data_dir / 'ledger.db'}"
 
 
+def ledger_location(settings: Settings) -> str:
+    """Where the ledger is, for messages: the SQLite file, or the URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    path = _sqlite_path(settings)
+    return str(path) if path else make_url(ledger_url(settings)).render_as_string(True)
+
+
+class CorruptLedger(CorruptFile):
+    """The SQLite ledger file is not a readable database. It is left in place: the ledger is the
+    store of record of every forecast, so it is never recreated behind the user's back."""
+
+
+class LedgerWriteError(OSError):
+    """SQLite could not write the ledger (disk full, a file size limit, an I/O error); the
+    transaction was not committed (SQLite rolls it back from its journal)."""
+
+
+# SQLite result codes (sqlite3 exceptions carry them as `sqlite_errorname`, Python >= 3.11).
+_SQLITE_CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+_SQLITE_WRITE_FAILED = ("SQLITE_FULL", "SQLITE_IOERR")
+
+
+def _sqlite_error(exc: BaseException) -> Any:
+    """The sqlite3 error behind `exc` (SQLAlchemy's `.orig`, pandas' `__cause__`), or None."""
+    import sqlite3
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, sqlite3.Error):
+            return current
+        todo.extend([getattr(current, "orig", None), current.__cause__, current.__context__])
+    return None
+
+
+def _sqlite_path(settings: Settings) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(ledger_url(settings))
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
+@contextmanager
+def _ledger_errors(settings: Settings) -> Iterator[None]:
+    """Raise what an SQLite ledger's failure means for the user, naming the file and the way out:
+    CorruptLedger (not a database, malformed) or LedgerWriteError (disk full, I/O error). Other
+    errors, and every PostgreSQL error, pass unchanged."""
+    try:
+        yield
+    except (CorruptLedger, LedgerWriteError):
+        raise
+    except Exception as exc:
+        path = _sqlite_path(settings)
+        cause = _sqlite_error(exc) if path is not None else None
+        name = str(getattr(cause, "sqlite_errorname", "") or "")
+        if cause is None or not name.startswith(_SQLITE_CORRUPT + _SQLITE_WRITE_FAILED):
+            raise
+        if name.startswith(_SQLITE_CORRUPT):
+            raise _corrupt(path, f"{name}: {cause}") from exc
+        raise LedgerWriteError(
+            f"the forecast ledger {path} could not be written ({name}: {cause}; a full disk, a "
+            "file size limit or a failing disk): the transaction was not committed, the ledger "
+            "holds what it held before. Free space (or fix the disk) and run the step again."
+        ) from exc
+
+
+def _corrupt(path: Path, error: str) -> CorruptLedger:
+    return CorruptLedger(
+        f"the forecast ledger {path} is not a readable SQLite database ({error}). It is the "
+        "store of record of every forecast and its score, so it is not recreated: restore it "
+        f"from a backup, or move it aside (mv {path} {path}.corrupt) and the next run starts an "
+        "empty ledger. The forecasts CSV export lists past forecasts but is not a backup: "
+        "nothing reads it back into the ledger.",
+        path,
+    )
+
+
 @lru_cache(maxsize=8)
 def _engine(url: str) -> Engine:
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, text
 
     engine = create_engine(url, future=True, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        # A damaged page may sit where no query of this run looks: check the whole file once per
+        # process (milliseconds for a ledger) before anything is written into it.
+        with engine.connect() as connection:
+            problems = [row[0] for row in connection.execute(text("PRAGMA quick_check"))]
+        if problems != ["ok"] and engine.url.database:
+            found = "; ".join(" ".join(str(p).split()) for p in problems[:3])
+            raise _corrupt(Path(engine.url.database), f"PRAGMA quick_check: {found}")
     _metadata().create_all(engine)
     return engine
 
 
 def engine_for(settings: Settings) -> Engine:
-    """The ledger's engine (tables created on first use); SQLite's folder is created too."""
+    """The ledger's engine (tables created on first use); SQLite's folder is created too. An
+    SQLite file that is not a sound database raises CorruptLedger (it is never recreated)."""
     if not settings.ledger_url:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return _engine(ledger_url(settings))
+    with _ledger_errors(settings):
+        return _engine(ledger_url(settings))
 
 
 @lru_cache(maxsize=1)
@@ -143,7 +240,7 @@ def record_forecasts(settings: Settings, rows: Iterable[dict[str, Any]]) -> int:
     """Upsert forecast rows (as `ml.forecasting.forecast_row` makes them) in one transaction."""
     columns = {c.name for c in _table("forecasts").columns}
     clean = [{k: _plain(v) for k, v in row.items() if k in columns} for row in rows]
-    with engine_for(settings).begin() as connection:
+    with _ledger_errors(settings), engine_for(settings).begin() as connection:
         _upsert(connection, "forecasts", clean)
     return len(clean)
 
@@ -151,7 +248,7 @@ def record_forecasts(settings: Settings, rows: Iterable[dict[str, Any]]) -> int:
 def read_table(settings: Settings, name: str) -> pd.DataFrame:
     import pandas as pd
 
-    with engine_for(settings).connect() as connection:
+    with _ledger_errors(settings), engine_for(settings).connect() as connection:
         frame = pd.read_sql_table(name, connection)
     keys = [c.name for c in _table(name).primary_key.columns]
     return frame.sort_values(keys, kind="stable").reset_index(drop=True)
@@ -195,7 +292,7 @@ def score_outcomes(
     forecasts = _table("forecasts")
     rows: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
-    with engine_for(settings).begin() as connection:
+    with _ledger_errors(settings), engine_for(settings).begin() as connection:
         for ticker, history in histories.items():
             found = connection.execute(
                 select(forecasts).where(
@@ -369,7 +466,7 @@ def monitor(
             drift,
             retrain_reason(live, drift) if champion else None,
         )
-    with engine_for(settings).begin() as connection:
+    with _ledger_errors(settings), engine_for(settings).begin() as connection:
         _upsert(connection, "monitor", [m.row() for m in result.values()])
     return result
 
@@ -406,7 +503,7 @@ def pending_retrains(
     query = select(table.c.ticker, table.c.retrain_reason, table.c.as_of).join(
         latest, (table.c.ticker == latest.c.ticker) & (table.c.as_of == latest.c.as_of)
     )
-    with engine_for(settings).connect() as connection:
+    with _ledger_errors(settings), engine_for(settings).connect() as connection:
         return {t: (r, day) for t, r, day in connection.execute(query) if r}
 
 

@@ -75,7 +75,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False, engine="pyarrow"))
+    """Write `frame` atomically, with a CRC32 per Parquet page: `_read_parquet` then refuses a
+    file garbled inside (a bad sector, a partial overwrite) instead of reading wrong prices."""
+    atomic_write(
+        path,
+        lambda tmp: frame.to_parquet(tmp, index=False, engine="pyarrow", write_page_checksum=True),
+    )
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """Read a store Parquet file, verifying its page checksums (files written before they
+    existed have none, and read as before)."""
+    import pandas as pd
+
+    return pd.read_parquet(path, engine="pyarrow", page_checksum_verification=True)
 
 
 def data_fingerprint(frame: pd.DataFrame) -> str:
@@ -97,8 +110,34 @@ def count_changes(history: pd.DataFrame, batch: pd.DataFrame) -> tuple[int, int]
     return len(batch) - len(overlap), rows_updated
 
 
-class CorruptPriceFile(RuntimeError):
+class CorruptFile(RuntimeError):
+    """A file of the store (prices, staging, ledger, forecasts export) could not be read. The
+    message names the file and the way out; `path` is the file, `moved_to` where it went (None
+    when it was left in place)."""
+
+    def __init__(self, message: str, path: Path, moved_to: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.moved_to = moved_to
+
+
+class CorruptPriceFile(CorruptFile):
     """A published price file could not be read; it has been moved to quarantine."""
+
+
+class CorruptStagedFile(CorruptFile):
+    """A staged batch could not be read; it has been quarantined like a batch that failed its
+    validation, so the next ingest of the date fetches and stages it again."""
+
+
+# Errors reading a file that say nothing about its content: raised as they are, never quarantined
+# (not readable by this user, too big for this process).
+_NOT_CORRUPT = (PermissionError, MemoryError)
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message` on one line (pyarrow's messages can span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 @dataclass(frozen=True)
@@ -154,7 +193,9 @@ class PriceStore:
         if not path.exists():
             return empty_prices()
         try:
-            frame = pd.read_parquet(path)
+            frame = _read_parquet(path)
+        except _NOT_CORRUPT:
+            raise
         except Exception as exc:  # truncated, overwritten, not Parquet at all
             raise self._quarantine_corrupt(instrument, path, exc) from exc
         if until is not None:
@@ -165,7 +206,11 @@ class PriceStore:
         self, instrument: Instrument, path: Path, exc: Exception
     ) -> CorruptPriceFile:
         """Move an unreadable price file aside (so the next ingest refetches the full history)
-        and return the error that says so."""
+        and return the error that says so.
+
+        The ticker's staged batches go with it: they were fetched as a trailing window over the
+        history that is now gone, and publishing one (a retry of the validate step) would make
+        those few bars the whole published history, which later ingests only extend."""
         import time
 
         stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}"
@@ -174,10 +219,18 @@ class PriceStore:
         moved = target / path.name
         with contextlib.suppress(FileNotFoundError):  # another reader moved it first
             os.replace(path, moved)
+        staged = self._dir("staging", instrument)
+        for batch in sorted(staged.glob("*.parquet")) if staged.is_dir() else ():
+            (target / "staging").mkdir(exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(batch, target / "staging" / batch.name)
         return CorruptPriceFile(
             f"{instrument.ticker}: the published price file {path} is unreadable "
-            f"({type(exc).__name__}: {exc}); it was moved to {moved}. The next ingest fetches "
-            "the full history again; restore the file from there if it can be repaired."
+            f"({_describe(exc)}); it was moved to {moved}. The next ingest of {instrument.ticker} "
+            "(this one, if it was fetching) fetches the full history again; to keep the old file "
+            "instead, repair it and move it back.",
+            path,
+            moved,
         )
 
     def last_date(self, instrument: Instrument) -> date | None:
@@ -190,14 +243,44 @@ class PriceStore:
         return path
 
     def read_staged(self, instrument: Instrument, as_of: date) -> pd.DataFrame:
-        import pandas as pd
-
         path = self.staging_path(instrument, as_of)
         if not path.exists():
             raise FileNotFoundError(
                 f"{instrument.ticker}: no staged batch for {as_of} at {path}; run ingest first"
             )
-        return pd.read_parquet(path)
+        try:
+            return _read_parquet(path)
+        except (FileNotFoundError, *_NOT_CORRUPT):  # FileNotFound: a concurrent publish took it
+            raise
+        except Exception as exc:  # truncated, overwritten, not Parquet at all
+            raise self._quarantine_staged(instrument, as_of, path, exc) from exc
+
+    def _quarantine_staged(
+        self, instrument: Instrument, as_of: date, path: Path, exc: Exception
+    ) -> CorruptStagedFile:
+        """Quarantine an unreadable staged batch as a failed batch (`validation.json` says why)
+        and return the error that says so. A staged file is only a fetched batch waiting for
+        validation: fetching it again is the way out, and the next ingest of the date does."""
+        import json
+
+        error = _describe(exc)
+        report = {
+            "success": False,
+            "ticker": instrument.ticker,
+            "as_of": as_of.isoformat(),
+            "results": [],
+            "meta": {"unreadable": str(path), "error": error},
+        }
+        target = self.quarantine(
+            instrument, as_of, json.dumps(report, indent=2, sort_keys=True) + "\n"
+        )
+        return CorruptStagedFile(
+            f"{instrument.ticker}: the staged batch {path} is unreadable ({error}); it was "
+            f"quarantined to {target / 'batch.parquet'} and nothing was published. Run ingest "
+            f"for {as_of} again: it fetches and stages the batch again.",
+            path,
+            target / "batch.parquet",
+        )
 
     def quarantine(self, instrument: Instrument, as_of: date, report_json: str) -> Path:
         """Move the staged batch of `as_of` to quarantine with its validation report."""

@@ -155,4 +155,10 @@ def load_universe(path: Path) -> Universe:
                 lines.append(reader.line_num)
     except FileNotFoundError:
         raise UniverseError(f"universe file not found: {path} (set UNIVERSE_FILE)") from None
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:  # garbage bytes, NUL, a folder
+        raise UniverseError(
+            f"{path}: not a readable universe file, a UTF-8 CSV with the columns ticker, "
+            f"asset_class, name ({type(exc).__name__}: {exc}). Restore it (the project's "
+            "universe.csv is under version control) or set UNIVERSE_FILE to a good copy."
+        ) from exc
     return parse_universe(rows, origin=str(path), line_numbers=lines)
