@@ -9,38 +9,105 @@ Nothing else changes: tasks still run in their own process, under Airflow's supe
 modules are imported in the worker; no TensorFlow session or thread pool is created before the
 fork. Use it with `AIRFLOW__CORE__EXECUTOR=preloading_executor.PreloadingLocalExecutor` (this
 folder is Airflow's plugins folder, which Airflow puts on sys.path); `PRELOAD_MODULES` lists the
-modules (comma-separated).
+modules (comma-separated). When `PRELOAD_REPORT_DIR` names a folder, each worker writes
+`<pid>.json` there once its imports are done (the modules asked for, those now in its
+`sys.modules`, those that failed and why): how tests/test_preloading_executor.py sees it.
+
+It overrides a private method of Airflow's LocalExecutor, `_spawn_worker` (through which `start()`
+and `sync()` create every worker), and calls the private `local_executor._run_worker` with the
+stock keyword arguments. Both are checked when this module is imported, and every worker the
+executor holds after `start()` and `sync()` must have come through the override: if an Airflow
+upgrade changes either, the executor raises `PreloadingExecutorIncompatible` naming the Airflow
+version, instead of quietly running workers without the preload (or crashing them).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import multiprocessing
 import os
+import sys
 import time
 
+import airflow
 from airflow.executors import local_executor
 from airflow.executors.local_executor import LocalExecutor
 
 DEFAULT_PRELOAD = (
     "pandas,pyarrow,tensorflow,keras,mlflow,mlflow.pyfunc,great_expectations,yfinance,ml.pipeline"
 )
+REPORT_DIR_ENV = "PRELOAD_REPORT_DIR"
+# The parameters of local_executor._run_worker, all passed by name by _spawn_worker (Airflow 3.3).
+RUN_WORKER_PARAMETERS = ("logger_name", "input", "output", "unread_messages", "team_conf")
+
+
+class PreloadingExecutorIncompatible(RuntimeError):
+    """This Airflow's LocalExecutor no longer works the way the override relies on."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            f"preloading_executor.PreloadingLocalExecutor does not fit Airflow "
+            f"{airflow.__version__}: {problem}. It would start workers without the preload, or "
+            "broken ones: update plugins/preloading_executor.py (tests/test_preloading_executor.py "
+            "pins what it relies on) or set AIRFLOW__CORE__EXECUTOR=LocalExecutor."
+        )
+
+
+def check_compatible() -> None:
+    """Raise PreloadingExecutorIncompatible unless LocalExecutor still has the private parts the
+    override relies on, unchanged."""
+    spawn = getattr(LocalExecutor, "_spawn_worker", None)
+    if not callable(spawn):
+        raise PreloadingExecutorIncompatible("LocalExecutor._spawn_worker is gone")
+    if list(inspect.signature(spawn).parameters) != ["self"]:
+        raise PreloadingExecutorIncompatible(
+            f"LocalExecutor._spawn_worker is now {spawn.__name__}{inspect.signature(spawn)}, "
+            "was (self)"
+        )
+    run = getattr(local_executor, "_run_worker", None)
+    if not callable(run):
+        raise PreloadingExecutorIncompatible("airflow.executors.local_executor._run_worker is gone")
+    if tuple(inspect.signature(run).parameters) != RUN_WORKER_PARAMETERS:
+        raise PreloadingExecutorIncompatible(
+            f"local_executor._run_worker is now _run_worker{inspect.signature(run)}, "
+            f"was _run_worker({', '.join(RUN_WORKER_PARAMETERS)})"
+        )
+
+
+check_compatible()
 
 
 def _preload(modules: str) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     started = time.monotonic()
-    for name in filter(None, (m.strip() for m in modules.split(","))):
+    names = [m for m in (m.strip() for m in modules.split(",")) if m]
+    failed: dict[str, str] = {}
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception as exc:  # a missing optional module must not take the executor down
+            failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"preloading_executor: could not import {name}: {exc}", flush=True)
+    seconds = time.monotonic() - started
     print(
-        f"preloading_executor: worker {os.getpid()} preloaded [{modules}] "
-        f"in {time.monotonic() - started:.1f}s",
+        f"preloading_executor: worker {os.getpid()} preloaded [{modules}] in {seconds:.1f}s",
         flush=True,
     )
+    if folder := os.environ.get(REPORT_DIR_ENV):
+        report = {
+            "pid": os.getpid(),
+            "requested": names,
+            "in_sys_modules": [n for n in names if n in sys.modules],
+            "failed": failed,
+            "seconds": round(seconds, 3),
+        }
+        path = os.path.join(folder, f"{os.getpid()}.json")
+        with open(path + ".tmp", "w") as fh:
+            json.dump(report, fh)
+        os.replace(path + ".tmp", path)
 
 
 def _run_preloaded_worker(**kwargs) -> None:
@@ -50,6 +117,29 @@ def _run_preloaded_worker(**kwargs) -> None:
 
 class PreloadingLocalExecutor(LocalExecutor):
     """LocalExecutor with heavy imports done once per worker process."""
+
+    _preloading_pids: set[int]
+
+    def start(self) -> None:
+        self._preloading_pids = set()
+        super().start()
+        if self.is_mp_using_fork and not self._preloading_pids:
+            raise PreloadingExecutorIncompatible(
+                "LocalExecutor.start() no longer starts its workers through _spawn_worker"
+            )
+        self._check_workers_preloaded()
+
+    def sync(self) -> None:
+        super().sync()
+        self._check_workers_preloaded()
+
+    def _check_workers_preloaded(self) -> None:
+        stray = sorted(set(self.workers) - self._preloading_pids)
+        if stray:
+            raise PreloadingExecutorIncompatible(
+                f"worker process(es) {stray} were started without _spawn_worker"
+            )
+        self._preloading_pids &= set(self.workers)  # forget the workers Airflow reaped
 
     def _spawn_worker(self) -> None:
         process = multiprocessing.Process(
@@ -63,4 +153,5 @@ class PreloadingLocalExecutor(LocalExecutor):
             },
         )
         process.start()
+        self._preloading_pids.add(process.pid)
         self.workers[process.pid] = process
