@@ -139,7 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UniverseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from ml.ledger import LedgerWriteError
+    from ml.store import CorruptFile
 
+    try:
+        return _dispatch(args, tickers, settings)
+    except (CorruptFile, LedgerWriteError) as exc:  # the message names the file and the way out
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) -> int:
     from ml import pipeline
 
     as_of: date = args.date

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,32 +34,59 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-# A temp file of an atomic write older than this was left by a killed writer (a live one renames
-# its file within seconds): the next write of the same file removes it.
+# A temp file of an atomic write is named `.<name>.<host>.<pid>.<random>.tmp`. The next write of
+# the same file removes the temp files of writers that are gone: on this host, a pid that no longer
+# runs (SIGKILL, OOM); from another host sharing the folder, only after this many seconds (a live
+# writer renames its file within seconds).
 STALE_TEMP_SECONDS = 3600.0
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    import time
+
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = stale.name[len(path.name) + 2 : -len(".tmp")].split(".")
+        try:
+            if len(parts) == 3 and parts[0] == _HOST and parts[1].isdigit():
+                gone = int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1]))
+            else:
+                gone = now - stale.stat().st_mtime > STALE_TEMP_SECONDS
+            if gone:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temp file beside `path`, fsync it, rename it onto `path` and fsync
     the folder, so the rename itself survives a crash. Temp files of `path` left by a writer that
-    was killed (SIGKILL, OOM) are removed first."""
-    import time
+    was killed (SIGKILL, OOM) are removed first; a write that fails (disk full) removes its own."""
+    from ml.faults import checkpoint
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            if now - stale.stat().st_mtime > STALE_TEMP_SECONDS:
-                stale.unlink()
-        except FileNotFoundError:
-            pass
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        checkpoint(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -298,6 +326,8 @@ class PriceStore:
         """Upsert a validated batch into the published history, atomically and idempotently."""
         import pandas as pd
 
+        from ml.faults import checkpoint
+
         with self.lock(instrument.slug):
             history = self.load(instrument)
             batch = batch[OUTPUT_COLUMNS].reset_index(drop=True)
@@ -305,13 +335,17 @@ class PriceStore:
             merged = pd.concat([kept, batch], ignore_index=True) if not kept.empty else batch.copy()
             merged = merged.sort_values("Date", kind="stable").reset_index(drop=True)
             rows_added, rows_updated = count_changes(history, batch)
-            if rows_added or rows_updated:
-                _write_parquet(merged[OUTPUT_COLUMNS], self.history_path(instrument))
             # The report of the batch that last changed this date's data stays: a re-run that
-            # changes nothing writes nothing, so every file stays byte-identical.
+            # changes nothing writes nothing, so every file stays byte-identical. It is written
+            # before the history, and staging removed last: a process killed in between leaves
+            # the staged batch, and the retry publishes it again to the same files.
             report_path = self.report_path(instrument, as_of)
             if rows_added or rows_updated or not report_path.exists():
                 atomic_write_text(report_path, report_json)
+            checkpoint("publish:report")
+            if rows_added or rows_updated:
+                _write_parquet(merged[OUTPUT_COLUMNS], self.history_path(instrument))
+            checkpoint("published")
             self.staging_path(instrument, as_of).unlink(missing_ok=True)
             last = merged["Date"].iloc[-1].date() if len(merged) else None
             return PublishResult(rows_added, rows_updated, len(merged), last, merged)
