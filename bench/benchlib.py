@@ -47,7 +47,7 @@ def write_histories(
     Both training scripts read these files, so they train on byte-identical data and neither pays
     for generating it. Returns the manifest path.
     """
-    from ml.sources import SyntheticSource
+    from ml.data.sources import SyntheticSource
     from ml.universe import Instrument
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def theil_u2(actual: Any, predicted: Any, reference: Any) -> list[float]:
-    """RMSE(predicted) / RMSE(reference) per column (the same formula as ml.evaluation.theil_u2)."""
+    """RMSE(predicted) / RMSE(reference) per column (the same formula as ml.model.evaluation.theil_u2)."""
     import numpy as np
 
     a = np.asarray(actual, dtype="float64")

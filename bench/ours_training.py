@@ -3,7 +3,7 @@
     python bench/ours_training.py MANIFEST.json OUT.json [--epochs 3] [--batch-size 32]
         [--kinds lstm] [--patience 3]
 
-For each ticker of the manifest, `ml.training.train_on_history` with the notebook's model config
+For each ticker of the manifest, `ml.model.training.train_on_history` with the notebook's model config
 (LSTM(64) -> Dense(8, relu) -> Dense(4), Adam 1e-3, MSE, window 6, 70/20/10) and `--epochs`
 epochs; patience >= epochs, so early stopping never ends a fit early (the best epoch's weights are
 still restored, as the pipeline does). Everything train_on_history does is timed: windowing,
@@ -42,8 +42,8 @@ def main() -> int:
     import pandas as pd
 
     from ml.config import ModelConfig
-    from ml.models import configure_tensorflow
-    from ml.training import train_on_history
+    from ml.model.networks import configure_tensorflow
+    from ml.model.training import train_on_history
 
     configure_tensorflow()  # imports TensorFlow (train_on_history would do it on the first call)
     import keras  # noqa: F401

@@ -1,4 +1,4 @@
-"""One pipeline step for one ticker in a fresh process, without Airflow (`ml.pipeline.*_step`: the
+"""One pipeline step for one ticker in a fresh process, without Airflow (`ml.steps.*.*_step`: the
 DAG's train instances run `train_step` for one ticker; its other tasks run the batch versions).
 
     python [-X importtime] bench/profile_steps.py STEP TICKER AS_OF OUT.json
@@ -106,21 +106,23 @@ def main() -> int:
     started = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    from ml import pipeline
     from ml.config import get_settings
+    from ml.steps.data import ingest_step, publish_step
+    from ml.steps.forecast import forecast_step
+    from ml.steps.model import promote_step, train_step
 
     settings = get_settings()
     if args.step == "ingest":
-        result = pipeline.ingest_step(args.ticker, args.as_of, settings)
+        result = ingest_step(args.ticker, args.as_of, settings)
     elif args.step == "publish":
-        result = pipeline.publish_step(args.ticker, args.as_of, settings)
+        result = publish_step(args.ticker, args.as_of, settings)
     elif args.step == "train":
-        result = pipeline.train_step(args.ticker, args.as_of, settings)
+        result = train_step(args.ticker, args.as_of, settings)
     elif args.step == "promote":
         trained = json.loads(Path(args.trained).read_text())
-        result = pipeline.promote_step(args.ticker, args.as_of, trained, settings)
+        result = promote_step(args.ticker, args.as_of, trained, settings)
     else:
-        result = pipeline.forecast_step(args.ticker, args.as_of, settings)
+        result = forecast_step(args.ticker, args.as_of, settings)
     if profiler is not None:
         profiler.disable()
     seconds = time.perf_counter() - started

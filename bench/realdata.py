@@ -11,13 +11,13 @@ the date as an unnamed first column, no Adj Close) and MSFT 1986-2017 from `pmda
 (`pmdarima/datasets/data/msft.tar.gz` -> `msft.csv`: OHLCV plus OpenInt, no Adj Close). Nothing
 is converted: the files source reads them as they are.
 
-`report` ingests them through the real path (`PRICE_SOURCE=files`, `ml.pipeline.ingest_all` and
+`report` ingests them through the real path (`PRICE_SOURCE=files`, `ml.ingest_all` and
 `validate_all`: Great Expectations suites, the published store under `.state/realdata/data/`),
 then, per ticker and model config, fits and scores:
 
-- the default block: `ml.training.train_on_history`, the pipeline's own 70/20/10 split;
+- the default block: `ml.model.training.train_on_history`, the pipeline's own 70/20/10 split;
 - a rolling-origin backtest: `--origins` consecutive test blocks tiling the last 30 % of the
-  windows (`ml.windows.rolling_origins`), the model REFIT at each origin on the windows before
+  windows (`ml.model.windows.rolling_origins`), the model REFIT at each origin on the windows before
   it (train/validation 7:2, early stopping on validation), never seeing its test block;
 - on the same test blocks, a HAR-style least-squares reference (High/Low log-ratios on the mean
   log range over 1, 5, 22 and 66 bars, fitted on train+validation), the bar the networks must
@@ -105,8 +105,8 @@ def ingest(tickers: list[str]) -> tuple[dict, dict]:
     """Publish every file through the files source and validation; returns (settings, histories)."""
     import pandas as pd
 
-    from ml import pipeline
     from ml.config import get_settings
+    from ml.steps.data import ingest_all, validate_all
 
     settings = get_settings(
         {
@@ -123,16 +123,14 @@ def ingest(tickers: list[str]) -> tuple[dict, dict]:
         raw = pd.read_csv(FILES / SOURCES[ticker][3])
         dates = pd.to_datetime(raw[raw.columns[0]])
         as_of = max(dates).date()
-        staged = pipeline.ingest_all([ticker], as_of, settings)
-        validated = pipeline.validate_all(
-            list(staged["staged"]), as_of, settings, check_registry=False
-        )
+        staged = ingest_all([ticker], as_of, settings)
+        validated = validate_all(list(staged["staged"]), as_of, settings, check_registry=False)
         failed = {**staged["failed"], **validated["failed"]}
         if failed:
             raise SystemExit(f"{ticker}: ingest failed: {failed[ticker]}")
         summary = validated["tickers"][ticker]
         notes[ticker] = list(staged["staged"][ticker].get("notes") or [])
-        from ml.store import PriceStore
+        from ml.data.store import PriceStore
         from ml.universe import load_universe
 
         instrument = load_universe(settings.universe_file).get(ticker)
@@ -150,7 +148,7 @@ def har_reference(split) -> dict[str, dict[str, float]]:
     1, 5, 22 and 66 bars (point in time), fitted on train+validation; Close = persistence."""
     import numpy as np
 
-    from ml.evaluation import persistence_forecast, range_naive_forecast, theil_u2
+    from ml.model.evaluation import persistence_forecast, range_naive_forecast, theil_u2
 
     def design(part):
         # Range<k> of the window's last bar are the memory features at [:, -1, 8:12] (log means).
@@ -191,8 +189,8 @@ def score(result) -> dict[str, dict[str, float]]:
 
 
 def evaluate_ticker(ticker: str, history, config, n_origins: int) -> dict:
-    from ml.training import fit_and_evaluate, train_on_history
-    from ml.windows import make_windows, rolling_origins, split_at
+    from ml.model.training import fit_and_evaluate, train_on_history
+    from ml.model.windows import make_windows, rolling_origins, split_at
 
     as_of = history["Date"].iloc[-1].date()
     started = time.perf_counter()

@@ -8,7 +8,7 @@
 Parts (all by default, always run in this order):
   imports      fresh-process import times of the heavy libraries each task process pays for
   notebook     (1) the notebook's training loop, one process, N tickers (bench/notebook_baseline.py)
-  ours         (2) ml.training.train_on_history on the same histories and model config, one
+  ours         (2) ml.model.training.train_on_history on the same histories and model config, one
                process, no MLflow (bench/ours_training.py); at the notebook's batch 32
   daily        (3) the whole price_forecast run through Airflow standalone (LocalExecutor) on a
                private stack, seed model config, trigger -> end of `report`, with its split
@@ -70,7 +70,7 @@ IMPORTS = [
     (
         "a train task's libraries (mlflow, tensorflow, matplotlib, ml.*)",
         "import mlflow, mlflow.pyfunc, tensorflow, keras, matplotlib; matplotlib.use('Agg'); "
-        "import matplotlib.pyplot, ml.registry, ml.training, ml.evaluation, ml.forecasting",
+        "import matplotlib.pyplot, ml.registry.tracking, ml.model.training, ml.model.evaluation, ml.model.forecaster",
     ),
 ]
 # The issue's targets. (2)/(1) is reported without a target (the issue sets none).
@@ -727,11 +727,11 @@ def render(results: dict[str, Any]) -> str:
             + (f"; median of {args.repeat} alternating repetitions" if args.repeat > 1 else "")
             + ". The bench's own U2 scoring (predictions on the validation and test blocks for the "
             "table below) is timed apart inside each process and excluded from the wall time. "
-            "Ours is `ml.training.train_on_history` with kinds=(lstm,), units 64, dense 8, Adam "
+            "Ours is `ml.model.training.train_on_history` with kinds=(lstm,), units 64, dense 8, Adam "
             "1e-3, window 6, 70/20/10, patience >= epochs (early stopping never cuts a fit; the best "
             "epoch's weights are restored as the pipeline does), plus everything it does besides the "
             "fit (windowing, skill weights, test evaluation). No MLflow. Within one process it "
-            "reuses one compiled network across tickers (`ml.training.seeded_branches`: "
+            "reuses one compiled network across tickers (`ml.model.training.seeded_branches`: "
             "weights and optimizer reset to the seed's, so each fit equals a fresh one), which "
             "spares the TensorFlow trace that the notebook pays for every ticker; the DAG's train "
             "tasks (one ticker per process) still pay it once.",
@@ -989,7 +989,7 @@ def render(results: dict[str, Any]) -> str:
         L += [
             f"## Where the time goes: one ticker's steps ({prof['ticker']}), each in a fresh process",
             "",
-            "The per-ticker step functions (`ml.pipeline.*_step`; the DAG's ingest, validate, "
+            "The per-ticker step functions (`ml.steps.*.*_step`; the DAG's ingest, validate, "
             "promote and forecast tasks run them batched over every ticker, train one ticker per "
             "instance), without Airflow (no task runner, DAG-file parse or scheduler): a fresh "
             "`python -X importtime` process per step "

@@ -5,7 +5,7 @@
 
 In one process: generates the synthetic history of every ticker of the universe (settings'
 `history_start` to `--as-of`, default 2026-11-20; generation is not timed), then runs
-`ml.training.train_on_history` for each with the default `ModelConfig` (or `--set` overrides) and
+`ml.model.training.train_on_history` for each with the default `ModelConfig` (or `--set` overrides) and
 prints, per ticker, the fit seconds (sum of `CandidateResult.seconds`), the whole
 `train_on_history` seconds, the epochs run per kind and the test U2 of High, Low and Close;
 then the mean U2 over High/Low/Close over all tickers and the total fit time.
@@ -75,7 +75,7 @@ def main() -> int:
     import numpy as np
 
     from ml.config import get_settings
-    from ml.sources import SyntheticSource
+    from ml.data.sources import SyntheticSource
     from ml.universe import load_universe
 
     load_start = os.getloadavg()
@@ -88,8 +88,8 @@ def main() -> int:
     histories = {i.ticker: source.fetch(i, settings.history_start, as_of) for i in instruments}
 
     started = time.perf_counter()
-    from ml.models import configure_tensorflow
-    from ml.training import train_on_history
+    from ml.model.networks import configure_tensorflow
+    from ml.model.training import train_on_history
 
     configure_tensorflow()
     import keras  # noqa: F401

@@ -58,7 +58,7 @@ default_args = {
 def _settings(params: dict | None = None):
     """Settings from the environment, with the run's params applied."""
     from ml.config import get_settings
-    from ml.pipeline import settings_with_overrides
+    from ml.steps.common import settings_with_overrides
 
     params = params or {}
     return settings_with_overrides(
@@ -167,7 +167,7 @@ def price_forecast():
     @task(pool=SOURCE_POOL)
     def ingest(tickers: list[str]) -> dict:
         """Fetch every ticker's due bars into staging (concurrent downloads, bounded)."""
-        from ml.pipeline import ingest_all
+        from ml.steps.data import ingest_all
 
         return ingest_all(
             tickers, _as_of(), _settings(get_current_context()["params"]), strict=_retries_left()
@@ -180,7 +180,7 @@ def price_forecast():
         Returns the tickers that need training (what `train` maps over); the per-ticker summary
         and failures go to the XCom `summary` for promote, forecast and the report.
         """
-        from ml.pipeline import validate_all
+        from ml.steps.data import validate_all
 
         context = get_current_context()
         params = context["params"]
@@ -200,7 +200,7 @@ def price_forecast():
     )
     def train(ticker: str) -> dict:
         """Fit the candidates on bars <= D, log the run, register the best as `challenger`."""
-        from ml.pipeline import train_step
+        from ml.steps.model import train_step
 
         context = get_current_context()
         context["ticker_name"] = ticker
@@ -226,7 +226,7 @@ def price_forecast():
     @task(trigger_rule="all_done")
     def promote(trained: list[dict]) -> dict:
         """Apply the gate to this run's new versions, one at a time: one process moves aliases."""
-        from ml.pipeline import promote_all
+        from ml.steps.model import promote_all
 
         settings = _settings(get_current_context()["params"])
         return promote_all(
@@ -236,7 +236,7 @@ def price_forecast():
     @task(trigger_rule="all_done", outlets=[FORECASTS])
     def forecast(promoted: dict | None) -> dict:
         """Forecast the next bar with every ticker's champion; one write of the forecasts table."""
-        from ml.pipeline import forecast_all
+        from ml.steps.forecast import forecast_all
 
         settings = _settings(get_current_context()["params"])
         tickers = sorted((_validation_summary() or {}).get("tickers") or {})
@@ -252,7 +252,7 @@ def price_forecast():
         forecasted: dict | None,
     ) -> dict:
         """Write the run summary; fail the run if any ticker failed (the others are finished)."""
-        from ml.pipeline import format_table, summarize_tickers, write_run_report
+        from ml.steps.report import format_table, summarize_tickers, write_run_report
 
         if tickers is None:
             raise AirflowFailException(

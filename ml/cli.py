@@ -84,20 +84,23 @@ def run_day(tickers: Sequence[str], as_of: date, settings: Settings, *, force: b
     """One day in the DAG's shape (`dags/price_forecast.py`) without Airflow: the same steps,
     one after another in this process, each ticker's failure recorded and the others carried on;
     the run report is written and printed. Exits 1 if any ticker failed."""
-    from ml import pipeline
+    from ml.steps.data import ingest_all, validate_all
+    from ml.steps.forecast import forecast_all
+    from ml.steps.model import promote_all, train_step
+    from ml.steps.report import format_table, summarize_tickers, write_run_report
 
-    ingested = pipeline.ingest_all(tickers, as_of, settings)
-    validated = pipeline.validate_all(list(ingested["staged"]), as_of, settings, force=force)
+    ingested = ingest_all(tickers, as_of, settings)
+    validated = validate_all(list(ingested["staged"]), as_of, settings, force=force)
     trained, errors = [], []
     for ticker in validated["train"]:
         seed = (validated["tickers"].get(ticker) or {}).get("retrain_seed")
         try:
-            trained.append(pipeline.train_step(ticker, as_of, settings, force=force, seed=seed))
+            trained.append(train_step(ticker, as_of, settings, force=force, seed=seed))
         except Exception as exc:
             errors.append({"ticker": ticker, "error": f"{type(exc).__name__}: {exc}"})
-    promoted = pipeline.promote_all(validated, trained, as_of, settings)
-    forecasted = pipeline.forecast_all(sorted(validated["tickers"]), as_of, settings)
-    rows = pipeline.summarize_tickers(
+    promoted = promote_all(validated, trained, as_of, settings)
+    forecasted = forecast_all(sorted(validated["tickers"]), as_of, settings)
+    rows = summarize_tickers(
         tickers,
         ingested=ingested,
         validated=validated,
@@ -106,8 +109,8 @@ def run_day(tickers: Sequence[str], as_of: date, settings: Settings, *, force: b
         promoted=promoted,
         forecasted=forecasted,
     )
-    path = pipeline.write_run_report(settings, as_of, rows, run_id=f"cli__{as_of.isoformat()}")
-    print(pipeline.format_table(rows))
+    path = write_run_report(settings, as_of, rows, run_id=f"cli__{as_of.isoformat()}")
+    print(format_table(rows))
     print(f"report: {path}")
     failed = [r["ticker"] for r in rows if r["state"] == "failed"]
     for row in rows:
@@ -139,8 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UniverseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from ml.ledger import LedgerWriteError
-    from ml.store import CorruptFile
+    from ml.data.store import CorruptFile
+    from ml.forecasts.ledger import LedgerWriteError
 
     try:
         return _dispatch(args, tickers, settings)
@@ -150,16 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) -> int:
-    from ml import pipeline
+    from ml.steps.data import ingest_all, validate_all
+    from ml.steps.forecast import forecast_all
+    from ml.steps.model import promote_step, train_step
 
     as_of: date = args.date
     if args.command == "run":
         return run_day(tickers, as_of, settings, force=args.force)
     if args.command == "ingest":
-        ingested = pipeline.ingest_all(tickers, as_of, settings)
-        validated = pipeline.validate_all(
-            list(ingested["staged"]), as_of, settings, check_registry=False
-        )
+        ingested = ingest_all(tickers, as_of, settings)
+        validated = validate_all(list(ingested["staged"]), as_of, settings, check_registry=False)
         failed = {**ingested["failed"], **validated["failed"]}
 
         def ingest(ticker: str) -> str:
@@ -180,8 +183,8 @@ def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) 
     if args.command == "train":
 
         def train(ticker: str) -> str:
-            trained = pipeline.train_step(ticker, as_of, settings, force=args.force)
-            decision = pipeline.promote_step(ticker, as_of, trained, settings)
+            trained = train_step(ticker, as_of, settings, force=args.force)
+            decision = promote_step(ticker, as_of, trained, settings)
             verdict = "PROMOTED" if decision["promoted"] else "not promoted"
             return (
                 f"{trained['status']:<8} v{trained.get('version')}  U2 vs persistence "
@@ -192,7 +195,7 @@ def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) 
 
         return _run_per_ticker(tickers, train)
 
-    forecasted = pipeline.forecast_all(tickers, as_of, settings)
+    forecasted = forecast_all(tickers, as_of, settings)
 
     def forecast(ticker: str) -> str:
         if ticker in forecasted["failed"]:

@@ -42,7 +42,7 @@ class ModelConfig:
     split: tuple[float, float, float] = (0.7, 0.2, 0.1)
     seed: int = 42
     naive_lookback: int = 20
-    # Volatility's memory as extra inputs per bar (ml.features.add_memory_features): mean log
+    # Volatility's memory as extra inputs per bar (ml.model.features.add_memory_features): mean log
     # range over 1, 5, 22 and 66 bars and realized volatility over 5, 22 and 66; () = the
     # notebook's 8 inputs only.
     vol_horizons: tuple[int, ...] = (1, 5, 22, 66)
@@ -81,7 +81,7 @@ class Settings:
     price_files_dir: Path | None = None
     data_dir: Path = PROJECT_ROOT / ".state" / "data"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
-    # The forecast ledger's database (ml.ledger); None = SQLite at DATA_DIR/ledger.db.
+    # The forecast ledger's database (ml.forecasts.ledger); None = SQLite at DATA_DIR/ledger.db.
     ledger_url: str | None = None
     experiment_name: str = "price-forecast"
     universe_file: Path = PROJECT_ROOT / "universe.csv"
@@ -171,7 +171,7 @@ _GATE_ENV = {
 }
 
 
-# Every environment variable the pipeline reads (get_settings, ml.training, ml.registry) or that
+# Every environment variable the pipeline reads (get_settings, ml.model.training, ml.registry) or that
 # configures Airflow/MLflow: what a test or benchmark clears so the caller's shell cannot leak into
 # the processes it starts.
 PIPELINE_ENV_PREFIXES = ("AIRFLOW", "MLFLOW_", "MODEL_", "GATE_")

@@ -36,7 +36,8 @@ from airflow.executors import local_executor
 from airflow.executors.local_executor import LocalExecutor
 
 DEFAULT_PRELOAD = (
-    "pandas,pyarrow,tensorflow,keras,mlflow,mlflow.pyfunc,great_expectations,yfinance,ml.pipeline"
+    "pandas,pyarrow,tensorflow,keras,mlflow,mlflow.pyfunc,great_expectations,yfinance,"
+    "ml.steps.data,ml.steps.model,ml.steps.forecast"
 )
 REPORT_DIR_ENV = "PRELOAD_REPORT_DIR"
 # The parameters of local_executor._run_worker, all passed by name by _spawn_worker (Airflow 3.3).

@@ -204,7 +204,7 @@ class Topology:
         self.airflow_db = f"pf_airflow_{self.token}"
         self.mlflow_db = f"pf_mlflow_{self.token}"
         self.mlflow_auth_db = f"pf_mlflow_auth_{self.token}"  # MLflow's basic-auth users
-        self.ledger_db = f"pf_ledger_{self.token}"  # the forecast ledger (ml.ledger)
+        self.ledger_db = f"pf_ledger_{self.token}"  # the forecast ledger (ml.forecasts.ledger)
         self.redis_db: int | None = None
         self.redis_prefix = f"pf_{self.token}:"
         self.api_port = 0

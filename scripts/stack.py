@@ -225,7 +225,7 @@ def demo(as_of: date | None, timeout: float, tickers: list[str] | None = None) -
     airflow("dags", "unpause", DAG_ID)
     state = _wait_for_run(run_id, timeout)
     report = Path(env["DATA_DIR"]) / "reports" / f"{as_of.isoformat()}.json"
-    from ml.pipeline import format_table
+    from ml.steps.report import format_table
 
     if report.exists():
         payload = json.loads(report.read_text())

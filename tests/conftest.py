@@ -74,7 +74,7 @@ def isolated_settings(
 
 def ingest(ticker: str, as_of: date, settings: Settings) -> dict:
     """Stage, validate and publish `ticker`'s bars due for `as_of` (the pipeline's own steps)."""
-    from ml.pipeline import ingest_step, publish_step
+    from ml.steps.data import ingest_step, publish_step
 
     ingest_step(ticker, as_of, settings)
     return publish_step(ticker, as_of, settings)
@@ -82,8 +82,8 @@ def ingest(ticker: str, as_of: date, settings: Settings) -> dict:
 
 def published_history(settings: Settings, ticker: str, as_of: date):
     """The published bars of `ticker` dated <= `as_of`."""
-    from ml.pipeline import instrument_for
-    from ml.store import PriceStore
+    from ml.data.store import PriceStore
+    from ml.steps.common import instrument_for
 
     return PriceStore(settings.data_dir).load(instrument_for(ticker, settings), until=as_of)
 

@@ -1,4 +1,4 @@
-"""Unit tests for ml.evaluation: each metric on small hand-computed cases."""
+"""Unit tests for ml.model.evaluation: each metric on small hand-computed cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from ml.evaluation import (
+from ml.model.evaluation import (
     TARGETS,
     EvaluationReport,
     diebold_mariano,

@@ -1,4 +1,4 @@
-"""Tests of `ml.features`: the notebook's 8 inputs, computed by hand from raw prices."""
+"""Tests of `ml.model.features`: the notebook's 8 inputs, computed by hand from raw prices."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.features import FEATURES, PRICE_FEATURES, TARGETS, build_features
-from ml.sources import SyntheticSource
+from ml.data.sources import SyntheticSource
+from ml.model.features import FEATURES, PRICE_FEATURES, TARGETS, build_features
 from ml.universe import Instrument
 
 GOOGL = Instrument("GOOGL", "stock")

@@ -1,4 +1,5 @@
-"""The forecast dashboard plugin (plugins/forecast_dashboard.py).
+"""The forecast dashboard plugin (plugins/forecast_dashboard.py, the package it registers:
+plugins/forecast_dashboard_app/).
 
 1. Its FastAPI app on a temp DATA_DIR, through FastAPI's TestClient: the page, the date selector,
    bad input, escaping, the JSON endpoints, the empty state, and that it requires Airflow auth.
@@ -30,9 +31,9 @@ from urllib.parse import urlencode
 import pytest
 
 from ml.config import Settings, get_settings
-from ml.forecasting import upsert_forecast
-from ml.pipeline import write_run_report
+from ml.forecasts.export import upsert_forecast
 from ml.servers import wait_for_http
+from ml.steps.report import write_run_report
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "plugins"
@@ -56,15 +57,25 @@ D1, D2 = date(2026, 11, 19), date(2026, 11, 20)
 
 
 @pytest.fixture(scope="module")
-def plugin() -> ModuleType:
-    """The plugin module, imported from its file the way Airflow's plugins manager does."""
-    spec = importlib.util.spec_from_file_location(
-        "forecast_dashboard", PLUGINS / "forecast_dashboard.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def plugin() -> Iterator[ModuleType]:
+    """The dashboard package, imported the way Airflow's plugins manager does: the plugins folder
+    on sys.path, then the entry file executed by path (it imports the package and holds the
+    plugin class)."""
+    on_path = str(PLUGINS) in sys.path
+    if not on_path:
+        sys.path.append(str(PLUGINS))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "forecast_dashboard", PLUGINS / "forecast_dashboard.py"
+        )
+        assert spec and spec.loader
+        entry = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(entry)
+        assert entry.ForecastDashboardPlugin.name == "forecast_dashboard"
+        yield importlib.import_module("forecast_dashboard_app")
+    finally:
+        if not on_path:
+            sys.path.remove(str(PLUGINS))
 
 
 @pytest.fixture
@@ -110,9 +121,10 @@ def write_ledger_fixture(settings: Settings) -> int:
     monitor row per day. Returns the number of scored forecasts."""
     import pandas as pd
 
-    from ml import ledger
-    from ml.sources import SyntheticSource
-    from ml.store import PriceStore
+    from ml.data.sources import SyntheticSource
+    from ml.data.store import PriceStore
+    from ml.forecasts.ledger import record_forecasts
+    from ml.forecasts.monitor import monitor
     from ml.universe import Instrument
 
     amd = Instrument("AMD", "stock", "AMD")
@@ -123,7 +135,7 @@ def write_ledger_fixture(settings: Settings) -> int:
     days = list(closes.index[-11:])
     for day in days:
         last = float(closes[day])
-        ledger.record_forecasts(
+        record_forecasts(
             settings,
             [
                 {
@@ -145,7 +157,7 @@ def write_ledger_fixture(settings: Settings) -> int:
     for day in days[1:]:
         as_of = date.fromisoformat(day)
         visible = history.loc[history["Date"] <= pd.Timestamp(as_of)]
-        ledger.monitor(settings, {"AMD": visible}, {"AMD": ("4", date(2026, 10, 1))}, as_of)
+        monitor(settings, {"AMD": visible}, {"AMD": ("4", date(2026, 10, 1))}, as_of)
     return len(days) - 1
 
 
@@ -457,6 +469,7 @@ def test_module_import_stays_light() -> None:
     """Airflow imports the plugins folder in every task process: no FastAPI, pandas or ml."""
     code = (
         "import importlib.util, json, sys\n"
+        f"sys.path.append({str(PLUGINS)!r})\n"  # as Airflow does with its plugins folder
         f"spec = importlib.util.spec_from_file_location('fd', {str(PLUGINS / 'forecast_dashboard.py')!r})\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
         "print(json.dumps(sorted(m for m in ('fastapi', 'pandas', 'ml', 'ml.config') if m in sys.modules)))\n"
@@ -505,7 +518,9 @@ def test_airflow_discovers_the_plugin(tmp_path: Path) -> None:
         timeout=300,
     )
     assert listed.returncode == 0, listed.stderr
-    plugins = {p["name"]: p for p in _json_document(listed.stdout)}
+    listed_plugins = _json_document(listed.stdout)
+    assert [p["name"] for p in listed_plugins].count("forecast_dashboard") == 1
+    plugins = {p["name"]: p for p in listed_plugins}
     assert "forecast_dashboard" in plugins, plugins
     plugin = plugins["forecast_dashboard"]
     assert plugin["source"] == "$PLUGINS_FOLDER/forecast_dashboard.py"

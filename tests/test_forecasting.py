@@ -1,4 +1,4 @@
-"""ml.forecasting: the forecasts table written by `forecast_step`, and PriceForecaster save/load.
+"""ml.forecasts.export and ml.model.forecaster: the forecasts table written by `forecast_step`, and PriceForecaster save/load.
 
 Uses the real MLflow server fixture and its own universe (tickers nobody else registers, since
 registered model names are global on the session-wide server).
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ml.config import Settings
-from ml.features import TARGETS
+from ml.model.features import TARGETS
 from tests.conftest import ingest as _ingest
 from tests.conftest import isolated_settings
 from tests.conftest import published_history as _history
@@ -40,7 +40,7 @@ def fc_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Sett
 @pytest.fixture(scope="module")
 def champion(fc_settings: Settings) -> dict[str, Any]:
     """TICKER ingested up to NEXT, trained on AS_OF and promoted to champion."""
-    from ml.pipeline import promote_step, train_step
+    from ml.steps.model import promote_step, train_step
 
     _ingest(TICKER, AS_OF, fc_settings)
     trained = train_step(TICKER, AS_OF, fc_settings)
@@ -51,7 +51,7 @@ def champion(fc_settings: Settings) -> dict[str, Any]:
 
 
 def _table(settings: Settings):
-    from ml.forecasting import read_forecasts
+    from ml.forecasts.export import read_forecasts
 
     return read_forecasts(settings)
 
@@ -65,8 +65,8 @@ def _rows(settings: Settings, ticker: str, as_of: date):
 def test_forecast_step_writes_one_row_and_is_idempotent(
     champion: dict[str, Any], fc_settings: Settings
 ) -> None:
-    from ml.forecasting import FORECAST_COLUMNS, forecasts_path
-    from ml.pipeline import forecast_step
+    from ml.forecasts.export import FORECAST_COLUMNS, forecasts_path
+    from ml.steps.forecast import forecast_step
 
     first = forecast_step(TICKER, AS_OF, fc_settings)
     assert first is not None
@@ -93,7 +93,7 @@ def test_forecast_step_writes_one_row_and_is_idempotent(
 def test_forecast_row_holds_prices_from_the_champion(
     champion: dict[str, Any], fc_settings: Settings
 ) -> None:
-    from ml.pipeline import forecast_step
+    from ml.steps.forecast import forecast_step
 
     row = forecast_step(TICKER, AS_OF, fc_settings)
     assert row is not None
@@ -115,7 +115,7 @@ def test_forecast_row_holds_prices_from_the_champion(
     # The stored row matches the registered model served through pyfunc.
     import mlflow
 
-    from ml.sources import PRICE_COLUMNS
+    from ml.data.sources import PRICE_COLUMNS
 
     mlflow.set_tracking_uri(fc_settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(fc_settings.mlflow_tracking_uri)
@@ -134,7 +134,7 @@ def test_forecast_row_holds_prices_from_the_champion(
 def test_forecasts_for_two_dates_are_both_kept(
     champion: dict[str, Any], fc_settings: Settings
 ) -> None:
-    from ml.pipeline import forecast_step
+    from ml.steps.forecast import forecast_step
 
     first = forecast_step(TICKER, AS_OF, fc_settings)
     second = forecast_step(TICKER, NEXT, fc_settings)
@@ -164,8 +164,8 @@ def test_forecasts_for_two_dates_are_both_kept(
 def test_ticker_without_champion_returns_none_and_writes_nothing(
     fc_settings: Settings, tmp_path: Path
 ) -> None:
-    from ml.forecasting import forecasts_path
-    from ml.pipeline import forecast_step
+    from ml.forecasts.export import forecasts_path
+    from ml.steps.forecast import forecast_step
 
     # On a fresh store: no table is created.
     fresh = replace(fc_settings, data_dir=tmp_path / "data")
@@ -187,9 +187,9 @@ def test_forecast_with_unreachable_registry_fails_loudly(
 ) -> None:
     from mlflow.exceptions import MlflowException
 
-    from ml.forecasting import forecasts_path
-    from ml.pipeline import forecast_step
+    from ml.forecasts.export import forecasts_path
     from ml.servers import free_port
+    from ml.steps.forecast import forecast_step
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -211,9 +211,9 @@ def test_forecast_with_unreachable_registry_fails_loudly(
 def test_price_forecaster_save_load_round_trip(
     champion: dict[str, Any], fc_settings: Settings, tmp_path: Path
 ) -> None:
-    from ml.forecasting import KERAS_FILE, PREPROCESSING_FILE, PriceForecaster
-    from ml.pipeline import instrument_for
+    from ml.model.forecaster import KERAS_FILE, PREPROCESSING_FILE, PriceForecaster
     from ml.registry.versions import load_forecaster
+    from ml.steps.common import instrument_for
 
     loaded = load_forecaster(instrument_for(TICKER, fc_settings), fc_settings)
     assert loaded is not None
@@ -258,10 +258,10 @@ def test_mlflow_models_serve_answers_with_the_champions_forecast(
     import urllib.request
 
     from ml.config import without_pipeline_env
-    from ml.pipeline import instrument_for
+    from ml.data.sources import PRICE_COLUMNS
     from ml.registry.versions import load_forecaster
     from ml.servers import free_port
-    from ml.sources import PRICE_COLUMNS
+    from ml.steps.common import instrument_for
 
     port = free_port()
     env = without_pipeline_env(dict(os.environ))

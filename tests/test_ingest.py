@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml import pipeline
 from ml.config import Settings, get_settings
-from ml.ingest import ingest_ticker, publish_staged, stage_ticker
-from ml.sources import PRICE_COLUMNS, FileSource, PriceSourceError, SyntheticSource
-from ml.store import PriceStore
+from ml.data.ingest import ingest_ticker, publish_staged, stage_ticker
+from ml.data.sources import PRICE_COLUMNS, FileSource, PriceSourceError, SyntheticSource
+from ml.data.store import PriceStore
+from ml.quality.validation import PriceValidationError
+from ml.steps.data import ingest_step, publish_step
 from ml.universe import Instrument, load_universe
-from ml.validation import PriceValidationError
 
 REPO = Path(__file__).resolve().parent.parent
 UNIVERSE = load_universe(REPO / "universe.csv")
@@ -164,14 +164,14 @@ def test_next_day_fetches_only_the_trailing_window(
     for ticker, new_bars in (("GOOGL", 1), ("EURUSD=X", 1), ("ZB=F", 1), ("SOL-USD", 3)):
         instrument = UNIVERSE.get(ticker)
         before = store.load(instrument)
-        staged = pipeline.ingest_step(ticker, NEXT_DAY, settings)
+        staged = ingest_step(ticker, NEXT_DAY, settings)
         assert staged["incremental"] is True
         # The trailing window is counted in calendar days back from the last published bar.
         assert date.fromisoformat(staged["start"]) == AS_OF - timedelta(settings.trailing_days)
         if instrument.asset_class == "stock":
             assert staged["rows_fetched"] <= settings.trailing_days + 1
         assert staged["rows_fetched"] <= (NEXT_DAY - AS_OF).days + settings.trailing_days + 1
-        published = pipeline.publish_step(ticker, NEXT_DAY, settings)
+        published = publish_step(ticker, NEXT_DAY, settings)
         assert (published["rows_added"], published["rows_updated"]) == (new_bars, 0), ticker
         after = store.load(instrument)
         assert len(after) == len(before) + new_bars
@@ -432,7 +432,7 @@ def test_a_batch_of_published_bars_skips_the_suite_and_changes_no_file(case: Cas
 def test_a_corrupt_price_file_is_quarantined_and_the_history_refetched(case: Case) -> None:
     """A published Parquet file overwritten with garbage: reading it names the file and the way
     out and moves it to quarantine; the same ingest then fetches the full history again."""
-    from ml.store import CorruptPriceFile
+    from ml.data.store import CorruptPriceFile
 
     instrument = UNIVERSE.get("GOOGL")
     path = case.store.history_path(instrument)

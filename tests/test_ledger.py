@@ -1,4 +1,4 @@
-"""The forecast ledger (`ml.ledger`): scoring when the bar arrives, point in time, idempotent
+"""The forecast ledger (`ml.forecasts.ledger`): scoring when the bar arrives, point in time, idempotent
 upserts, live metrics, input drift and the retrain hint; on SQLite and, where it runs, on
 PostgreSQL. Pure database work: no MLflow, no training."""
 
@@ -13,8 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml import ledger
 from ml.config import get_settings
+from ml.forecasts.ledger import _engine, engine_for, read_table, record_forecasts, upsert
+from ml.forecasts.monitor import (
+    Monitor,
+    input_drift,
+    live_metrics,
+    outcome_row,
+    pending_retrains,
+    retrain_reason,
+    score_outcomes,
+)
 
 D0 = date(2024, 6, 3)
 
@@ -65,46 +74,46 @@ def test_outcome_row_errors_range_and_direction() -> None:
     f = {"ticker": "X", "last_bar_date": "2024-01-01", "model_version": "3", "last_close": 100.0}
     f.update(pred_high=102.0, pred_low=98.0, pred_close=101.0)
     bar = {"Date": "2024-01-02", "High": 101.5, "Low": 97.0, "Close": 99.0}
-    row = ledger.outcome_row(f, bar)
+    row = outcome_row(f, bar)
     assert row["target_date"] == "2024-01-02"
     assert (row["err_high"], row["err_low"], row["err_close"]) == (0.5, 1.0, 2.0)
     assert (row["persistence_err_high"], row["persistence_err_close"]) == (-1.5, 1.0)
     assert row["inside_range"] is False  # the Low went below the predicted Low
     assert row["direction_hit"] is False  # up called, down happened
-    flat = ledger.outcome_row({**f, "pred_close": 100.0}, bar)
+    flat = outcome_row({**f, "pred_close": 100.0}, bar)
     assert flat["direction_hit"] is None  # no call
 
 
 def test_scoring_is_point_in_time_and_idempotent(settings) -> None:
     history = bars(30)
     rows = [forecast("AAA", history, i) for i in range(20, 29)]
-    ledger.record_forecasts(settings, rows)
+    record_forecasts(settings, rows)
     as_of = history["Date"].iloc[24].date()
-    counts = ledger.score_outcomes(
+    counts = score_outcomes(
         settings, {"AAA": history.loc[history["Date"] <= pd.Timestamp(as_of)]}, as_of
     )
     # Forecasts made on bars 20..23 have their next bar (21..24) by as_of; 24..28 do not.
     assert counts == {"AAA": 4}
-    outcomes = ledger.read_table(settings, "outcomes")
+    outcomes = read_table(settings, "outcomes")
     assert list(outcomes["target_date"]) == [
         history["Date"].iloc[i].date().isoformat() for i in range(21, 25)
     ]
-    again = ledger.score_outcomes(
+    again = score_outcomes(
         settings, {"AAA": history.loc[history["Date"] <= pd.Timestamp(as_of)]}, as_of
     )
     assert again == counts
-    pd.testing.assert_frame_equal(ledger.read_table(settings, "outcomes"), outcomes)
-    ledger.record_forecasts(settings, rows)  # the same forecasts again: still one row each
-    assert len(ledger.read_table(settings, "forecasts")) == len(rows)
+    pd.testing.assert_frame_equal(read_table(settings, "outcomes"), outcomes)
+    record_forecasts(settings, rows)  # the same forecasts again: still one row each
+    assert len(read_table(settings, "forecasts")) == len(rows)
 
 
 @pytest.mark.parametrize("ticker", ["NA", "NULL", "0700.HK", "EURUSD=X"])
 def test_tickers_round_trip_unchanged(settings, ticker: str) -> None:
     history = bars(5)
-    ledger.record_forecasts(settings, [forecast(ticker, history, 2)])
-    ledger.score_outcomes(settings, {ticker: history}, history["Date"].iloc[-1].date())
-    assert list(ledger.read_table(settings, "forecasts")["ticker"]) == [ticker]
-    assert list(ledger.read_table(settings, "outcomes")["ticker"]) == [ticker]
+    record_forecasts(settings, [forecast(ticker, history, 2)])
+    score_outcomes(settings, {ticker: history}, history["Date"].iloc[-1].date())
+    assert list(read_table(settings, "forecasts")["ticker"]) == [ticker]
+    assert list(read_table(settings, "outcomes")["ticker"]) == [ticker]
 
 
 def test_live_metrics_over_the_last_scored_bars() -> None:
@@ -122,7 +131,7 @@ def test_live_metrics_over_the_last_scored_bars() -> None:
             "direction_hit": [True, False, None] * 20,
         }
     )
-    live = ledger.live_metrics(outcomes)
+    live = live_metrics(outcomes)
     assert live["20"]["n"] == 20 and live["60"]["n"] == 60
     assert live["20"]["u2_high"] == pytest.approx(0.5)
     assert live["60"]["u2_high"] == pytest.approx(np.sqrt((40 * 4 + 20) / 60) / 2)
@@ -134,38 +143,36 @@ def test_live_metrics_over_the_last_scored_bars() -> None:
 def test_input_drift_flags_a_regime_change_and_not_the_same_regime() -> None:
     calm = bars(400, vol=0.01, seed=1)
     train_end = calm["Date"].iloc[299].date()
-    assert ledger.input_drift(calm, train_end)["drifted"] is False
+    assert input_drift(calm, train_end)["drifted"] is False
     wild = calm.copy()
     wild = pd.concat([calm.iloc[:340], bars(60, start="2025-07-28", vol=0.04, seed=2)])
     wild = wild.reset_index(drop=True)
-    drift = ledger.input_drift(wild, train_end)
+    drift = input_drift(wild, train_end)
     assert drift["drifted"] is True
     assert drift["tests"]["log_range"]["p"] < 1e-6
-    assert "input drift: " in ledger.retrain_reason({}, drift)
+    assert "input drift: " in retrain_reason({}, drift)
 
 
 def test_retrain_reason_needs_a_full_window_of_live_u2() -> None:
     bad = {"20": {"n": 20, "u2_high": 1.05, "u2_low": 0.9}}
-    assert ledger.retrain_reason(bad, {"drifted": False}) == (
-        "live U2 High 1.050 >= 1.0 over 20 bars"
-    )
+    assert retrain_reason(bad, {"drifted": False}) == ("live U2 High 1.050 >= 1.0 over 20 bars")
     short = {"20": {"n": 12, "u2_high": 1.5, "u2_low": 1.5}}
-    assert ledger.retrain_reason(short, {"drifted": False}) is None
+    assert retrain_reason(short, {"drifted": False}) is None
 
 
 def test_pending_retrains_read_the_latest_earlier_monitor_row(settings) -> None:
     rows = [
-        ledger.Monitor("AAA", "2024-06-03", "1", {}, {}, "input drift: ..."),
-        ledger.Monitor("AAA", "2024-06-04", "1", {}, {}, None),
-        ledger.Monitor("BBB", "2024-06-03", "2", {}, {}, "live U2 High 1.1 >= 1.0 over 20 bars"),
+        Monitor("AAA", "2024-06-03", "1", {}, {}, "input drift: ..."),
+        Monitor("AAA", "2024-06-04", "1", {}, {}, None),
+        Monitor("BBB", "2024-06-03", "2", {}, {}, "live U2 High 1.1 >= 1.0 over 20 bars"),
     ]
-    with ledger.engine_for(settings).begin() as connection:
-        ledger._upsert(connection, "monitor", [m.row() for m in rows])
-    assert ledger.pending_retrains(settings, ["AAA", "BBB"], date(2024, 6, 5)) == {
+    with engine_for(settings).begin() as connection:
+        upsert(connection, "monitor", [m.row() for m in rows])
+    assert pending_retrains(settings, ["AAA", "BBB"], date(2024, 6, 5)) == {
         "BBB": ("live U2 High 1.1 >= 1.0 over 20 bars", "2024-06-03")
     }
     # Point in time: a run for the 4th sees only the 3rd.
-    assert set(ledger.pending_retrains(settings, ["AAA", "BBB"], date(2024, 6, 4))) == {
+    assert set(pending_retrains(settings, ["AAA", "BBB"], date(2024, 6, 4))) == {
         "AAA",
         "BBB",
     }
@@ -200,15 +207,15 @@ def test_the_ledger_on_postgresql(tmp_path: Path) -> None:
         settings = replace(get_settings({}), data_dir=tmp_path / "data", ledger_url=base + name)
         history = bars(30)
         rows = [forecast("NA", history, i) for i in range(20, 29)]
-        ledger.record_forecasts(settings, rows)
-        ledger.record_forecasts(settings, rows)
+        record_forecasts(settings, rows)
+        record_forecasts(settings, rows)
         as_of = history["Date"].iloc[24].date()
         visible = {"NA": history.loc[history["Date"] <= pd.Timestamp(as_of)]}
-        assert ledger.score_outcomes(settings, visible, as_of) == {"NA": 4}
-        assert ledger.score_outcomes(settings, visible, as_of) == {"NA": 4}
-        assert len(ledger.read_table(settings, "outcomes")) == 4
+        assert score_outcomes(settings, visible, as_of) == {"NA": 4}
+        assert score_outcomes(settings, visible, as_of) == {"NA": 4}
+        assert len(read_table(settings, "outcomes")) == 4
         assert not (tmp_path / "data" / "ledger.db").exists()
     finally:
-        ledger._engine.cache_clear()
+        _engine.cache_clear()
         with admin.connect() as connection:
             connection.execute(text(f"drop database if exists {name} with (force)"))

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml import ledger
 from ml.config import Settings
+from ml.forecasts.ledger import read_table
 from tests.conftest import isolated_settings
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,9 @@ TICKERS = ["LEDGA", "LEDGB"]
 
 def run_day(tickers: list[str], as_of: date, settings: Settings) -> dict:
     """One daily run in the DAG's order, through the pipeline's batch steps."""
-    from ml.pipeline import forecast_all, ingest_all, promote_all, train_step, validate_all
+    from ml.steps.data import ingest_all, validate_all
+    from ml.steps.forecast import forecast_all
+    from ml.steps.model import promote_all, train_step
 
     ingested = ingest_all(tickers, as_of, settings)
     assert ingested["failed"] == {}, ingested
@@ -66,8 +68,8 @@ def ten_days(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> dict:
 
 def test_ten_days_leave_one_scored_outcome_per_forecast_whose_bar_arrived(ten_days) -> None:
     settings = ten_days["settings"]
-    forecasts = ledger.read_table(settings, "forecasts")
-    outcomes = ledger.read_table(settings, "outcomes")
+    forecasts = read_table(settings, "forecasts")
+    outcomes = read_table(settings, "outcomes")
     with_champion = {
         t for t in TICKERS if ten_days["runs"][DAYS[-1]]["forecasted"]["forecasts"].get(t)
     }
@@ -84,8 +86,9 @@ def test_ten_days_leave_one_scored_outcome_per_forecast_whose_bar_arrived(ten_da
 
 
 def test_live_metrics_reach_the_run_summary_and_the_champion_version(ten_days) -> None:
-    from ml.pipeline import instrument_for, summarize_tickers
     from ml.registry.client import CHAMPION, get_alias, get_client
+    from ml.steps.common import instrument_for
+    from ml.steps.report import summarize_tickers
 
     settings = ten_days["settings"]
     last = ten_days["runs"][DAYS[-1]]
@@ -114,14 +117,12 @@ def test_live_metrics_reach_the_run_summary_and_the_champion_version(ten_days) -
 
 def test_re_running_the_days_gives_the_same_ledger(ten_days) -> None:
     settings = ten_days["settings"]
-    before = {
-        name: ledger.read_table(settings, name) for name in ("forecasts", "outcomes", "monitor")
-    }
+    before = {name: read_table(settings, name) for name in ("forecasts", "outcomes", "monitor")}
     for day in DAYS:
         again = run_day(TICKERS, day, settings)
         assert again["trained"] == [] or all(t["status"] != "trained" for t in again["trained"])
     for name, table in before.items():
-        pd.testing.assert_frame_equal(ledger.read_table(settings, name), table, obj=name)
+        pd.testing.assert_frame_equal(read_table(settings, name), table, obj=name)
 
 
 # --- a regime change -----------------------------------------------------------------------------

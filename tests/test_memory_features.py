@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 
 from ml.config import ConfigError, ModelConfig, get_settings
-from ml.evaluation import range_naive_forecast
-from ml.features import FEATURES, build_features, feature_names
-from ml.forecasting import PriceForecaster, forecast_next_bar
-from ml.sources import SyntheticSource
+from ml.data.sources import SyntheticSource
+from ml.model.evaluation import range_naive_forecast
+from ml.model.features import FEATURES, build_features, feature_names
+from ml.model.forecaster import PriceForecaster, forecast_next_bar
+from ml.model.windows import Scaler, make_windows, rolling_origins, split_at
 from ml.universe import Instrument
-from ml.windows import Scaler, make_windows, rolling_origins, split_at
 
 HORIZONS = (1, 5, 22, 66)
 WINDOW = 6
@@ -104,7 +104,7 @@ def test_split_at_scales_on_the_train_block_only(history: pd.DataFrame) -> None:
 
 
 def _forecaster(config: ModelConfig, n_features: int, weights) -> PriceForecaster:
-    from ml.models import build_model
+    from ml.model.networks import build_model
 
     model = build_model("gru", WINDOW, n_features, 4, units=4, dense_units=2)
     rng = np.random.default_rng(0)

@@ -1,11 +1,11 @@
-"""ml.models: the notebook's network, `recurrent(units) -> Dense(8, relu) -> Dense(4)`, Adam + MSE."""
+"""ml.model.networks: the notebook's network, `recurrent(units) -> Dense(8, relu) -> Dense(4)`, Adam + MSE."""
 
 from __future__ import annotations
 
 import pytest
 
 from ml.config import MODEL_KINDS
-from ml.models import branch_layer_names, branch_weights, build_branches, build_model
+from ml.model.networks import branch_layer_names, branch_weights, build_branches, build_model
 
 WINDOW, N_FEATURES, N_TARGETS = 6, 8, 4
 
@@ -76,7 +76,7 @@ def test_build_model_unknown_kind_raises(kind: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# build_branches: every kind side by side in one graph (what ml.training fits)
+# build_branches: every kind side by side in one graph (what ml.model.training fits)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""ml.pipeline: the batch steps of one daily run (ingest_all, validate_all, promote_all,
+"""ml.steps: the batch steps of one daily run (ingest_all, validate_all, promote_all,
 forecast_all) and the run summary.
 
 Real MLflow server, real store, real (tiny) training. Validation must send to training exactly
@@ -42,7 +42,7 @@ def pl_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Sett
 
 
 def _data_phase(tickers: list[str], as_of: date, settings: Settings, **kw) -> dict:
-    from ml.pipeline import ingest_all, validate_all
+    from ml.steps.data import ingest_all, validate_all
 
     ingested = ingest_all(tickers, as_of, settings)
     assert ingested["failed"] == {}, ingested
@@ -52,7 +52,8 @@ def _data_phase(tickers: list[str], as_of: date, settings: Settings, **kw) -> di
 @pytest.fixture(scope="module")
 def friday_done(pl_settings: Settings) -> dict:
     """TICKER and OTHER through every step for FRIDAY, in the DAG's order."""
-    from ml.pipeline import forecast_all, promote_all, train_step
+    from ml.steps.forecast import forecast_all
+    from ml.steps.model import promote_all, train_step
 
     validated = _data_phase([TICKER, OTHER], FRIDAY, pl_settings)
     trained = [train_step(t, FRIDAY, pl_settings) for t in validated["train"]]
@@ -85,7 +86,7 @@ def test_first_day_trains_promotes_and_forecasts_every_ticker(friday_done: dict)
 
 
 def test_forecasts_of_a_run_are_one_write(pl_settings: Settings, friday_done: dict) -> None:
-    from ml.forecasting import read_forecasts
+    from ml.forecasts.export import read_forecasts
 
     table = read_forecasts(pl_settings)
     day = table.loc[table["logical_date"] == FRIDAY.isoformat()]
@@ -96,7 +97,8 @@ def test_forecasts_of_a_run_are_one_write(pl_settings: Settings, friday_done: di
 def test_same_day_rerun_trains_nothing_and_keeps_the_forecast(
     pl_settings: Settings, friday_done: dict
 ) -> None:
-    from ml.pipeline import forecast_all, promote_all
+    from ml.steps.forecast import forecast_all
+    from ml.steps.model import promote_all
 
     validated = _data_phase([TICKER], FRIDAY, pl_settings)
     assert validated["train"] == []
@@ -136,7 +138,7 @@ def test_unreachable_tracking_server_means_train_runs(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     offline = replace(pl_settings, mlflow_tracking_uri="http://127.0.0.1:9")
-    with caplog.at_level(logging.WARNING, logger="ml.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="ml.steps.data"):
         validated = _data_phase([TICKER], SATURDAY, offline)
     assert validated["train"] == [TICKER]
     assert validated["tickers"][TICKER]["validation"] == "passed"
@@ -154,8 +156,8 @@ def test_version_without_gate_decision_is_promoted_by_the_next_run(
     pl_settings: Settings, friday_done: dict
 ) -> None:
     """A run that died between train and promote: the next run's promote finishes the job."""
-    from ml.pipeline import promote_all, train_step
     from ml.registry.client import get_client
+    from ml.steps.model import promote_all, train_step
 
     strict = replace(pl_settings, gate=GateConfig(u2_high_max=0.0, u2_low_max=0.0))
     validated = _data_phase([REJECTED], FRIDAY, strict)
@@ -174,7 +176,8 @@ def test_version_without_gate_decision_is_promoted_by_the_next_run(
 def test_rejected_ticker_without_champion_is_skipped_without_forecast(
     pl_settings: Settings, friday_done: dict
 ) -> None:
-    from ml.pipeline import forecast_all, summarize_tickers
+    from ml.steps.forecast import forecast_all
+    from ml.steps.report import summarize_tickers
 
     strict = replace(pl_settings, gate=GateConfig(u2_high_max=0.0, u2_low_max=0.0))
     validated = _data_phase([REJECTED], SATURDAY, strict)
@@ -202,7 +205,7 @@ class _CountingSource:
     name = "counting"
 
     def __init__(self, refused: str) -> None:
-        from ml.sources import SyntheticSource
+        from ml.data.sources import SyntheticSource
 
         self.inner = SyntheticSource()
         self.refused = refused
@@ -211,7 +214,7 @@ class _CountingSource:
         self.peak = 0
 
     def fetch(self, instrument, start, end):
-        from ml.sources import PriceSourceError
+        from ml.data.sources import PriceSourceError
 
         with self.lock:
             self.in_flight += 1
@@ -227,7 +230,8 @@ class _CountingSource:
 
 
 def test_ingest_is_concurrent_bounded_and_isolates_failures(tmp_path) -> None:
-    from ml.pipeline import StepFailed, ingest_all
+    from ml.steps.common import StepFailed
+    from ml.steps.data import ingest_all
 
     tickers = {f"TC{i}": f"Ticker {i}" for i in range(7)}
     settings = replace(
@@ -248,7 +252,7 @@ def test_ingest_is_concurrent_bounded_and_isolates_failures(tmp_path) -> None:
 
 
 def test_summary_names_the_step_each_ticker_failed_at() -> None:
-    from ml.pipeline import summarize_tickers
+    from ml.steps.report import summarize_tickers
 
     tickers = ["ING", "VAL", "TRN", "LOST", "PRO", "FOR", "OK", "SKIP"]
     rows = summarize_tickers(
@@ -302,7 +306,7 @@ def test_summary_names_the_step_each_ticker_failed_at() -> None:
 
 def test_summary_when_a_whole_task_failed() -> None:
     """A batch task that failed returned nothing: its tickers are failed at that step."""
-    from ml.pipeline import summarize_tickers
+    from ml.steps.report import summarize_tickers
 
     [row] = summarize_tickers(["A"], ingested=None, validated=None)
     assert (row["failed_step"], row["error"]) == ("ingest", "the ingest task failed: see its log")
@@ -322,8 +326,8 @@ def test_a_retried_validate_keeps_what_the_killed_try_published(tmp_path) -> Non
     """validate killed after publishing some tickers, then retried by Airflow: the staged files
     of the published ones are gone; they are reported as published (nothing changed), not lost,
     and a quarantined one still fails, naming its quarantine report."""
-    from ml.pipeline import ingest_all, validate_all
-    from ml.store import PriceStore
+    from ml.data.store import PriceStore
+    from ml.steps.data import ingest_all, validate_all
 
     tickers = {"TKA": "Published", "TKB": "Quarantined"}
     settings = isolated_settings(tmp_path, "http://127.0.0.1:9", "unused", tickers)
@@ -351,6 +355,6 @@ def test_a_retried_validate_keeps_what_the_killed_try_published(tmp_path) -> Non
 
 
 def _instrument(ticker: str, settings: Settings):
-    from ml.pipeline import instrument_for
+    from ml.steps.common import instrument_for
 
     return instrument_for(ticker, settings)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ml.config import GateConfig, Settings, get_settings
-from ml.features import TARGETS
+from ml.model.features import TARGETS
 from ml.registry.client import CHALLENGER, CHAMPION, get_alias, get_client
 from ml.registry.gate import gate_failures, read_dm, score
 from ml.registry.promotion import promote_if_better
@@ -149,7 +149,7 @@ def reg_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Set
 
 
 def _versions(settings: Settings, ticker: str) -> list:
-    from ml.pipeline import instrument_for
+    from ml.steps.common import instrument_for
 
     name = instrument_for(ticker, settings).model_name
     return get_client(settings).search_model_versions(f"name = '{name}'")
@@ -158,7 +158,7 @@ def _versions(settings: Settings, ticker: str) -> list:
 @pytest.fixture(scope="module")
 def first_run(reg_settings: Settings) -> dict[str, Any]:
     """Ingest MAIN, then the first train_step + promote_step for it."""
-    from ml.pipeline import promote_step, train_step
+    from ml.steps.model import promote_step, train_step
 
     _ingest(MAIN, AS_OF, reg_settings)
     trained = train_step(MAIN, AS_OF, reg_settings)
@@ -200,7 +200,7 @@ def test_first_train_registers_version_one_as_challenger(
 
 @pytest.mark.slow
 def test_first_version_tags(first_run: dict[str, Any], reg_settings: Settings) -> None:
-    from ml.store import data_fingerprint
+    from ml.data.store import data_fingerprint
 
     client = get_client(reg_settings)
     mv = client.get_model_version(first_run["name"], "1")
@@ -327,8 +327,8 @@ def test_run_artifacts_plot_and_validation_report(
         dst_path=str(tmp_path / "report"),
         tracking_uri=reg_settings.mlflow_tracking_uri,
     )
-    from ml.pipeline import instrument_for
-    from ml.store import PriceStore
+    from ml.data.store import PriceStore
+    from ml.steps.common import instrument_for
 
     store_report = PriceStore(reg_settings.data_dir).report_path(
         instrument_for(MAIN, reg_settings), AS_OF
@@ -348,7 +348,7 @@ def test_logged_model_has_signature_and_input_example(
     import mlflow
     from mlflow.models import Model
 
-    from ml.sources import PRICE_COLUMNS
+    from ml.data.sources import PRICE_COLUMNS
 
     mlflow.set_tracking_uri(reg_settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(reg_settings.mlflow_tracking_uri)
@@ -376,7 +376,7 @@ def test_champion_loads_through_pyfunc_and_predicts_prices(
 ) -> None:
     import mlflow
 
-    from ml.sources import PRICE_COLUMNS
+    from ml.data.sources import PRICE_COLUMNS
 
     mlflow.set_tracking_uri(reg_settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(reg_settings.mlflow_tracking_uri)
@@ -404,7 +404,7 @@ def test_champion_loads_through_pyfunc_and_predicts_prices(
 def test_train_step_again_for_the_same_date_is_reused(
     first_run: dict[str, Any], reg_settings: Settings
 ) -> None:
-    from ml.pipeline import promote_step, train_step
+    from ml.steps.model import promote_step, train_step
 
     before = len(_versions(reg_settings, MAIN))
     again = train_step(MAIN, AS_OF, reg_settings)
@@ -423,7 +423,7 @@ def test_train_step_again_for_the_same_date_is_reused(
 def test_no_new_bar_skips_training_and_keeps_the_champion(
     first_run: dict[str, Any], reg_settings: Settings
 ) -> None:
-    from ml.pipeline import promote_step, train_step
+    from ml.steps.model import promote_step, train_step
 
     client = get_client(reg_settings)
     champion_before = get_alias(client, first_run["name"], CHAMPION).version
@@ -451,8 +451,8 @@ def test_no_new_bar_skips_training_and_keeps_the_champion(
 
 def _sabotaged_result(settings: Settings, ticker: str, as_of: date):
     """A TrainResult whose network ignores its input and predicts +5 std on every target."""
-    from ml.evaluation import evaluate, mase_scale
-    from ml.training import train_on_history
+    from ml.model.evaluation import evaluate, mase_scale
+    from ml.model.training import train_on_history
 
     cheap = replace(settings.model, kinds=("lstm",), max_epochs=1)
     result = train_on_history(ticker, as_of, _history(settings, ticker, as_of), cheap)
@@ -484,7 +484,7 @@ def test_worse_candidate_is_registered_but_not_promoted(
 ) -> None:
     import mlflow
 
-    from ml.pipeline import instrument_for
+    from ml.steps.common import instrument_for
 
     instrument = instrument_for(MAIN, reg_settings)
     client = get_client(reg_settings)
@@ -537,8 +537,8 @@ def test_concurrent_promotions_leave_exactly_one_champion(reg_settings: Settings
     """Two threads of this process promote two versions at once: the registry lock serializes
     them. (Threads, not processes: two processes with their own DATA_DIRs racing on one ticker
     are in tests/faults/test_race_and_restart.py.)"""
-    from ml.pipeline import instrument_for
-    from ml.training import train_on_history
+    from ml.model.training import train_on_history
+    from ml.steps.common import instrument_for
 
     _ingest(RACE, AS_OF, reg_settings)
     instrument = instrument_for(RACE, reg_settings)
@@ -596,8 +596,10 @@ def test_backfilled_date_uses_and_keeps_the_champion_of_its_own_date(
 ) -> None:
     """Run a later date first, then backfill an earlier one: the earlier date's gate and forecast
     never use the model trained on later bars, and the alias is not moved back in time."""
-    from ml.pipeline import forecast_step, instrument_for, promote_step, train_step
     from ml.registry.versions import champion_as_of
+    from ml.steps.common import instrument_for
+    from ml.steps.forecast import forecast_step
+    from ml.steps.model import promote_step, train_step
 
     later, earlier = date(2024, 1, 12), date(2024, 1, 5)
     name = instrument_for(PIT, reg_settings).model_name
@@ -631,10 +633,10 @@ def test_versus_champion_flags_a_candidate_significantly_worse_on_a_target() -> 
     """Pure: two forecasters on one test block. The champion forecasts the baselines (skill
     weights 0); the candidate adds a network whose output bias is far off on High."""
     from ml.config import ModelConfig
+    from ml.data.sources import SyntheticSource
+    from ml.model.windows import prepare
     from ml.registry.gate import versus_champion
-    from ml.sources import SyntheticSource
     from ml.universe import Instrument
-    from ml.windows import prepare
     from tests.test_memory_features import _forecaster
 
     config = ModelConfig()

@@ -1,4 +1,4 @@
-"""Tests of `ml.sources`: the deterministic synthetic source, file replay and source selection."""
+"""Tests of `ml.data.sources`: the deterministic synthetic source, file replay and source selection."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from ml.config import Settings
-from ml.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError
-from ml.sources import (
+from ml.data.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError
+from ml.data.sources import (
     ANCHOR_DATE,
     ANCHOR_PRICES,
     FileSource,
@@ -65,7 +65,7 @@ def test_synthetic_bars_depend_only_on_ticker_and_date(instrument: Instrument) -
 
 def test_synthetic_bars_are_identical_in_another_process() -> None:
     code = (
-        "from datetime import date; import hashlib; from ml.sources import SyntheticSource; "
+        "from datetime import date; import hashlib; from ml.data.sources import SyntheticSource; "
         "from ml.universe import Instrument; "
         "f = SyntheticSource().fetch(Instrument('GOOGL', 'stock'), date(2024, 1, 1), "
         "date(2024, 6, 28)); print(hashlib.sha256(f.to_csv(index=False).encode()).hexdigest())"

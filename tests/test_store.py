@@ -1,4 +1,4 @@
-"""Tests of `ml.store`: atomic writes, idempotent upsert, point-in-time loads, fingerprints."""
+"""Tests of `ml.data.store`: atomic writes, idempotent upsert, point-in-time loads, fingerprints."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ml.schema import OUTPUT_COLUMNS
-from ml.sources import SyntheticSource
-from ml.store import PriceStore, atomic_write, atomic_write_text, data_fingerprint
+from ml.data.schema import OUTPUT_COLUMNS
+from ml.data.sources import SyntheticSource
+from ml.data.store import PriceStore, atomic_write, atomic_write_text, data_fingerprint
 from ml.universe import Instrument
 
 GOOGL = Instrument("GOOGL", "stock")
@@ -79,7 +79,7 @@ def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(
     import sys
     import time
 
-    from ml.store import STALE_TEMP_SECONDS
+    from ml.data.store import STALE_TEMP_SECONDS
 
     target = tmp_path / "prices.parquet"
     # A real writer killed by SIGKILL while its temp file is open (never renamed).
@@ -87,7 +87,7 @@ def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from ml.store import atomic_write\n"
+            "import sys, time; from pathlib import Path; from ml.data.store import atomic_write\n"
             "def slow(tmp):\n    tmp.write_text('half'); print('writing', flush=True); "
             "time.sleep(60)\n"
             f"atomic_write(Path({str(target)!r}), slow)",

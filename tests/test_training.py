@@ -1,4 +1,4 @@
-"""ml.training: candidates, early stopping, reproducibility, no test-block leakage, skill weights.
+"""ml.model.training: candidates, early stopping, reproducibility, no test-block leakage, skill weights.
 
 Real Keras training on ~3 years of synthetic GOOGL bars ingested through the pipeline's own
 ingest/publish steps, with a tiny config so the whole module runs in well under a minute.
@@ -14,18 +14,19 @@ import numpy as np
 import pytest
 
 from ml.config import ModelConfig, Settings, get_settings
-from ml.evaluation import evaluate, mase_scale
-from ml.features import TARGETS
-from ml.pipeline import ingest_step, instrument_for, publish_step
-from ml.store import PriceStore, data_fingerprint
-from ml.training import (
+from ml.data.store import PriceStore, data_fingerprint
+from ml.model.evaluation import evaluate, mase_scale
+from ml.model.features import TARGETS
+from ml.model.training import (
     TrainResult,
     fit_candidate,
     fit_candidates,
     fit_skill_weights,
     train_on_history,
 )
-from ml.windows import prepare, split_sizes
+from ml.model.windows import prepare, split_sizes
+from ml.steps.common import instrument_for
+from ml.steps.data import ingest_step, publish_step
 
 TICKER = "GOOGL"
 AS_OF = date(2023, 12, 29)  # a Friday: ~3 years of bars from 2021-01-04
@@ -188,7 +189,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(history) -> None:
 
 @pytest.mark.slow
 def test_each_kind_trains_in_the_joint_fit_as_it_would_alone(history) -> None:
-    """Both kinds are fitted in one graph (ml.models.build_branches) with early stopping per kind.
+    """Both kinds are fitted in one graph (ml.model.networks.build_branches) with early stopping per kind.
     The first kind's branch starts from the same initial weights as that kind alone and sees the
     same batches, so its losses, stopping epoch and best weights are those of a fit of it alone;
     it stops when its own patience runs out, whatever the other kind does."""
@@ -234,7 +235,7 @@ def test_same_data_and_config_give_the_same_model(
 
 @pytest.mark.slow
 def test_a_fit_is_the_same_in_a_fresh_process(trained: TrainResult, history, tmp_path) -> None:
-    """The compiled network reused within a process (ml.training.seeded_model) starts every fit
+    """The compiled network reused within a process (ml.model.training.seeded_model) starts every fit
     from the seed's weights and optimizer state: `trained` (after other fits in this process)
     equals a fit in a process that never fitted anything before."""
     import json
@@ -247,7 +248,7 @@ def test_a_fit_is_the_same_in_a_fresh_process(trained: TrainResult, history, tmp
         "import json, sys\n"
         "from datetime import date\n"
         "import pandas as pd\n"
-        "from ml.training import train_on_history\n"
+        "from ml.model.training import train_on_history\n"
         "from tests.test_training import AS_OF, TICKER, TINY\n"
         "r = train_on_history(TICKER, AS_OF, pd.read_parquet(sys.argv[1]), TINY)\n"
         "print(json.dumps({'val_loss': {c.kind: c.val_loss for c in r.candidates},\n"

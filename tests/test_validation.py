@@ -12,20 +12,22 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ml.schema import OUTPUT_COLUMNS
-from ml.sources import SyntheticSource
-from ml.universe import Instrument
-from ml.validation import (
+from ml.data.schema import OUTPUT_COLUMNS
+from ml.data.sources import SyntheticSource
+from ml.quality.suite import (
     CLASS_RULES,
     DEFAULT_OHLC_TOLERANCE,
     HELPER_COLUMNS,
-    PriceValidationError,
-    ValidationReport,
     build_schema_suite,
     build_suite,
+)
+from ml.quality.validation import (
+    PriceValidationError,
+    ValidationReport,
     prepare_frame,
     validate_prices,
 )
+from ml.universe import Instrument
 
 INSTRUMENTS = {
     "stock": Instrument("AMD", "stock"),
@@ -391,7 +393,7 @@ def test_bad_arguments_raise():
 
 def test_import_creates_no_context_and_imports_no_gx():
     code = (
-        "import sys, ml.validation as v; "
+        "import sys, ml.quality.validation as v; "
         "assert 'great_expectations' not in sys.modules; "
         "assert v._batch_definition.cache_info().currsize == 0"
     )

@@ -1,4 +1,4 @@
-"""Tests of `ml.windows`: window shapes, targets by hand, chronological split, no leakage."""
+"""Tests of `ml.model.windows`: window shapes, targets by hand, chronological split, no leakage."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.features import FEATURES
-from ml.sources import SyntheticSource
-from ml.universe import Instrument
-from ml.windows import (
+from ml.data.sources import SyntheticSource
+from ml.model.features import FEATURES
+from ml.model.windows import (
     MIN_WINDOWS,
     InsufficientHistoryError,
     Scaler,
@@ -20,6 +19,7 @@ from ml.windows import (
     prepare,
     split_sizes,
 )
+from ml.universe import Instrument
 
 GOOGL = Instrument("GOOGL", "stock")
 WINDOW = 6

@@ -1,4 +1,4 @@
-"""ml.yahoo against Yahoo Finance answers replayed at the HTTP session layer (fixtures written
+"""ml.data.yahoo against Yahoo Finance answers replayed at the HTTP session layer (fixtures written
 offline in Yahoo's v8 format, not captures: tests/fixtures/yahoo/README.md).
 
 yfinance runs for real (cookie/crumb handling, time-zone probe, v8 chart parsing, error branches):
@@ -22,10 +22,10 @@ import yfinance  # noqa: F401
 from curl_cffi import requests as curl_requests
 from curl_cffi.requests.exceptions import ConnectionError as CurlConnectionError
 
-from ml.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError
-from ml.sources import YahooSource
+from ml.data.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError
+from ml.data.sources import YahooSource
+from ml.data.yahoo import YahooError, YahooRateLimited, YahooTickerNotFound, fetch_yahoo
 from ml.universe import Instrument
-from ml.yahoo import YahooError, YahooRateLimited, YahooTickerNotFound, fetch_yahoo
 from tests.fixtures.yahoo.replay import (
     FIXTURE_DIR,
     ReplayMiss,

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ml.config import GateConfig
-from ml.features import TARGETS
+from ml.model.features import TARGETS
 
 if TYPE_CHECKING:
-    from ml.forecasting import PriceForecaster
+    from ml.model.forecaster import PriceForecaster
 
 GATE_TARGETS = ("High", "Low", "Close")
 
@@ -41,7 +41,7 @@ def gate_failures(
     """Reasons the candidate fails the gate against persistence (empty when it passes).
 
     `u2` is the test-block U2 per target, `dm` the Diebold-Mariano test per target against
-    persistence ({"stat", "p_worse", "p_better"}, `ml.evaluation.diebold_mariano`). High and Low
+    persistence ({"stat", "p_worse", "p_better"}, `ml.model.evaluation.diebold_mariano`). High and Low
     must have U2 below their caps and be significantly better (p_better < p_value); Close must
     not be significantly worse (p_worse < p_value fails; a Close equal to persistence has no
     test, NaN, and passes). Missing or NaN values fail closed.
@@ -109,7 +109,7 @@ def block_predictions(forecaster: PriceForecaster, history: Any, test: Any) -> A
 
 def rescore_u2(forecaster: PriceForecaster, history: Any, test: Any) -> dict[str, float]:
     """U2 against persistence of `forecaster` on the test windows `test` of `history`."""
-    from ml.evaluation import persistence_forecast, theil_u2
+    from ml.model.evaluation import persistence_forecast, theil_u2
 
     predicted = block_predictions(forecaster, history, test)
     reference = persistence_forecast(test.last_close, test.last_adj_close)
@@ -122,7 +122,7 @@ def versus_champion(
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The champion's U2 against persistence on the candidate's test block, and the
     Diebold-Mariano test of the candidate against the champion per High/Low/Close."""
-    from ml.evaluation import diebold_mariano, persistence_forecast, theil_u2
+    from ml.model.evaluation import diebold_mariano, persistence_forecast, theil_u2
 
     ours = block_predictions(candidate, history, test)
     theirs = block_predictions(champion, history, test)

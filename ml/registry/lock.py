@@ -15,7 +15,7 @@ delete-if-owner-unchanged: two waiters that both see the same dead holder both d
 the create that follows still admits one. The window left is a waiter that read the dead owner,
 then slept past another's break-and-create: keep `ttl` well above a request's latency.
 
-Held around check-train-register (`ml.pipeline.train_step`) and the gate
+Held around check-train-register (`ml.steps.model.train_step`) and the gate
 (`ml.registry.promote_if_better`): exactly one version per (ticker, bars, config) and one
 promotion, however many processes try.
 """

@@ -76,9 +76,9 @@ def _versus_champion(
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The champion's U2 on the candidate's test block (bars <= as_of) and the Diebold-Mariano
     test of the candidate against it (`ml.registry.gate.versus_champion`)."""
+    from ml.data.store import PriceStore
+    from ml.model.windows import prepare
     from ml.registry.gate import versus_champion
-    from ml.store import PriceStore
-    from ml.windows import prepare
 
     history = PriceStore(settings.data_dir).load(instrument, until=as_of)
     model = settings.model

@@ -11,8 +11,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow.pyfunc
 import pandas as pd
 
-from ml.forecasting import PriceForecaster
-from ml.sources import PRICE_COLUMNS
+from ml.data.sources import PRICE_COLUMNS
+from ml.model.forecaster import PriceForecaster
 
 
 class PriceForecastModel(mlflow.pyfunc.PythonModel):
@@ -26,7 +26,7 @@ class PriceForecastModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from ml.models import configure_tensorflow
+        from ml.model.networks import configure_tensorflow
 
         configure_tensorflow()
         self.forecaster = PriceForecaster.load(

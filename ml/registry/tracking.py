@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import PROJECT_ROOT, Settings
 from ml.faults import checkpoint
-from ml.features import TARGETS
+from ml.model.features import TARGETS
 from ml.registry.client import CHALLENGER, code_version, ensure_experiment, get_client
 from ml.registry.gate import GATE_TARGETS, dm_table
 from ml.registry.versions import TrainingOutcome, drop_duplicate_versions
@@ -22,7 +22,7 @@ from ml.universe import Instrument
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from ml.training import TrainResult
+    from ml.model.training import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _plot_test_block(result: TrainResult) -> Any:
 
 
 def _input_example(result: TrainResult):
-    from ml.sources import PRICE_COLUMNS
+    from ml.data.sources import PRICE_COLUMNS
 
     # Enough bars for the volatility memory, so the example's last row is the real forecast.
     bars = result.history[PRICE_COLUMNS].iloc[-result.forecaster.context_bars :]

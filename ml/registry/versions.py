@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from ml.forecasting import PriceForecaster
+    from ml.model.forecaster import PriceForecaster
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def load_forecaster(
 
     import mlflow
 
-    from ml.forecasting import KERAS_FILE, PREPROCESSING_FILE, PriceForecaster
-    from ml.models import configure_tensorflow
+    from ml.model.forecaster import KERAS_FILE, PREPROCESSING_FILE, PriceForecaster
+    from ml.model.networks import configure_tensorflow
 
     client = get_client(settings)
     if version is None:

@@ -162,7 +162,7 @@ def bad_batch(
     run_dag_test, bad_batch_mlflow: MlflowServer, universe: Universe, tmp_path_factory
 ) -> DagTestResult:
     """Five tickers replayed from CSV files; SPY has High < Low on one recent row."""
-    from ml.sources import SyntheticSource
+    from ml.data.sources import SyntheticSource
 
     work = tmp_path_factory.mktemp("bad_batch")
     files = work / "price_files"

@@ -94,8 +94,8 @@ def snapshot(env: dict[str, str], tickers: list[str]) -> DayState:
     from mlflow import MlflowClient
 
     from ml.config import get_settings
-    from ml.forecasting import read_forecasts
-    from ml.ledger import read_table
+    from ml.forecasts.export import read_forecasts
+    from ml.forecasts.ledger import read_table
     from ml.universe import load_universe
 
     settings = get_settings(env)

@@ -6,7 +6,7 @@ short), `garbled` (one price's 8 bytes inside the Close column's page overwritte
 a partial overwrite; the file keeps its head and its footer). Garbled Parquet is the dangerous
 one: in a sweep of 64-byte overwrites over a published price file, pyarrow read about a third of
 the results without any error and returned other values. The store now writes a CRC32 per
-Parquet page and verifies it on every read (`ml.store._write_parquet`, `_read_parquet`). The
+Parquet page and verifies it on every read (`ml.data.store._write_parquet`, `_read_parquet`). The
 footer (schema, offsets, statistics) has no checksum: a garbled footer mostly fails to parse, and
 one that parses still points at checksummed pages.
 
@@ -65,9 +65,9 @@ from pathlib import Path
 
 import pytest
 
-from ml import pipeline
 from ml.config import Settings, get_settings
-from ml.store import PriceStore
+from ml.data.store import PriceStore
+from ml.steps.data import ingest_all, validate_all
 from ml.universe import load_universe
 from tests.conftest import names_read_by_settings
 
@@ -187,13 +187,13 @@ def test_a_corrupt_staged_batch_is_quarantined_and_the_other_ticker_publishes(
 ) -> None:
     settings = store_settings(store_of_day1(clean, tmp_path))
     store = PriceStore(settings.data_dir)
-    staged = pipeline.ingest_all(TICKERS, D2, settings)
+    staged = ingest_all(TICKERS, D2, settings)
     assert sorted(staged["staged"]) == sorted(TICKERS), staged
     path = store.staging_path(GOOGL, D2)
     history = store.history_path(GOOGL).read_bytes()
     bad = corrupt(path, how)
 
-    result = pipeline.validate_all(TICKERS, D2, settings, check_registry=False)
+    result = validate_all(TICKERS, D2, settings, check_registry=False)
     error = result["failed"].get("GOOGL")
     assert error, f"validation did not fail on GOOGL's {how} staged batch: {result}"
     assert error.startswith("CorruptStagedFile: GOOGL: the staged batch"), error
@@ -210,11 +210,11 @@ def test_a_corrupt_staged_batch_is_quarantined_and_the_other_ticker_publishes(
     report = json.loads((quarantined / "validation.json").read_text())
     assert report["success"] is False and report["meta"]["unreadable"] == str(path), report
 
-    retry = pipeline.validate_all(["GOOGL"], D2, settings, check_registry=False)
+    retry = validate_all(["GOOGL"], D2, settings, check_registry=False)
     assert "quarantined" in retry["failed"].get("GOOGL", ""), f"a retry of validate: {retry}"
 
-    again = pipeline.validate_all(
-        pipeline.ingest_all(["GOOGL"], D2, settings)["staged"], D2, settings, check_registry=False
+    again = validate_all(
+        ingest_all(["GOOGL"], D2, settings)["staged"], D2, settings, check_registry=False
     )
     assert not again["failed"] and again["tickers"]["GOOGL"]["rows_added"] == 1, again
     for ticker in TICKERS:
@@ -260,19 +260,19 @@ def test_a_price_file_corrupted_after_staging_takes_the_staged_window_to_quarant
     published as the whole history by a retry of the validate task."""
     settings = store_settings(store_of_day1(clean, tmp_path))
     store = PriceStore(settings.data_dir)
-    staged = pipeline.ingest_all(["GOOGL"], D2, settings)
+    staged = ingest_all(["GOOGL"], D2, settings)
     assert staged["staged"]["GOOGL"]["incremental"] is True, staged
     path = store.history_path(GOOGL)
     corrupt(path, "garbled")
 
-    first = pipeline.validate_all(["GOOGL"], D2, settings, check_registry=False)
+    first = validate_all(["GOOGL"], D2, settings, check_registry=False)
     error = first["failed"].get("GOOGL", "")
     assert error.startswith("CorruptPriceFile:") and str(path) in error, first
     [window] = list((store.root / "quarantine" / GOOGL.slug).glob("corrupt-*/staging/*.parquet"))
     assert window.name == f"{D2}.parquet", window
     assert not store.staging_path(GOOGL, D2).exists(), "the staged window stayed in staging"
 
-    retry = pipeline.validate_all(["GOOGL"], D2, settings, check_registry=False)
+    retry = validate_all(["GOOGL"], D2, settings, check_registry=False)
     assert "run ingest first" in retry["failed"].get("GOOGL", ""), retry
     assert not path.exists(), (
         f"a retry of validate published {store.load(GOOGL).shape[0]} bars as the whole history"
@@ -319,8 +319,8 @@ def garbled_page(good: bytes) -> bytes:
 def test_forecast_on_a_corrupt_ledger_fails_naming_it_and_changes_nothing(
     clean: dict[date, Path], tmp_path: Path, mlflow_server, how: str
 ) -> None:
-    from ml.forecasting import upsert_forecasts
-    from ml.ledger import record_forecasts
+    from ml.forecasts.export import upsert_forecasts
+    from ml.forecasts.ledger import record_forecasts
 
     settings = store_settings(store_of_day1(clean, tmp_path))
     universe = tmp_path / "universe.csv"
@@ -373,7 +373,7 @@ CSV_CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 def test_a_corrupt_forecasts_export_is_named_and_never_written_over(
     settings: Settings, how: str
 ) -> None:
-    from ml.forecasting import (
+    from ml.forecasts.export import (
         CorruptForecastsFile,
         forecasts_path,
         read_forecasts,

@@ -3,7 +3,7 @@
 Fault: a write of the store fails part-way because no more bytes can be written.
 
 Injection: a child process (`python -c`, calling `child_main` below, which runs the real code:
-`PriceStore.publish`, `ml.forecasting.upsert_forecasts`, `ml.ledger.record_forecasts`) ignores
+`PriceStore.publish`, `ml.forecasts.export.upsert_forecasts`, `ml.forecasts.ledger.record_forecasts`) ignores
 SIGXFSZ and sets `resource.setrlimit(RLIMIT_FSIZE, (N, N))` with N above the old file's size and
 below the new file's, right before the write. The kernel then fails the write() that would pass N
 bytes with EFBIG ("File too large") instead of killing the process with SIGXFSZ.
@@ -13,10 +13,10 @@ temp file was created and partly written. A real full disk differs: it fails wit
 every process writing to that file system, and can fail later than write() (at fsync, with
 delayed allocation) or earlier (creating the temp file); RLIMIT_FSIZE fails only this process's
 writes past N bytes, and only at write(). The store's writes all go to a temp file that is
-renamed into place only once written and fsynced (`ml.store.atomic_write`), so any of these
+renamed into place only once written and fsynced (`ml.data.store.atomic_write`), so any of these
 failures leaves the old file; this suite checks the write() one. SQLite maps EFBIG to
 SQLITE_IOERR_WRITE ("disk I/O error") and ENOSPC to SQLITE_FULL ("database or disk is full");
-`ml.ledger` reports either as `LedgerWriteError` (an OSError) naming the file. Only the SQLite
+`ml.forecasts.ledger` reports either as `LedgerWriteError` (an OSError) naming the file. Only the SQLite
 ledger is covered (the default; PostgreSQL's disk is the server's).
 
 What must hold, per file: the child fails with that error (OSError errno EFBIG for the Parquet
@@ -58,7 +58,7 @@ def child_main(argv: list[str]) -> None:
     kind, data_dir, limit, source = argv[0], Path(argv[1]), int(argv[2]), Path(argv[3])
     settings = replace(get_settings({}), data_dir=data_dir)
     if kind == "publish":
-        from ml.store import PriceStore
+        from ml.data.store import PriceStore
 
         batch = pd.read_parquet(source)
 
@@ -66,7 +66,7 @@ def child_main(argv: list[str]) -> None:
             PriceStore(data_dir).publish(INSTRUMENT, batch, AS_OF, '{"success": true}')
 
     elif kind == "forecasts":
-        from ml.forecasting import upsert_forecasts
+        from ml.forecasts.export import upsert_forecasts
 
         rows = json.loads(source.read_text())
 
@@ -74,7 +74,7 @@ def child_main(argv: list[str]) -> None:
             upsert_forecasts(settings, rows)
 
     else:
-        from ml.ledger import record_forecasts
+        from ml.forecasts.ledger import record_forecasts
 
         rows = json.loads(source.read_text())
 
@@ -156,8 +156,8 @@ def test_publishing_a_history_bigger_than_the_room_left_keeps_the_old_file(
 ) -> None:
     """`PriceStore.publish` of a batch whose merged history (the published Parquet file) does
     not fit: the old history file is left as it was."""
-    from ml.sources import SyntheticSource
-    from ml.store import PriceStore
+    from ml.data.sources import SyntheticSource
+    from ml.data.store import PriceStore
 
     store = PriceStore(settings.data_dir)
     bars = SyntheticSource().fetch(INSTRUMENT, BIG_START, AS_OF)
@@ -186,7 +186,7 @@ def test_a_forecasts_export_bigger_than_the_room_left_keeps_the_old_file(
     settings: Settings, tmp_path: Path
 ) -> None:
     """`upsert_forecasts` rewriting the forecasts CSV with many more rows than fit."""
-    from ml.forecasting import forecasts_path, read_forecasts, upsert_forecasts
+    from ml.forecasts.export import forecasts_path, read_forecasts, upsert_forecasts
 
     upsert_forecasts(settings, forecast_rows(3))
     path = forecasts_path(settings)
@@ -211,8 +211,8 @@ def test_a_ledger_transaction_bigger_than_the_room_left_rolls_back(
     settings: Settings, tmp_path: Path
 ) -> None:
     """`record_forecasts` (one SQLite transaction) growing the ledger past the limit: SQLite
-    rolls the transaction back from its journal and `ml.ledger` says what happened."""
-    from ml.ledger import read_table, record_forecasts
+    rolls the transaction back from its journal and `ml.forecasts.ledger` says what happened."""
+    from ml.forecasts.ledger import read_table, record_forecasts
 
     record_forecasts(settings, forecast_rows(3))
     path = settings.data_dir / "ledger.db"

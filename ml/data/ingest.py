@@ -12,9 +12,9 @@ from datetime import date, timedelta
 from typing import TYPE_CHECKING
 
 from ml.config import Settings
+from ml.data.sources import PriceSource, get_source
+from ml.data.store import PriceStore
 from ml.faults import checkpoint
-from ml.sources import PriceSource, get_source
-from ml.store import PriceStore
 from ml.universe import Instrument
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def fetch_window(
 ) -> tuple[date, bool]:
     """The first date to fetch: full history on the first load, a short trailing window after
     (and the full history again when the published file turned out corrupt: it is quarantined)."""
-    from ml.store import CorruptPriceFile
+    from ml.data.store import CorruptPriceFile
 
     try:
         last = store.last_date(instrument)
@@ -103,7 +103,7 @@ def publish_with_history(
     instrument: Instrument, as_of: date, store: PriceStore
 ) -> tuple[dict, pd.DataFrame]:
     """`publish_staged`, also returning the published history after the upsert (read once)."""
-    from ml.validation import PriceValidationError, recheck_published, validate_prices
+    from ml.quality.validation import PriceValidationError, recheck_published, validate_prices
 
     if not store.staging_path(instrument, as_of).exists():
         return _published_earlier(instrument, as_of, store)

@@ -1,6 +1,6 @@
 """Feature engineering: the notebook's 8 inputs per bar, computed from that bar and the one before.
 
-Prices enter as logarithms so that `ml.windows` can express every price in a window relative to the
+Prices enter as logarithms so that `ml.model.windows` can express every price in a window relative to the
 window's last Close (levels extrapolate badly; ratios do not). Each feature uses only bars up to
 and including its own date, so no feature leaks the future.
 """

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ml.features import FEATURES, PRICE_FEATURES, TARGETS, build_features, feature_names
+from ml.model.features import FEATURES, PRICE_FEATURES, TARGETS, build_features, feature_names
 
 if TYPE_CHECKING:
     import numpy as np
@@ -131,7 +131,7 @@ def make_windows(
     history: pd.DataFrame, window: int, naive_lookback: int = 20, horizons: tuple[int, ...] = ()
 ) -> WindowSet:
     """Cut every window whose next bar exists in `history` (sorted by date, validated); with
-    `horizons`, each bar also carries the volatility memory of `ml.features`."""
+    `horizons`, each bar also carries the volatility memory of `ml.model.features`."""
     import numpy as np
 
     if len(history) < window + 2:

@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ml.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, empty_prices
+from ml.data.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, empty_prices
 from ml.universe import Instrument
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ml.config import ConfigError, Settings
-from ml.schema import PRICE_COLUMNS, PriceSourceError
+from ml.data.schema import PRICE_COLUMNS, PriceSourceError
 from ml.universe import Instrument
 
 if TYPE_CHECKING:
@@ -348,7 +348,7 @@ class FileSource:
 
 @dataclass(frozen=True)
 class YahooSource:
-    """Daily bars from Yahoo Finance through yfinance (see `ml.yahoo`)."""
+    """Daily bars from Yahoo Finance through yfinance (see `ml.data.yahoo`)."""
 
     max_retries: int = 5
     backoff_seconds: float = 2.0
@@ -357,7 +357,7 @@ class YahooSource:
     session: object | None = None
 
     def fetch(self, instrument: Instrument, start: date, end: date) -> pd.DataFrame:
-        from ml.yahoo import fetch_yahoo
+        from ml.data.yahoo import fetch_yahoo
 
         raw = fetch_yahoo(
             instrument.ticker,

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ml.schema import PRICE_COLUMNS, PriceSourceError, empty_prices
+from ml.data.schema import PRICE_COLUMNS, PriceSourceError, empty_prices
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,6 +1,6 @@
 """Train one ticker: both candidates with early stopping, keep the best checkpoint by validation loss.
 
-Both kinds are fitted at once, as two branches of one Keras graph (`ml.models.build_branches`):
+Both kinds are fitted at once, as two branches of one Keras graph (`ml.model.networks.build_branches`):
 same batches, summed MSE, no shared weights, so each branch follows the gradients it would get
 alone. Early stopping is per branch (`_early_stopping`); the branch with the lower best
 validation loss is copied out into a standalone `build_model` network, which is what is
@@ -16,18 +16,18 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from ml.config import ModelConfig, Settings
-from ml.models import configure_tensorflow
-from ml.store import PriceStore, data_fingerprint
+from ml.data.store import PriceStore, data_fingerprint
+from ml.model.networks import configure_tensorflow
+from ml.model.windows import SplitData, prepare
 from ml.universe import Instrument
-from ml.windows import SplitData, prepare
 
 if TYPE_CHECKING:
     import keras
     import numpy as np
     import pandas as pd
 
-    from ml.evaluation import EvaluationReport
-    from ml.forecasting import PriceForecaster
+    from ml.model.evaluation import EvaluationReport
+    from ml.model.forecaster import PriceForecaster
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def seeded_branches(
     import keras
     import tensorflow as tf
 
-    from ml.models import build_branches
+    from ml.model.networks import build_branches
 
     key = _model_key(kinds, config, n_features, n_targets)
     if key not in _COMPILED:
@@ -187,7 +187,7 @@ def _early_stopping(compiled: _Compiled, branches: list[_Branch], x_val, y_val, 
     import keras
     import numpy as np
 
-    from ml.models import branch_weights
+    from ml.model.networks import branch_weights
 
     class BranchEarlyStopping(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -220,10 +220,10 @@ def fit_candidates(
     """Fit every kind at once (one `build_branches` graph), early stopping per kind.
 
     Returns, per kind in order, the weights of its best validation epoch (for
-    `ml.models.build_model(kind, ...)`) and its CandidateResult; each kind's `seconds` is its
+    `ml.model.networks.build_model(kind, ...)`) and its CandidateResult; each kind's `seconds` is its
     equal share of the joint fit's wall time.
     """
-    from ml.models import branch_loss_key
+    from ml.model.networks import branch_loss_key
 
     kinds = tuple(kinds)
     x_train, y_train = split.scaled(split.train)
@@ -266,7 +266,7 @@ def standalone_network(
     kind: str, config: ModelConfig, n_features: int, n_targets: int, weights: list[Any]
 ) -> keras.Model:
     """A new `build_model(kind)` network of its own holding `weights`."""
-    from ml.models import build_model
+    from ml.model.networks import build_model
 
     model = build_model(
         kind,
@@ -339,8 +339,8 @@ def fit_and_evaluate(
     """Fit every kind on `split`'s train block (early stopping on validation), keep the best,
     fit its skill weights on validation and score it on the test block against both baselines.
     `train_on_history` uses the 70/20/10 split; a rolling-origin backtest passes its own."""
-    from ml.evaluation import evaluate, mase_scale
-    from ml.forecasting import PriceForecaster
+    from ml.model.evaluation import evaluate, mase_scale
+    from ml.model.forecaster import PriceForecaster
 
     configure_tensorflow()
     fitted = fit_candidates(tuple(config.kinds), split, config)

@@ -1,0 +1,141 @@
+"""The forecasts CSV export (`DATA_DIR/forecasts/forecasts.csv`): one row per (ticker, logical date),
+written in one atomic write. The ledger (`ml.forecasts.ledger`) is the store of record."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ml.data.store import CorruptFile
+from ml.model.forecaster import PriceForecaster, forecast_next_bar
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ml.config import Settings
+    from ml.universe import Instrument
+
+
+FORECAST_COLUMNS = [
+    "ticker",
+    "logical_date",
+    "last_bar_date",
+    "last_close",
+    "pred_high",
+    "pred_low",
+    "pred_close",
+    "pred_adj_close",
+    "model_name",
+    "model_version",
+    "source",
+]
+
+
+def forecasts_path(settings: Settings) -> Path:
+    return settings.data_dir / "forecasts" / "forecasts.csv"
+
+
+def read_forecasts(settings: Settings) -> pd.DataFrame:
+    """The forecasts export (every column filled in: the ledger holds nothing less). A file that
+    is not such a table (garbage, a cut-off row, a value that is not a number) raises
+    CorruptForecastsFile naming it and the way out; it is left in place, never overwritten."""
+    import pandas as pd
+
+    path = forecasts_path(settings)
+    if not path.exists():
+        return pd.DataFrame(columns=FORECAST_COLUMNS)
+    # Text columns stay text: a ticker such as "NA" or "NULL" is not a missing value.
+    text = ["ticker", "logical_date", "last_bar_date", "model_name", "model_version", "source"]
+    try:
+        table = pd.read_csv(
+            path, dtype=dict.fromkeys(text, str), keep_default_na=False, na_values=[""]
+        )
+    except ValueError as exc:  # not UTF-8, not CSV, empty (ParserError, EmptyDataError)
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise _corrupt_forecasts(settings, path, error) from exc
+    missing = [c for c in FORECAST_COLUMNS if c not in table.columns]
+    if missing:
+        raise _corrupt_forecasts(settings, path, f"no column(s) {', '.join(missing)}")
+    for column in FORECAST_COLUMNS:
+        values = table[column]
+        if column not in text:
+            values = pd.to_numeric(values, errors="coerce")
+        bad = values.isna().to_numpy().nonzero()[0]
+        if len(bad):
+            what = "empty" if column in text else "empty or not a number"
+            more = f", {len(bad) - 1} more row(s) too" if len(bad) > 1 else ""
+            where = f"line {int(bad[0]) + 2}: {column} is {what}{more}"
+            raise _corrupt_forecasts(settings, path, where)
+        if column not in text:
+            table[column] = values
+    return table
+
+
+class CorruptForecastsFile(CorruptFile):
+    """The forecasts export could not be read; it is left in place (see the message)."""
+
+
+def _corrupt_forecasts(settings: Settings, path: Path, error: str) -> CorruptForecastsFile:
+    from ml.forecasts.ledger import ledger_location
+
+    return CorruptForecastsFile(
+        f"the forecasts export {path} is not a readable forecasts table ({error}). It is "
+        "left as it is and nothing is written over it. It is an export: every forecast is in "
+        f"the ledger ({ledger_location(settings)}), the store of record. Restore the file from a "
+        "backup, or move it aside: the next forecast run then starts a new export with its "
+        "own rows.",
+        path,
+    )
+
+
+def upsert_forecasts(settings: Settings, rows: list[dict[str, Any]]) -> Path:
+    """Insert or replace the (ticker, logical_date) rows of the forecasts table in one write."""
+    import pandas as pd
+
+    from ml.data.store import PriceStore, atomic_write
+
+    store = PriceStore(settings.data_dir)
+    path = forecasts_path(settings)
+    new = pd.DataFrame(rows, columns=FORECAST_COLUMNS)
+    with store.lock("forecasts"):
+        table = read_forecasts(settings)
+        replaced = table.set_index(["ticker", "logical_date"]).index.isin(
+            new.set_index(["ticker", "logical_date"]).index
+        )
+        keep = table.loc[~replaced]
+        table = pd.concat([keep, new], ignore_index=True) if len(keep) else new
+        table = table.drop_duplicates(["ticker", "logical_date"], keep="last")
+        table = table.sort_values(["logical_date", "ticker"], kind="stable").reset_index(drop=True)
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    return path
+
+
+def upsert_forecast(settings: Settings, row: dict[str, Any]) -> Path:
+    """Insert or replace one (ticker, logical_date) row of the forecasts table, atomically."""
+    return upsert_forecasts(settings, [row])
+
+
+def forecast_row(
+    instrument: Instrument,
+    as_of: date,
+    history: pd.DataFrame,
+    forecaster: PriceForecaster,
+    version: str,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The forecasts-table row of `forecaster` (model `version`) for the bar after `history`."""
+    last_date, prices = forecast_next_bar(forecaster, history)
+    return {
+        "ticker": instrument.ticker,
+        "logical_date": as_of.isoformat(),
+        "last_bar_date": last_date.date().isoformat(),
+        "last_close": float(history["Close"].iloc[-1]),
+        "pred_high": prices["High"],
+        "pred_low": prices["Low"],
+        "pred_close": prices["Close"],
+        "pred_adj_close": prices["Adj Close"],
+        "model_name": instrument.model_name,
+        "model_version": str(version),
+        "source": settings.price_source,
+    }

@@ -1,0 +1,186 @@
+"""The data phase: fetch every ticker's due bars into staging, then validate and publish them and
+say which tickers need training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from ml.config import Settings
+from ml.steps.common import error_text, instrument_for, raise_if_all_failed
+from ml.universe import load_universe
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from ml.data.sources import PriceSource
+
+
+def ingest_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
+    """Fetch one ticker's due bars into staging."""
+    from dataclasses import asdict
+
+    from ml.data.ingest import stage_ticker
+
+    return asdict(stage_ticker(instrument_for(ticker, settings), as_of, settings))
+
+
+def publish_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
+    """Validate one ticker's staged batch and publish it (raises PriceValidationError)."""
+    from ml.data.ingest import publish_staged
+
+    return publish_staged(instrument_for(ticker, settings), as_of, settings)
+
+
+def ingest_all(
+    tickers: Iterable[str],
+    as_of: date,
+    settings: Settings,
+    *,
+    source: PriceSource | None = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Fetch every ticker's due bars into staging, `settings.fetch_concurrency` at a time.
+
+    Returns {"staged": {ticker: batch summary}, "failed": {ticker: error}}; each download keeps
+    the source's own retries and backoff.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import asdict
+
+    from ml.data.ingest import stage_ticker
+    from ml.data.sources import get_source
+
+    tickers = list(tickers)
+    universe = load_universe(settings.universe_file)
+    source = source or get_source(settings)
+
+    def stage(ticker: str) -> dict[str, Any]:
+        return asdict(stage_ticker(universe.get(ticker), as_of, settings, source))
+
+    staged: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, settings.fetch_concurrency)) as pool:
+        futures = {ticker: pool.submit(stage, ticker) for ticker in tickers}
+        for ticker, future in futures.items():
+            try:
+                staged[ticker] = future.result()
+            except Exception as exc:
+                failed[ticker] = error_text(exc)
+                log.warning("%s: ingest failed: %s", ticker, failed[ticker])
+    raise_if_all_failed("ingest", len(tickers), failed, strict)
+    return {"staged": staged, "failed": failed}
+
+
+def validate_all(
+    staged: Iterable[str],
+    as_of: date,
+    settings: Settings,
+    *,
+    force: bool = False,
+    check_registry: bool = True,
+) -> dict[str, Any]:
+    """Validate and publish every staged ticker; say which need training.
+
+    A batch that fails its suite is quarantined (with its report) and its ticker listed in
+    `failed`. A ticker needs training when its bars up to `as_of` changed, when no registered
+    version was trained on exactly these bars and this model config, or when `force`. For the
+    others, `tickers[t]` names the version that covers them (and whether its gate has run).
+    Without `check_registry` (the CLI's `ingest`, which only publishes) nothing asks MLflow and
+    every ticker whose bars did not change is listed as not needing training. After one failed
+    registry lookup the rest are not tried: every remaining ticker goes to training, which checks
+    again.
+
+    Returns {"train": [ticker], "tickers": {ticker: summary}, "failed": {ticker: error}}.
+    """
+    import pandas as pd
+
+    from ml.data.ingest import publish_with_history
+    from ml.data.store import PriceStore, data_fingerprint
+    from ml.registry.client import get_client
+    from ml.registry.versions import trained_version
+
+    staged = list(staged)
+    universe = load_universe(settings.universe_file)
+    store = PriceStore(settings.data_dir)
+    config_fp = settings.model.fingerprint()
+    # What the ledger's monitor asked for after the last run (live U2 >= 1 or input drift).
+    monitor_asks = _pending_retrains(settings, staged, as_of) if check_registry else {}
+    client = None
+    registry_error: str | None = None
+    to_train: list[str] = []
+    summaries: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for ticker in staged:
+        instrument = universe.get(ticker)
+        try:
+            summary, history = publish_with_history(instrument, as_of, store)
+        except Exception as exc:  # PriceValidationError: quarantined with its report
+            failed[ticker] = error_text(exc)
+            continue
+        history = history.loc[history["Date"] <= pd.Timestamp(as_of)]
+        if history.empty:
+            failed[ticker] = f"ValueError: {ticker}: no published bars up to {as_of}"
+            continue
+        summary["data_fingerprint"] = data_fingerprint(history)
+        summary["last_bar_date"] = history["Date"].iloc[-1].date().isoformat()
+        summaries[ticker] = summary
+        changed = bool(summary["rows_added"] or summary["rows_updated"])
+        if force or changed:
+            summary["train_reason"] = "force_retrain" if force else "new or revised bars"
+            to_train.append(ticker)
+            continue
+        if not check_registry:
+            continue
+        try:
+            if registry_error:
+                raise RuntimeError(registry_error)
+            client = client or get_client(settings)
+            version = trained_version(client, instrument, summary["data_fingerprint"], config_fp)
+        except Exception as exc:  # the check only saves work: train, which checks again
+            registry_error = registry_error or error_text(exc)
+            log.warning("%s: registry lookup failed (%s); training", ticker, registry_error)
+            summary["train_reason"] = f"registry lookup failed ({registry_error})"
+            to_train.append(ticker)
+            continue
+        asked = monitor_asks.get(ticker)
+        if asked and (version is None or version.tags.get("logical_date", "") <= asked[1]):
+            # Flagged (live U2 or input drift) and nothing trained since: retrain on the same
+            # bars with a seed of this date (the same seed would reproduce the same network);
+            # the gate still decides. A re-run finds that version by its config and reuses it.
+            summary.update(
+                train_reason=f"monitor ({asked[1]}): {asked[0]}",
+                retrain_seed=settings.model.seed + as_of.toordinal() % 100_000,
+            )
+            to_train.append(ticker)
+            continue
+        if version is None:
+            summary["train_reason"] = "no version trained on these bars and this config"
+            to_train.append(ticker)
+            continue
+        summary.update(
+            version=str(version.version),
+            trained_for=version.tags.get("logical_date"),
+            gate_status=version.tags.get("gate_status"),
+            metrics=json.loads(version.tags.get("test_u2", "{}")),
+            metrics_range_naive=json.loads(version.tags.get("test_u2_range_naive", "{}")),
+        )
+    return {"train": to_train, "tickers": summaries, "failed": failed}
+
+
+def _pending_retrains(
+    settings: Settings, tickers: list[str], as_of: date
+) -> dict[str, tuple[str, str]]:
+    """`ml.forecasts.monitor.pending_retrains`; a ledger that cannot be read only costs the retrain hint."""
+    from ml.forecasts.monitor import pending_retrains
+
+    try:
+        return pending_retrains(settings, tickers, as_of)
+    except Exception as exc:
+        log.warning(
+            "ledger not readable (%s): no monitor-driven retrains this run", error_text(exc)
+        )
+        return {}

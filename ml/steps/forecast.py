@@ -1,0 +1,196 @@
+"""Forecasting: score the ledger, then forecast the bar after `as_of` with every ticker's champion."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from ml.config import Settings
+from ml.forecasts.ledger import plain
+from ml.steps.common import error_text, instrument_for, raise_if_all_failed
+from ml.universe import Instrument, load_universe
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    pass
+
+
+def forecast_all(
+    tickers: Iterable[str], as_of: date, settings: Settings, *, strict: bool = False
+) -> dict[str, Any]:
+    """Score the ledger, then forecast the bar after `as_of` for every ticker with a champion.
+
+    First the ledger (`ml.forecasts.monitor.monitor`): every earlier forecast whose bar is now published is
+    scored, and each ticker gets live metrics and an input-drift test (a ticker that should be
+    retrained is picked up by the next run's `validate_all`). Then the forecasts: a ticker whose
+    champion already forecast the bar after its last bar (a day without a new bar) keeps that
+    row and the model is not loaded again. New forecasts go to the ledger in one transaction and
+    to the CSV export in one write. Returns {"forecasts": {ticker: row}, "kept": [ticker],
+    "no_champion": [ticker], "failed": {ticker: error}, "monitor": {ticker: live summary}}.
+    """
+    from ml.data.store import PriceStore
+    from ml.forecasts.export import read_forecasts, upsert_forecasts
+    from ml.forecasts.ledger import read_table, record_forecasts
+    from ml.registry.client import get_client
+    from ml.registry.versions import champion_as_of
+
+    tickers = list(tickers)
+    universe = load_universe(settings.universe_file)
+    store = PriceStore(settings.data_dir)
+    table = read_table(settings, "forecasts")  # the store of record (the CSV is an export)
+    client = get_client(settings) if tickers else None
+    forecasts: dict[str, Any] = {}
+    kept: list[str] = []
+    no_champion: list[str] = []
+    failed: dict[str, str] = {}
+    new_rows: list[dict[str, Any]] = []
+    states: dict[str, tuple[Instrument, Any, Any]] = {}
+    for ticker in tickers:
+        try:
+            instrument = universe.get(ticker)
+            history = store.load(instrument, until=as_of)
+            states[ticker] = (
+                instrument,
+                history,
+                champion_as_of(client, instrument.model_name, as_of),
+            )
+        except Exception as exc:
+            failed[ticker] = error_text(exc)
+            log.warning("%s: forecast failed: %s", ticker, failed[ticker])
+    monitored = monitor_all(states, as_of, settings, client)
+    for ticker, (instrument, history, champion) in states.items():
+        try:
+            outcome, row = _forecast_one(
+                instrument, as_of, settings, client, table, history=history, champion=champion
+            )
+        except Exception as exc:
+            failed[ticker] = error_text(exc)
+            log.warning("%s: forecast failed: %s", ticker, failed[ticker])
+            continue
+        if outcome == "no champion":
+            no_champion.append(ticker)
+            continue
+        if outcome == "kept":
+            kept.append(ticker)
+        else:
+            new_rows.append(row)
+        forecasts[ticker] = row
+    if new_rows:
+        record_forecasts(settings, new_rows)
+    # The CSV is an export of the ledger: rows kept from the ledger go in again when the export
+    # lacks them (a try killed between the ledger's commit and the export's rename).
+    exported = read_forecasts(settings) if kept else None
+    missing = [
+        forecasts[t]
+        for t in kept
+        if exported is not None
+        and not (
+            (exported["ticker"] == t) & (exported["logical_date"] == forecasts[t]["logical_date"])
+        ).any()
+    ]
+    if new_rows or missing:
+        upsert_forecasts(settings, new_rows + missing)
+    raise_if_all_failed("forecast", len(tickers) - len(no_champion) - len(kept), failed, strict)
+    return {
+        "forecasts": forecasts,
+        "kept": kept,
+        "no_champion": no_champion,
+        "failed": failed,
+        "monitor": monitored,
+    }
+
+
+def monitor_all(
+    states: Mapping[str, tuple[Instrument, Any, Any]], as_of: date, settings: Settings, client: Any
+) -> dict[str, Any]:
+    """The ledger's scoring, live metrics and drift for these tickers ((instrument, history up
+    to as_of, champion version or None) each); the champion's model version gets the live
+    metrics as tags (`live_metrics`, `input_drift`), unless a later date already wrote them.
+    Returns a small summary per ticker for the run report."""
+    from ml.forecasts.monitor import LIVE_WINDOWS, monitor
+
+    histories = {t: h for t, (_, h, _) in states.items() if len(h)}
+    champions = {
+        t: (str(c.version), date.fromisoformat(c.tags["logical_date"]))
+        if c is not None and c.tags.get("logical_date")
+        else None
+        for t, (_, _, c) in states.items()
+    }
+    result = monitor(settings, histories, champions, as_of)
+    summary: dict[str, Any] = {}
+    for ticker, watched in result.items():
+        champion = states[ticker][2]
+        if champion is not None and champion.tags.get("live_as_of", "") <= as_of.isoformat():
+            name = states[ticker][0].model_name
+            for key, value in (
+                ("live_as_of", as_of.isoformat()),
+                ("live_metrics", json.dumps(watched.live, sort_keys=True)),
+                ("input_drift", json.dumps(watched.drift, sort_keys=True)),
+            ):
+                if champion.tags.get(key) != value:  # a day without new bars writes nothing
+                    client.set_model_version_tag(name, champion.version, key, value)
+        summary[ticker] = {
+            "live": watched.live[str(LIVE_WINDOWS[0])],
+            "drifted": bool(watched.drift.get("drifted")),
+            "retrain_reason": watched.retrain_reason,
+        }
+    return summary
+
+
+def _forecast_one(
+    instrument: Instrument,
+    as_of: date,
+    settings: Settings,
+    client: Any,
+    table: Any,
+    *,
+    history: Any = None,
+    champion: Any = None,
+) -> tuple[str, dict[str, Any] | None]:
+    """("no champion", None), ("kept", the existing row) or ("new", a row to write); `history`
+    (bars up to as_of) and `champion` are looked up when not given."""
+    from ml.data.store import PriceStore
+    from ml.forecasts.export import forecast_row
+    from ml.registry.versions import champion_as_of, load_forecaster
+
+    if champion is None:
+        champion = champion_as_of(client, instrument.model_name, as_of)
+    if champion is None:
+        return "no champion", None
+    if history is None:
+        history = PriceStore(settings.data_dir).load(instrument, until=as_of)
+    last_bar = history["Date"].iloc[-1].date().isoformat()
+    existing = table.loc[
+        (table["ticker"] == instrument.ticker)
+        & (table["last_bar_date"] == last_bar)
+        & (table["model_version"] == str(champion.version))
+        & (table["logical_date"] <= as_of.isoformat())
+    ]
+    if not existing.empty:
+        return "kept", {k: plain(v) for k, v in existing.iloc[-1].to_dict().items()}
+    loaded = load_forecaster(instrument, settings, version=str(champion.version))
+    assert loaded is not None  # the version exists: champion_as_of just found it
+    return "new", forecast_row(instrument, as_of, history, loaded[0], loaded[1], settings)
+
+
+def forecast_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any] | None:
+    """Forecast one ticker and upsert its row (errors raised as they are); None: no champion."""
+    from ml.forecasts.export import upsert_forecasts
+    from ml.forecasts.ledger import read_table, record_forecasts
+    from ml.registry.client import get_client
+
+    outcome, row = _forecast_one(
+        instrument_for(ticker, settings),
+        as_of,
+        settings,
+        get_client(settings),
+        read_table(settings, "forecasts"),
+    )
+    if outcome == "new":
+        record_forecasts(settings, [row])
+        upsert_forecasts(settings, [row])
+    return row
