@@ -98,9 +98,6 @@ class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
-    def with_model(self, **changes: object) -> Settings:
-        return replace(self, model=replace(self.model, **changes))
-
 
 def _parse_date(name: str, raw: str) -> date:
     try:

@@ -20,6 +20,21 @@ from ml.servers import MlflowServer, sqlite_mlflow_server
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Small, quick models: what the tests that train use unless they say otherwise.
+SMALL_MODEL = {
+    "kinds": ("lstm", "gru"),
+    "units": 16,
+    "max_epochs": 4,
+    "patience": 2,
+    "batch_size": 64,
+}
+
+
+def with_model(settings: Settings, **changes: object) -> Settings:
+    """`settings` with these model config fields changed."""
+    return replace(settings, model=replace(settings.model, **changes))
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """`mlflow server` with a SQLite backend and served artifacts in a temp folder."""
@@ -44,12 +59,15 @@ def settings(data_dir: Path) -> Settings:
 def fast_settings(settings: Settings, mlflow_server: MlflowServer, request) -> Settings:
     """Small, quick models logging to the test MLflow server, one experiment per test."""
     experiment = f"test-{request.node.name}"[:200]
-    return replace(
-        settings,
-        mlflow_tracking_uri=mlflow_server.uri,
-        experiment_name=experiment,
-        history_start=date(2021, 1, 4),
-    ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
+    return with_model(
+        replace(
+            settings,
+            mlflow_tracking_uri=mlflow_server.uri,
+            experiment_name=experiment,
+            history_start=date(2021, 1, 4),
+        ),
+        **SMALL_MODEL,
+    )
 
 
 def isolated_settings(
@@ -62,14 +80,15 @@ def isolated_settings(
         "ticker,asset_class,name\n" + "".join(f"{t},stock,{n}\n" for t, n in tickers.items())
     )
     (root / "data").mkdir()
-    return replace(
+    settings = replace(
         get_settings({}),
         data_dir=root / "data",
         universe_file=universe,
         mlflow_tracking_uri=mlflow_uri,
         experiment_name=experiment,
         history_start=date(2021, 1, 4),
-    ).with_model(kinds=("lstm", "gru"), units=16, max_epochs=4, patience=2, batch_size=64)
+    )
+    return with_model(settings, **SMALL_MODEL)
 
 
 def ingest(ticker: str, as_of: date, settings: Settings) -> dict:

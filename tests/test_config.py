@@ -252,7 +252,7 @@ def test_model_fingerprint_is_stable_and_tracks_every_param() -> None:
         replace(base, learning_rate=2e-3),
         replace(base, split=(0.6, 0.2, 0.2)),
         replace(base, seed=43),
-        get_settings({}).with_model(max_epochs=41).model,
+        replace(get_settings({}).model, max_epochs=41),
     ]
     fingerprints = {c.fingerprint() for c in changed}
     assert fp not in fingerprints

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from ml.config import Settings, get_settings
-from ml.data.ingest import ingest_ticker, publish_staged, stage_ticker
+from ml.data.ingest import publish_staged, stage_ticker
 from ml.data.sources import PRICE_COLUMNS, FileSource, PriceSourceError, SyntheticSource
 from ml.data.store import PriceStore
 from ml.quality.validation import PriceValidationError
@@ -33,6 +34,15 @@ AS_OF = date(2024, 6, 28)  # a Friday
 NEXT_DAY = date(2024, 7, 1)  # the Monday after
 CONFIG_PREFIXES = ("PRICE_", "MODEL_", "GATE_", "MLFLOW_", "YAHOO_")
 CONFIG_NAMES = {"DATA_DIR", "UNIVERSE_FILE", "HISTORY_START", "TRAILING_DAYS"}
+
+
+def ingest_ticker(instrument, as_of, settings, source) -> SimpleNamespace:
+    """Stage then validate and publish one ticker (the data phase's two steps), as one result."""
+    staged = stage_ticker(instrument, as_of, settings, source)
+    published = publish_staged(instrument, as_of, settings)
+    return SimpleNamespace(
+        rows_fetched=staged.rows_fetched, incremental=staged.incremental, **published
+    )
 
 
 def cli_env(data_dir: Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ import pytest
 
 from ml.config import Settings
 from ml.forecasts.ledger import read_table
-from tests.conftest import isolated_settings
+from tests.conftest import isolated_settings, with_model
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,16 @@ def run_day(tickers: list[str], as_of: date, settings: Settings) -> dict:
 
 @pytest.fixture(scope="module")
 def ten_days(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> dict:
-    settings = isolated_settings(
-        tmp_path_factory.mktemp("ledger"),
-        mlflow_server.uri,
-        f"test-ledger-{uuid.uuid4().hex[:8]}",
-        {t: t for t in TICKERS},
-    ).with_model(kinds=("lstm",), max_epochs=2)
+    settings = with_model(
+        isolated_settings(
+            tmp_path_factory.mktemp("ledger"),
+            mlflow_server.uri,
+            f"test-ledger-{uuid.uuid4().hex[:8]}",
+            {t: t for t in TICKERS},
+        ),
+        kinds=("lstm",),
+        max_epochs=2,
+    )
     runs = {day: run_day(TICKERS, day, settings) for day in DAYS}
     return {"settings": settings, "runs": runs}
 
@@ -157,9 +161,16 @@ def test_a_regime_change_is_flagged_and_retrained_without_new_bars(
     files = tmp_path / "files"
     files.mkdir()
     (tmp_path / "root").mkdir()
-    settings = isolated_settings(
-        tmp_path / "root", mlflow_server.uri, f"test-regime-{uuid.uuid4().hex[:8]}", {ticker: "x"}
-    ).with_model(kinds=("lstm",), max_epochs=2)
+    settings = with_model(
+        isolated_settings(
+            tmp_path / "root",
+            mlflow_server.uri,
+            f"test-regime-{uuid.uuid4().hex[:8]}",
+            {ticker: "x"},
+        ),
+        kinds=("lstm",),
+        max_epochs=2,
+    )
     settings = replace(
         settings, price_source="files", price_files_dir=files, history_start=date(2022, 1, 3)
     )

@@ -14,7 +14,6 @@ from ml.model.windows import (
     MIN_WINDOWS,
     InsufficientHistoryError,
     Scaler,
-    latest_window,
     make_windows,
     prepare,
     split_sizes,
@@ -109,17 +108,6 @@ def test_each_window_is_relative_to_its_last_bar(history: pd.DataFrame) -> None:
     np.testing.assert_allclose(w10.y, w.y, atol=1e-12)
 
 
-def test_latest_window_is_the_next_window_make_windows_would_cut(history: pd.DataFrame) -> None:
-    latest = latest_window(history.iloc[:-1], WINDOW)
-    assert latest.shape == (1, WINDOW, 8)
-    np.testing.assert_array_equal(latest[0], make_windows(history, WINDOW).x[-1])
-    # On the full history it ends at the last bar, which has no target yet.
-    newest = latest_window(history, WINDOW)[0]
-    c = history["Close"].to_numpy()
-    assert newest[-1, COL["Return"]] == pytest.approx(np.log(c[-1] / c[-2]))
-    assert newest[0, COL["Close"]] == pytest.approx(np.log(c[-WINDOW] / c[-1]))
-
-
 # --- split and scaling ---------------------------------------------------------------------------
 
 
@@ -186,9 +174,6 @@ def test_too_little_history_raises(history: pd.DataFrame) -> None:
     with pytest.raises(InsufficientHistoryError, match="too few"):
         make_windows(history.iloc[: WINDOW + 1], WINDOW)
     assert len(make_windows(history.iloc[: WINDOW + 2], WINDOW)) == 1
-    with pytest.raises(InsufficientHistoryError, match="too few"):
-        latest_window(history.iloc[:WINDOW], WINDOW)
-    assert latest_window(history.iloc[: WINDOW + 1], WINDOW).shape == (1, WINDOW, 8)
     enough = MIN_WINDOWS + WINDOW + 1
     assert len(prepare(history.iloc[:enough], WINDOW).train) > 0
     with pytest.raises(InsufficientHistoryError, match=f"need at least {MIN_WINDOWS}"):

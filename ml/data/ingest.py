@@ -7,7 +7,7 @@ runs both for the command line.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
 
@@ -34,23 +34,6 @@ class StagedBatch:
     source: str
     # What the source assumed about its input (e.g. a file without Adj Close), for the output.
     notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    ticker: str
-    as_of: str
-    rows_fetched: int
-    rows_added: int
-    rows_updated: int
-    total_rows: int
-    last_date: str | None
-    validation: str
-    source: str
-    incremental: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def fetch_window(
@@ -170,22 +153,3 @@ def _report_json(report: dict) -> str:
     import json
 
     return json.dumps(report, sort_keys=True, indent=2, default=str)
-
-
-def ingest_ticker(
-    instrument: Instrument, as_of: date, settings: Settings, source: PriceSource | None = None
-) -> IngestResult:
-    staged = stage_ticker(instrument, as_of, settings, source)
-    published = publish_staged(instrument, as_of, settings)
-    return IngestResult(
-        ticker=instrument.ticker,
-        as_of=as_of.isoformat(),
-        rows_fetched=staged.rows_fetched,
-        rows_added=published["rows_added"],
-        rows_updated=published["rows_updated"],
-        total_rows=published["total_rows"],
-        last_date=published["last_date"],
-        validation="passed",
-        source=staged.source,
-        incremental=staged.incremental,
-    )

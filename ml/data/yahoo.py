@@ -334,35 +334,12 @@ def fetch_yahoo(
     attempts = max_retries + 1
     failure: _Failure | None = None
     for attempt in range(attempts):
-        outcome = _attempt(ticker, start, end, session)
-        long_range = (end - start).days + 1 >= EMPTY_RETRY_DAYS
+        last = attempt + 1 == attempts
+        outcome = _settle(ticker, start, end, _attempt(ticker, start, end, session), last)
         if not isinstance(outcome, _Failure):
-            if not (outcome.empty and long_range and attempt + 1 < attempts):
-                return outcome
-            outcome = _Failure("empty", "an empty chart answer")
+            return outcome
         failure = outcome
-        if failure.kind == "empty":
-            if not long_range or attempt + 1 == attempts:
-                log.info(
-                    "%s: Yahoo has no sessions in %s..%s (%s)", ticker, start, end, failure.detail
-                )
-                return empty_prices(PRICE_COLUMNS)
-            failure = _Failure(
-                "transient",
-                f"no sessions in {(end - start).days + 1} days ({failure.detail}), "
-                "which no market has: asking again",
-                failure.exc,
-            )
-        if failure.kind == "not_found":
-            raise YahooTickerNotFound(
-                f"{ticker}: unknown or delisted ticker: Yahoo Finance has no data for this symbol "
-                f"({failure.detail}). Check the symbol in the universe file."
-            ) from failure.exc
-        if failure.kind == "error":
-            raise YahooError(
-                f"{ticker}: Yahoo Finance request failed: {failure.detail}"
-            ) from failure.exc
-        if attempt + 1 < attempts:
+        if not last:
             wait = backoff_seconds * 2**attempt * (0.5 + jitter())
             if failure.retry_after is not None:
                 wait = max(wait, min(failure.retry_after, MAX_RETRY_AFTER_SECONDS))
@@ -375,8 +352,7 @@ def fetch_yahoo(
                 wait,
             )
             sleep(wait)
-
-    assert failure is not None
+    assert failure is not None  # attempts >= 1
     span = f"{start}..{end}"
     if failure.kind == "rate_limited":
         raise YahooRateLimited(
@@ -388,3 +364,36 @@ def fetch_yahoo(
         f"{ticker}: Yahoo Finance still failing after {attempts} attempts for {span}: "
         f"{failure.detail}"
     ) from failure.exc
+
+
+def _settle(
+    ticker: str, start: date, end: date, outcome: pd.DataFrame | _Failure, last: bool
+) -> pd.DataFrame | _Failure:
+    """What one attempt's outcome means: bars to return, a failure worth another attempt, or
+    (raised) a failure no retry can cure. An empty answer for a range of a week or more (no
+    market has none) is asked again, unless this was the last attempt."""
+    long_range = (end - start).days + 1 >= EMPTY_RETRY_DAYS
+    if not isinstance(outcome, _Failure):
+        if not (outcome.empty and long_range and not last):
+            return outcome
+        outcome = _Failure("empty", "an empty chart answer")
+    if outcome.kind == "empty":
+        if not long_range or last:
+            log.info("%s: Yahoo has no sessions in %s..%s (%s)", ticker, start, end, outcome.detail)
+            return empty_prices(PRICE_COLUMNS)
+        return _Failure(
+            "transient",
+            f"no sessions in {(end - start).days + 1} days ({outcome.detail}), "
+            "which no market has: asking again",
+            outcome.exc,
+        )
+    if outcome.kind == "not_found":
+        raise YahooTickerNotFound(
+            f"{ticker}: unknown or delisted ticker: Yahoo Finance has no data for this symbol "
+            f"({outcome.detail}). Check the symbol in the universe file."
+        ) from outcome.exc
+    if outcome.kind == "error":
+        raise YahooError(
+            f"{ticker}: Yahoo Finance request failed: {outcome.detail}"
+        ) from outcome.exc
+    return outcome

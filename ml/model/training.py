@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from ml.config import ModelConfig, Settings
-from ml.data.store import PriceStore, data_fingerprint
+from ml.config import ModelConfig
+from ml.data.store import data_fingerprint
 from ml.model.networks import configure_tensorflow
 from ml.model.windows import SplitData, prepare
-from ml.universe import Instrument
 
 if TYPE_CHECKING:
     import keras
@@ -391,16 +390,6 @@ def fit_and_evaluate(
         test_predictions=predicted,
         evaluation=report,
     )
-
-
-def load_training_history(instrument: Instrument, as_of: date, settings: Settings) -> pd.DataFrame:
-    """Published bars up to and including the logical date: a run never sees later bars."""
-    return PriceStore(settings.data_dir).load(instrument, until=as_of)
-
-
-def train_ticker(instrument: Instrument, as_of: date, settings: Settings) -> TrainResult:
-    history = load_training_history(instrument, as_of, settings)
-    return train_on_history(instrument.ticker, as_of, history, settings.model)
 
 
 def candidate_summary(result: TrainResult) -> dict[str, Any]:

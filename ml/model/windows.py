@@ -172,18 +172,6 @@ def make_windows(
     )
 
 
-def latest_window(history: pd.DataFrame, window: int, horizons: tuple[int, ...] = ()) -> np.ndarray:
-    """The single window ending at the last bar of `history`: the input for the next forecast."""
-    if len(history) < window + 1:
-        raise InsufficientHistoryError(f"{len(history)} bars is too few for a window of {window}")
-    feats = build_features(history, horizons)
-    if len(feats) < window:
-        raise InsufficientHistoryError(f"{len(history)} bars is too few for a window of {window}")
-    return _relative_inputs(
-        feats.iloc[-window:].reset_index(drop=True), window, feature_names(horizons)
-    )
-
-
 def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
     # The epsilon keeps products such as 90 * 0.7 = 62.999... from losing a window to rounding.
     n_train = math.floor(n * fractions[0] + 1e-9)

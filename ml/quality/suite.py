@@ -172,7 +172,23 @@ def build_suite(
     import great_expectations as gx
 
     rules = rules_for(instrument)
-    pct = f"{tolerance:.2%}"
+    exps = [
+        *_column_checks(instrument),
+        *_value_checks(tolerance),
+        *_calendar_checks(instrument, rules),
+    ]
+    checks = [e.meta["check"] for e in exps]
+    if len(checks) != len(set(checks)):
+        raise ValueError(f"check names must be unique: {sorted(checks)}")
+    return gx.ExpectationSuite(
+        name=f"prices.{instrument.asset_class}.{instrument.slug}",
+        expectations=exps,
+        meta={"asset_class": instrument.asset_class, "tolerance": tolerance},
+    )
+
+
+def _column_checks(instrument: Instrument) -> list:
+    """The columns, no missing values, the ticker."""
     exps = [
         _columns_expectation(
             [*OUTPUT_COLUMNS, *HELPER_COLUMNS],
@@ -199,6 +215,13 @@ def build_suite(
             value_set=[instrument.ticker],
         )
     )
+    return exps
+
+
+def _value_checks(tolerance: float) -> list:
+    """Prices positive, OHLC consistent (within `tolerance`), volume >= 0."""
+    exps: list = []
+    pct = f"{tolerance:.2%}"
     exps += [
         _expectation(
             "ExpectColumnValuesToBeBetween",
@@ -252,6 +275,12 @@ def build_suite(
             min_value=0,
         )
     )
+    return exps
+
+
+def _calendar_checks(instrument: Instrument, rules: ClassRules) -> list:
+    """Dates unique and increasing, weekdays, gaps, point in time, freshness, jumps."""
+    exps: list = []
     exps += [
         _expectation(
             "ExpectColumnValuesToBeUnique",
@@ -317,13 +346,7 @@ def build_suite(
             max_value=rules.max_abs_log_return,
         ),
     ]
-    checks = [e.meta["check"] for e in exps]
-    assert len(checks) == len(set(checks)), "check names must be unique"
-    return gx.ExpectationSuite(
-        name=f"prices.{instrument.asset_class}.{instrument.slug}",
-        expectations=exps,
-        meta={"asset_class": instrument.asset_class, "tolerance": tolerance},
-    )
+    return exps
 
 
 @lru_cache(maxsize=256)

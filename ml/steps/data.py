@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
 from ml.steps.common import error_text, instrument_for, raise_if_all_failed
-from ml.universe import load_universe
+from ml.universe import Instrument, load_universe
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ def validate_all(
 
     Returns {"train": [ticker], "tickers": {ticker: summary}, "failed": {ticker: error}}.
     """
-    import pandas as pd
-
-    from ml.data.ingest import publish_with_history
-    from ml.data.store import PriceStore, data_fingerprint
+    from ml.data.store import PriceStore
     from ml.registry.client import get_client
     from ml.registry.versions import trained_version
 
@@ -117,19 +114,11 @@ def validate_all(
     for ticker in staged:
         instrument = universe.get(ticker)
         try:
-            summary, history = publish_with_history(instrument, as_of, store)
+            summaries[ticker] = summary = _publish(instrument, as_of, store)
         except Exception as exc:  # PriceValidationError: quarantined with its report
             failed[ticker] = error_text(exc)
             continue
-        history = history.loc[history["Date"] <= pd.Timestamp(as_of)]
-        if history.empty:
-            failed[ticker] = f"ValueError: {ticker}: no published bars up to {as_of}"
-            continue
-        summary["data_fingerprint"] = data_fingerprint(history)
-        summary["last_bar_date"] = history["Date"].iloc[-1].date().isoformat()
-        summaries[ticker] = summary
-        changed = bool(summary["rows_added"] or summary["rows_updated"])
-        if force or changed:
+        if force or summary["rows_added"] or summary["rows_updated"]:
             summary["train_reason"] = "force_retrain" if force else "new or revised bars"
             to_train.append(ticker)
             continue
@@ -146,29 +135,57 @@ def validate_all(
             summary["train_reason"] = f"registry lookup failed ({registry_error})"
             to_train.append(ticker)
             continue
-        asked = monitor_asks.get(ticker)
-        if asked and (version is None or version.tags.get("logical_date", "") <= asked[1]):
-            # Flagged (live U2 or input drift) and nothing trained since: retrain on the same
-            # bars with a seed of this date (the same seed would reproduce the same network);
-            # the gate still decides. A re-run finds that version by its config and reuses it.
-            summary.update(
-                train_reason=f"monitor ({asked[1]}): {asked[0]}",
-                retrain_seed=settings.model.seed + as_of.toordinal() % 100_000,
-            )
+        if _needs_training(summary, version, monitor_asks.get(ticker), settings, as_of):
             to_train.append(ticker)
-            continue
-        if version is None:
-            summary["train_reason"] = "no version trained on these bars and this config"
-            to_train.append(ticker)
-            continue
-        summary.update(
-            version=str(version.version),
-            trained_for=version.tags.get("logical_date"),
-            gate_status=version.tags.get("gate_status"),
-            metrics=json.loads(version.tags.get("test_u2", "{}")),
-            metrics_range_naive=json.loads(version.tags.get("test_u2_range_naive", "{}")),
-        )
     return {"train": to_train, "tickers": summaries, "failed": failed}
+
+
+def _publish(instrument: Instrument, as_of: date, store: Any) -> dict[str, Any]:
+    """Validate and publish the staged batch; its summary with the fingerprint of the bars up to
+    `as_of` (raises PriceValidationError after quarantining a bad batch)."""
+    import pandas as pd
+
+    from ml.data.ingest import publish_with_history
+    from ml.data.store import data_fingerprint
+
+    summary, history = publish_with_history(instrument, as_of, store)
+    history = history.loc[history["Date"] <= pd.Timestamp(as_of)]
+    if history.empty:
+        raise ValueError(f"{instrument.ticker}: no published bars up to {as_of}")
+    summary["data_fingerprint"] = data_fingerprint(history)
+    summary["last_bar_date"] = history["Date"].iloc[-1].date().isoformat()
+    return summary
+
+
+def _needs_training(
+    summary: dict[str, Any],
+    version: Any,
+    asked: tuple[str, str] | None,
+    settings: Settings,
+    as_of: date,
+) -> bool:
+    """For a ticker whose bars did not change: train when the monitor asked for it since
+    `version` was trained, or when no version covers these bars; else note the version."""
+    if asked and (version is None or version.tags.get("logical_date", "") <= asked[1]):
+        # Flagged (live U2 or input drift) and nothing trained since: retrain on the same bars
+        # with a seed of this date (the same seed would reproduce the same network); the gate
+        # still decides. A re-run finds that version by its config and reuses it.
+        summary.update(
+            train_reason=f"monitor ({asked[1]}): {asked[0]}",
+            retrain_seed=settings.model.seed + as_of.toordinal() % 100_000,
+        )
+        return True
+    if version is None:
+        summary["train_reason"] = "no version trained on these bars and this config"
+        return True
+    summary.update(
+        version=str(version.version),
+        trained_for=version.tags.get("logical_date"),
+        gate_status=version.tags.get("gate_status"),
+        metrics=json.loads(version.tags.get("test_u2", "{}")),
+        metrics_range_naive=json.loads(version.tags.get("test_u2_range_naive", "{}")),
+    )
+    return False
 
 
 def _pending_retrains(

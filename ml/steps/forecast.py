@@ -33,7 +33,6 @@ def forecast_all(
     "no_champion": [ticker], "failed": {ticker: error}, "monitor": {ticker: live summary}}.
     """
     from ml.data.store import PriceStore
-    from ml.forecasts.export import read_forecasts, upsert_forecasts
     from ml.forecasts.ledger import read_table, record_forecasts
     from ml.registry.client import get_client
     from ml.registry.versions import champion_as_of
@@ -81,19 +80,7 @@ def forecast_all(
         forecasts[ticker] = row
     if new_rows:
         record_forecasts(settings, new_rows)
-    # The CSV is an export of the ledger: rows kept from the ledger go in again when the export
-    # lacks them (a try killed between the ledger's commit and the export's rename).
-    exported = read_forecasts(settings) if kept else None
-    missing = [
-        forecasts[t]
-        for t in kept
-        if exported is not None
-        and not (
-            (exported["ticker"] == t) & (exported["logical_date"] == forecasts[t]["logical_date"])
-        ).any()
-    ]
-    if new_rows or missing:
-        upsert_forecasts(settings, new_rows + missing)
+    _export(settings, new_rows, [forecasts[t] for t in kept])
     raise_if_all_failed("forecast", len(tickers) - len(no_champion) - len(kept), failed, strict)
     return {
         "forecasts": forecasts,
@@ -102,6 +89,25 @@ def forecast_all(
         "failed": failed,
         "monitor": monitored,
     }
+
+
+def _export(settings: Settings, new_rows: list[dict[str, Any]], kept: list[dict[str, Any]]) -> None:
+    """Write the new rows to the CSV export, with the kept rows it lacks: the export is rebuilt
+    from the ledger where a try was killed between the ledger's commit and the export's rename."""
+    from ml.forecasts.export import read_forecasts, upsert_forecasts
+
+    exported = read_forecasts(settings) if kept else None
+    missing = [
+        row
+        for row in kept
+        if exported is not None
+        and not (
+            (exported["ticker"] == row["ticker"])
+            & (exported["logical_date"] == row["logical_date"])
+        ).any()
+    ]
+    if new_rows or missing:
+        upsert_forecasts(settings, new_rows + missing)
 
 
 def monitor_all(

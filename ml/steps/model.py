@@ -31,7 +31,7 @@ def train_step(
     if seed is not None:
         settings = replace(settings, model=replace(settings.model, seed=int(seed)))
     from ml.data.store import PriceStore, data_fingerprint
-    from ml.model.training import train_on_history
+    from ml.model.training import candidate_summary, train_on_history
     from ml.registry.client import get_client
     from ml.registry.tracking import log_candidate
     from ml.registry.versions import reuse_outcome, ticker_lock
@@ -56,14 +56,7 @@ def train_step(
         report = store.report_path(instrument, as_of)
         outcome = log_candidate(result, instrument, settings, validation_report=report)
     out = outcome.to_dict()
-    out["candidates"] = {
-        c.kind: {
-            "best_val_loss": c.best_val_loss,
-            "best_epoch": c.best_epoch,
-            "epochs": c.epochs_run,
-        }
-        for c in result.candidates
-    }
+    out["candidates"] = candidate_summary(result)
     out["chosen_kind"] = result.forecaster.kind
     return out
 
