@@ -74,7 +74,11 @@ def tail(path: Path, chars: int = 6000) -> str:
 @pytest.fixture(scope="session")
 def airflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`airflow db migrate` once per session; tests copy the resulting SQLite file."""
-    home = tmp_path_factory.mktemp("airflow_template")
+    return migrate_airflow_db(tmp_path_factory.mktemp("airflow_template"))
+
+
+def migrate_airflow_db(home: Path) -> Path:
+    """`airflow db migrate` on an empty AIRFLOW_HOME; returns its SQLite metadata DB."""
     log = home / "migrate.log"
     with open(log, "wb") as fh:
         proc = subprocess.run(

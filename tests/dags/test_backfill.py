@@ -1,10 +1,10 @@
 """A 3-day backfill through the REAL Airflow 3 scheduler (point in time: README.md, "Backfills").
 
-The test starts its own stack as subprocesses on a temp AIRFLOW_HOME: `airflow dag-processor`,
-`airflow scheduler` (LocalExecutor on the SQLite metadata DB) and `airflow api-server` (LocalExecutor
-tasks report to its execution API), plus a private MLflow server. It creates the pools, unpauses
-the DAG, runs `airflow backfill create` for 2024-06-25..2024-06-27 on a two-ticker universe and
-waits until the three runs finish.
+The test starts its own stack (tests/dags/stack.py) as subprocesses on a temp AIRFLOW_HOME:
+`airflow dag-processor`, `airflow scheduler` (LocalExecutor on the SQLite metadata DB) and
+`airflow api-server` (LocalExecutor tasks report to its execution API), plus a private MLflow
+server. It creates the pools, unpauses the DAG, runs `airflow backfill create` for
+2024-06-25..2024-06-27 on a two-ticker universe and waits until the three runs finish.
 
 Then, for each day D: the run succeeded, its report is `reports/<D>.json`, and every model trained
 for D saw exactly the published bars dated <= D (MLflow param `history_end` and the version's
@@ -16,23 +16,18 @@ Every process the test started is stopped in a `finally`, on success or failure.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 import pytest
 
-from ml.servers import MlflowServer, free_port, sqlite_mlflow_server, wait_for_http
+from ml.servers import MlflowServer, sqlite_mlflow_server
 from ml.universe import load_universe
-from tests.dags.conftest import AIRFLOW, REPO, airflow_env, new_airflow_home, pipeline_env, tail
+from tests.dags.stack import new_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -43,123 +38,6 @@ TICKERS = [("AMD", "stock"), ("EURUSD=X", "forex")]
 FROM_DATE, TO_DATE = "2024-06-25", "2024-06-27T23:59:59"
 RUN_CONF = {"model_kinds": ["gru"]}  # one candidate per ticker: the scheduler is what is tested
 DEADLINE_SECONDS = float(os.environ.get("BACKFILL_TEST_TIMEOUT", "900"))
-
-
-@dataclass
-class Stack:
-    home: Path
-    env: dict[str, str]
-    logs: Path
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    def cli(
-        self, *args: str, timeout: float = 180, check: bool = True
-    ) -> subprocess.CompletedProcess:
-        for attempt in range(5):
-            proc = subprocess.run(
-                [AIRFLOW, *args],
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-            # SQLite allows one writer: a CLI write can time out while the scheduler holds the
-            # lock (the command rolled back, so it is safe to run again), as scripts/stack.py does.
-            if proc.returncode == 0 or "database is locked" not in proc.stdout + proc.stderr:
-                break
-            time.sleep(3 * (attempt + 1))
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"airflow {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
-                f"{proc.stderr[-3000:]}"
-            )
-        return proc
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [AIRFLOW, *args],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, stopped as a whole
-            )
-        self.processes[name] = proc
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc in self.processes.items():
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"airflow {name} exited with {proc.returncode}:\n{tail(self.logs / f'{name}.log')}"
-                )
-
-    def stop(self) -> None:
-        """Terminate every started process, its process group and its descendants (task
-        processes run in process groups of their own), then kill what is left."""
-        import psutil
-
-        victims: list[psutil.Process] = []
-        for proc in self.processes.values():
-            try:
-                parent = psutil.Process(proc.pid)
-                victims += [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for proc in self.processes.values():
-            _signal_group(proc.pid, signal.SIGTERM)
-        for victim in victims:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                victim.terminate()
-        _, alive = psutil.wait_procs(victims, timeout=30)
-        for proc in self.processes.values():
-            _signal_group(proc.pid, signal.SIGKILL)
-        for victim in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                victim.kill()
-        psutil.wait_procs(alive, timeout=10)
-        for proc in self.processes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-
-    def diagnostics(self) -> str:
-        parts = [
-            f"--- {name} ---\n{tail(self.logs / f'{name}.log', 3000)}" for name in self.processes
-        ]
-        runs = self.cli("dags", "list-runs", "price_forecast", "-o", "json", check=False)
-        parts.append(f"--- dags list-runs ---\n{runs.stdout[-3000:]}")
-        return "\n".join(parts)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def _cli_json(stack: Stack, *args: str) -> list[dict]:
-    """The JSON list printed by `airflow <args> -o json` ([] if the command failed)."""
-    proc = stack.cli(*args, "-o", "json", check=False)
-    if proc.returncode != 0:
-        return []  # e.g. SQLite busy while the scheduler writes; poll again
-    # stdout may start with log lines ("... [warning ] ..."): the JSON is the line that parses.
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("["):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    return []
-
-
-def _list_runs(stack: Stack) -> list[dict]:
-    return _cli_json(stack, "dags", "list-runs", "price_forecast")
-
-
-def _dag_paused(stack: Stack) -> str | None:
-    """ "True"/"False" once the dag-processor has put the DAG in the DB, else None."""
-    dags = {d["dag_id"]: d for d in _cli_json(stack, "dags", "list")}
-    return str(dags["price_forecast"]["is_paused"]) if "price_forecast" in dags else None
 
 
 @pytest.fixture(scope="module")
@@ -173,67 +51,16 @@ def backfill(
     airflow_db_template: Path, backfill_mlflow: MlflowServer, tmp_path_factory
 ) -> Iterator[dict]:
     """Start the stack, run the backfill, wait for the three runs; yields what the tests need."""
-    work = tmp_path_factory.mktemp("backfill")
-    home = new_airflow_home(airflow_db_template, work / "airflow")
-    logs = work / "logs"
-    logs.mkdir()
-    universe = work / "universe.csv"
-    universe.write_text("ticker,asset_class,name\n" + "".join(f"{t},{c},{t}\n" for t, c in TICKERS))
-    data_dir = work / "data"
-    port = free_port()
-    env = airflow_env(
-        home,
-        # The embedded stack's executor: LocalExecutor workers that preload TF/MLflow/GX.
-        AIRFLOW__CORE__EXECUTOR="preloading_executor.PreloadingLocalExecutor",
-        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
-        AIRFLOW__CORE__PARALLELISM="3",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{port}/execution/",
-        AIRFLOW__API__HOST="127.0.0.1",
-        AIRFLOW__API__PORT=str(port),
-        AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(32),
-        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
-        # Only the backfill's runs: no scheduled run for "today" once the DAG is unpaused.
-        AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
-        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
-        AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
-        **pipeline_env(
-            data_dir,
-            backfill_mlflow.uri,
-            UNIVERSE_FILE=str(universe),
-            MLFLOW_EXPERIMENT_NAME="backfill",
-        ),
+    stack = new_stack(
+        airflow_db_template,
+        tmp_path_factory.mktemp("backfill"),
+        mlflow_uri=backfill_mlflow.uri,
+        tickers=TICKERS,
+        experiment="backfill",
     )
-    stack = Stack(home, env, logs)
     started = time.monotonic()
     try:
-        stack.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
-        stack.start("dag-processor", "dag-processor")
-        stack.start("scheduler", "scheduler")
-        pools = work / "pools.json"
-        pools.write_text(
-            json.dumps(
-                {
-                    "price_source": {"slots": 4, "description": "price source calls"},
-                    "training": {"slots": 2, "description": "model training"},
-                }
-            )
-        )
-        stack.cli("pools", "import", str(pools))
-        wait_for_http(
-            f"http://127.0.0.1:{port}/api/v2/monitor/health",
-            timeout=180,
-            process=stack.processes["api-server"],
-        )
-        # The DAG must be parsed (by the dag-processor) before it can be unpaused; note that
-        # `airflow dags unpause` exits 0 ("No paused DAGs were found") for an unknown DAG.
-        deadline = time.monotonic() + 180
-        while _dag_paused(stack) is None:
-            stack.check_alive()
-            assert time.monotonic() < deadline, f"DAG never parsed\n{stack.diagnostics()}"
-            time.sleep(3)
-        stack.cli("dags", "unpause", "price_forecast")
-        assert _dag_paused(stack) == "False"
+        stack.boot()
         stack.cli(
             "backfill",
             "create",
@@ -248,24 +75,13 @@ def backfill(
             "--dag-run-conf",
             json.dumps(RUN_CONF),
         )
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        runs: list[dict] = []
-        while True:
-            stack.check_alive()
-            runs = _list_runs(stack)
-            if len(runs) >= len(DAYS) and all(r["state"] in ("success", "failed") for r in runs):
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"backfill not done after {DEADLINE_SECONDS:.0f} s\n{stack.diagnostics()}"
-                )
-            time.sleep(10)
+        runs = stack.wait_for_runs(len(DAYS), DEADLINE_SECONDS, "backfill")
         elapsed = time.monotonic() - started
         print(f"backfill of {len(DAYS)} days x {len(TICKERS)} tickers: {elapsed:.0f} s")
         yield {
             "runs": runs,
-            "data_dir": data_dir,
-            "universe": load_universe(universe),
+            "data_dir": stack.data_dir,
+            "universe": load_universe(stack.universe_file),
             "stack": stack,
             "mlflow": backfill_mlflow,
         }
@@ -303,7 +119,7 @@ def test_each_day_has_its_own_report(backfill: dict) -> None:
 
 def test_each_day_trained_only_on_bars_up_to_that_day(backfill: dict) -> None:
     """Point in time: the store ends on the last day, yet the model of day D saw bars <= D."""
-    from ml.store import PriceStore, data_fingerprint
+    from ml.data.store import PriceStore, data_fingerprint
 
     client = _client(backfill["mlflow"])
     experiment = client.get_experiment_by_name("backfill")
