@@ -129,13 +129,3 @@ def write_side_report(
             "tickers": rows,
         },
     )
-
-
-class Stopwatch:
-    """perf_counter seconds since construction."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.started

@@ -18,29 +18,25 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
 import signal
-import sqlite3
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from benchlib import ROOT
+from memory import MemorySampler
+from records import DAG_ID
 
 from ml.config import without_pipeline_env
 from ml.servers import MlflowServer, free_port, start_mlflow_server, wait_for_http
 
-DAG_ID = "price_forecast"
 # The stack's own settings, cleared with the pipeline's (ml.config.PIPELINE_ENV) before loading it.
 _STACK_ENV = {"STACK_STATE_DIR", "AIRFLOW_PORT", "MLFLOW_PORT"}
-_TASK_TITLE = re.compile(r"airflow worker -- ([0-9a-fA-F-]{32,36})\b")
-_WORKER_TITLE = "airflow worker -- LocalExecutor"  # the executor's long-lived worker processes
 
 
 def _load_stack_module(state: Path, airflow_port: int, mlflow_port: int) -> Any:
@@ -66,150 +62,6 @@ def _load_stack_module(state: Path, airflow_port: int, mlflow_port: int) -> Any:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-def parse_ts(value: Any) -> datetime | None:
-    """A timestamp from the metadata DB (SQLite text) or the REST API, as an aware UTC datetime."""
-    if value in (None, ""):
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    text = str(value).replace("Z", "+00:00").replace(" ", "T", 1)
-    stamp = datetime.fromisoformat(text)
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
-
-
-def _status_kb(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0])
-    with contextlib.suppress(OSError):
-        private = 0
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                private += int(line.split()[1])
-        out["Private"] = private
-    return out
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
-
-class MemorySampler(threading.Thread):
-    """Samples every process of the stack every `interval` seconds.
-
-    Per process: the peak resident set (VmHWM from /proc/<pid>/status, the kernel's own high-water
-    mark, so it is exact as long as the process is seen once before it exits) and the peak private
-    memory (Private_Clean + Private_Dirty from smaps_rollup, i.e. USS, sampled). A task process is
-    recognised by the title Airflow's task runner gives it, `airflow worker -- <task instance id>`.
-    Also the peak of the summed RSS of all stack processes.
-    """
-
-    def __init__(self, roots: list[int], interval: float = 1.0) -> None:
-        super().__init__(daemon=True, name="memory-sampler")
-        self.roots = roots
-        self.interval = interval
-        self.stop_event = threading.Event()
-        self.lock = threading.Lock()
-        self.by_pid: dict[int, dict[str, Any]] = {}
-        self.peak_total_kb = 0
-        self.seen: set[int] = set()
-
-    def _processes(self) -> list[int]:
-        import psutil
-
-        pids: list[int] = []
-        for root in self.roots:
-            try:
-                proc = psutil.Process(root)
-                pids.append(root)
-                pids.extend(p.pid for p in proc.children(recursive=True))
-            except psutil.Error:
-                continue
-        return pids
-
-    def sample(self) -> None:
-        total = 0
-        for pid in self._processes():
-            kb = _status_kb(pid)
-            if not kb:
-                continue
-            title = _cmdline(pid)
-            total += kb.get("VmRSS", 0)
-            with self.lock:
-                self.seen.add(pid)
-                rec = self.by_pid.setdefault(
-                    pid, {"hwm_kb": 0, "private_kb": 0, "ti_id": None, "title": title}
-                )
-                rec["hwm_kb"] = max(rec["hwm_kb"], kb.get("VmHWM", 0))
-                rec["private_kb"] = max(rec["private_kb"], kb.get("Private", 0))
-                match = _TASK_TITLE.search(title)
-                if match:
-                    rec["ti_id"] = match.group(1).replace("-", "").lower()
-                    rec["title"] = title
-                elif title.startswith(_WORKER_TITLE) and not _cmdline(_ppid(pid)).startswith(
-                    _WORKER_TITLE
-                ):
-                    # (a task process keeps its parent worker's title until the task runner
-                    # renames it: a worker is one whose parent is not a worker)
-                    rec["worker"] = True
-        with self.lock:
-            self.peak_total_kb = max(self.peak_total_kb, total)
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            with contextlib.suppress(Exception):
-                self.sample()
-            self.stop_event.wait(self.interval)
-
-    def by_task_instance(self) -> dict[str, dict[str, int]]:
-        """{task instance id (hex, no dashes): peak hwm/private kB over its processes}."""
-        out: dict[str, dict[str, int]] = {}
-        with self.lock:
-            for rec in self.by_pid.values():
-                if rec["ti_id"]:
-                    cur = out.setdefault(rec["ti_id"], {"hwm_kb": 0, "private_kb": 0})
-                    cur["hwm_kb"] = max(cur["hwm_kb"], rec["hwm_kb"])
-                    cur["private_kb"] = max(cur["private_kb"], rec["private_kb"])
-        return out
-
-    def workers(self) -> list[dict[str, int]]:
-        """Peak memory of the executor's worker processes (the parents the tasks fork from)."""
-        with self.lock:
-            return [
-                {"pid": pid, "hwm_kb": r["hwm_kb"], "private_kb": r["private_kb"]}
-                for pid, r in self.by_pid.items()
-                if r.get("worker") and not r["ti_id"]
-            ]
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds used so far by the live processes of the stack."""
-        import psutil
-
-        total = 0.0
-        for pid in self._processes():
-            with contextlib.suppress(psutil.Error):
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-        return total
-
-    def reset_peak_total(self) -> None:
-        with self.lock:
-            self.peak_total_kb = 0
 
 
 @dataclass
@@ -457,103 +309,6 @@ class Stack:
         runs = self.call("GET", f"/dags/{DAG_ID}/dagRuns?limit=100").get("dag_runs", [])
         return [r["dag_run_id"] for r in runs if r["dag_run_id"] not in mine]
 
-    # --- metadata DB (read-only) ------------------------------------------------------------------
-
-    def _query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
-        db = self.airflow_home / "airflow.db"
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
-        try:
-            conn.row_factory = sqlite3.Row
-            return [dict(r) for r in conn.execute(sql, args).fetchall()]
-        finally:
-            conn.close()
-
-    def dag_run(self, run_id: str) -> dict[str, Any]:
-        rows = self._query(
-            "SELECT run_id, state, queued_at, start_date, end_date FROM dag_run "
-            "WHERE dag_id = ? AND run_id = ?",
-            (DAG_ID, run_id),
-        )
-        return rows[0] if rows else {}
-
-    def task_instances(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self._query(
-            "SELECT id, task_id, map_index, rendered_map_index, state, try_number, start_date, "
-            "end_date, duration, queued_dttm, scheduled_dttm, pid FROM task_instance "
-            "WHERE dag_id = ? AND run_id = ?",
-            (DAG_ID, run_id),
-        )
-        for row in rows:
-            row["id"] = str(row["id"]).replace("-", "").lower()
-        return rows
-
-    def xcom(
-        self, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1
-    ) -> Any:
-        """One XCom value of a run (None if absent); Airflow stores it as JSON text."""
-        rows = self._query(
-            "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = ? AND key = ? "
-            "AND map_index = ?",
-            (DAG_ID, run_id, task_id, key, map_index),
-        )
-        value = rows[0]["value"] if rows else None
-        while isinstance(value, str | bytes):  # JSON column holding the serialized value
-            try:
-                value = json.loads(value)
-            except ValueError:
-                break
-        return value
-
-    # --- MLflow (REST, and the artifact folder this stack owns) -----------------------------------
-
-    def mlflow_runs(self, experiment: str = "price-forecast") -> list[dict[str, Any]]:
-        def post(path: str, body: dict) -> dict:
-            req = urllib.request.Request(
-                f"{self.mlflow_uri}/api/2.0/mlflow/{path}",
-                data=json.dumps(body).encode(),
-                method="POST",
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return json.loads(resp.read().decode() or "{}")
-
-        try:
-            url = f"{self.mlflow_uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}"
-            with urllib.request.urlopen(url, timeout=60) as resp:
-                exp_id = json.loads(resp.read().decode())["experiment"]["experiment_id"]
-        except (urllib.error.URLError, KeyError, json.JSONDecodeError):
-            return []
-        runs: list[dict[str, Any]] = []
-        token = None
-        while True:
-            body: dict[str, Any] = {"experiment_ids": [exp_id], "max_results": 1000}
-            if token:
-                body["page_token"] = token
-            page = post("runs/search", body)
-            for run in page.get("runs", []):
-                info = run["info"]
-                tags = {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}
-                summary = self.artifacts_dir / exp_id / info["run_id"] / "artifacts"
-                fit = None
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    payload = json.loads((summary / "training_summary.json").read_text())
-                    fit = sum(float(c["seconds"]) for c in payload["candidates"])
-                runs.append(
-                    {
-                        "run_id": info["run_id"],
-                        "ticker": tags.get("ticker"),
-                        "logical_date": tags.get("logical_date"),
-                        "start": datetime.fromtimestamp(int(info["start_time"]) / 1000, UTC),
-                        "end": datetime.fromtimestamp(int(info["end_time"]) / 1000, UTC)
-                        if info.get("end_time")
-                        else None,
-                        "fit_seconds": fit,
-                    }
-                )
-            token = page.get("next_page_token")
-            if not token:
-                return runs
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -564,10 +319,3 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def latest_tick(now: datetime | None = None) -> datetime:
-    """The DAG's latest 22:30 UTC schedule tick (as scripts/stack.py computes it)."""
-    now = now or datetime.now(UTC)
-    tick = now.replace(hour=22, minute=30, second=0, microsecond=0)
-    return tick if tick <= now else tick - timedelta(days=1)

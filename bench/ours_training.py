@@ -27,6 +27,50 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from benchlib import AS_OF, persistence, read_manifest, theil_u2, u2_dict, write_side_report  # noqa: E402
 
 
+def _u2(part, raw_log_ratios, weights) -> dict[str, float]:
+    """Theil's U2 in price units against persistence, the log-ratios scaled by `weights`."""
+    import numpy as np
+
+    anchors = np.stack([part.last_close, part.last_close, part.last_close, part.last_adj_close], 1)
+    pred = anchors * np.exp(raw_log_ratios * np.asarray(weights))
+    return u2_dict(theil_u2(part.actual, pred, persistence(part.last_close, part.last_adj_close)))
+
+
+def score(result) -> dict[str, dict[str, float]]:
+    """The bench's own scoring (not part of the training work): the raw network (skill weights 1)
+    and the shipped forecaster, on the validation and test blocks."""
+    split, forecaster = result.split, result.forecaster
+    raw_val = forecaster.raw_log_ratios(split.val.x)
+    raw_test = forecaster.raw_log_ratios(split.test.x)
+    raw, shipped = (1.0, 1.0, 1.0, 1.0), forecaster.skill_weights
+    return {
+        "val_u2_raw": _u2(split.val, raw_val, raw),
+        "val_u2": _u2(split.val, raw_val, shipped),
+        "test_u2_raw": _u2(split.test, raw_test, raw),
+        "test_u2": _u2(split.test, raw_test, shipped),
+    }
+
+
+def row(ticker: str, history, result, seconds: float) -> dict:
+    split, chosen = result.split, result.chosen
+    score_started = time.perf_counter()  # timed apart and excluded from the wall time
+    scores = score(result)
+    return {
+        "ticker": ticker,
+        "bars": len(history),
+        "windows": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+        "fit_seconds": round(sum(c.seconds for c in result.candidates), 4),
+        "seconds": round(seconds, 4),
+        "epochs_run": chosen.epochs_run,
+        "best_epoch": chosen.best_epoch,
+        "val_loss": chosen.val_loss[-1],
+        "best_val_loss": chosen.best_val_loss,
+        "skill_weights": list(result.forecaster.skill_weights),
+        **scores,
+        "score_seconds": round(time.perf_counter() - score_started, 4),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("manifest")
@@ -38,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import_started = time.perf_counter()
-    import numpy as np
+    import numpy  # noqa: F401
     import pandas as pd
 
     from ml.config import ModelConfig
@@ -61,57 +105,16 @@ def main() -> int:
         window=6,
         split=(0.7, 0.2, 0.1),
     )
-    manifest = read_manifest(args.manifest)
     rows = []
-    for entry in manifest["tickers"]:
+    for entry in read_manifest(args.manifest)["tickers"]:
         history = pd.read_parquet(entry["path"])
         started = time.perf_counter()
         result = train_on_history(entry["ticker"], AS_OF, history, config)
         seconds = time.perf_counter() - started
-        split, forecaster = result.split, result.forecaster
-
-        # The bench's own scoring (not part of the training work): timed apart and excluded.
-        score_started = time.perf_counter()
-        raw_val = forecaster.raw_log_ratios(split.val.x)
-        raw_test = forecaster.raw_log_ratios(split.test.x)
-
-        def u2(part, raw_log_ratios, weights):
-            anchors = np.stack(
-                [part.last_close, part.last_close, part.last_close, part.last_adj_close], axis=1
-            )
-            pred = anchors * np.exp(raw_log_ratios * np.asarray(weights))
-            return u2_dict(
-                theil_u2(part.actual, pred, persistence(part.last_close, part.last_adj_close))
-            )
-
-        raw = (1.0, 1.0, 1.0, 1.0)
-        chosen = result.chosen
-        rows.append(
-            {
-                "ticker": entry["ticker"],
-                "bars": len(history),
-                "windows": {
-                    "train": len(split.train),
-                    "val": len(split.val),
-                    "test": len(split.test),
-                },
-                "fit_seconds": round(sum(c.seconds for c in result.candidates), 4),
-                "seconds": round(seconds, 4),
-                "epochs_run": chosen.epochs_run,
-                "best_epoch": chosen.best_epoch,
-                "val_loss": chosen.val_loss[-1],
-                "best_val_loss": chosen.best_val_loss,
-                "skill_weights": list(forecaster.skill_weights),
-                "val_u2_raw": u2(split.val, raw_val, raw),
-                "val_u2": u2(split.val, raw_val, forecaster.skill_weights),
-                "test_u2_raw": u2(split.test, raw_test, raw),
-                "test_u2": u2(split.test, raw_test, forecaster.skill_weights),
-            }
-        )
-        rows[-1]["score_seconds"] = round(time.perf_counter() - score_started, 4)
+        rows.append(row(entry["ticker"], history, result, seconds))
         print(
             f"ours     {entry['ticker']:<10} fit {rows[-1]['fit_seconds']:6.2f}s  "
-            f"total {seconds:6.2f}s  best val_loss {chosen.best_val_loss:.5f}",
+            f"total {seconds:6.2f}s  best val_loss {result.chosen.best_val_loss:.5f}",
             flush=True,
         )
     write_side_report(

@@ -23,6 +23,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 T0 = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,43 +42,15 @@ _SKIP = (
 
 # Calls worth naming in the report, whatever their rank (matched by function name, in the project,
 # MLflow, Keras or GX): where a step's time goes beyond "the step".
-WATCH = {
-    "stage_ticker",
-    "publish_staged",
-    "validate_prices",
-    "publish",
-    "train_on_history",
-    "fit_candidate",
-    "fit",
-    "predict",
-    "evaluate",
-    "reuse_outcome",
-    "registry_lock",
-    "log_candidate",
-    "_plot_test_block",
-    "log_figure",
-    "log_model",
-    "_validate_serving_input",
-    "infer_signature",
-    "register_model",
-    "set_registered_model_alias",
-    "search_model_versions",
-    "code_version",
-    "save",
-    "promote_if_better",
-    "rescore_u2",
-    "load_forecaster",
-    "load_model",
-    "warn_dependency_requirement_mismatches",
-    "download_artifacts",
-    "configure_tensorflow",
-    "champion_as_of",
-    "forecast_all",
-    "forecast_row",
-    "predict_frame",
-    "read_forecasts",
-    "upsert_forecasts",
-}
+_WATCHED = """
+    stage_ticker publish_staged validate_prices publish train_on_history fit_candidate fit predict
+    evaluate reuse_outcome registry_lock log_candidate _plot_test_block log_figure log_model
+    _validate_serving_input infer_signature register_model set_registered_model_alias
+    search_model_versions code_version save promote_if_better rescore_u2 load_forecaster
+    load_model warn_dependency_requirement_mismatches download_artifacts configure_tensorflow
+    champion_as_of forecast_all forecast_row predict_frame read_forecasts upsert_forecasts
+"""
+WATCH = set(_WATCHED.split())
 _WATCH_FILES = ("/ml/", "mlflow/", "keras/", "great_expectations/")
 
 
@@ -87,6 +60,44 @@ def _name(key: tuple) -> str:
         if marker in filename:
             filename = filename.split(marker, 1)[1]
     return f"{filename}:{line}({func})"
+
+
+def run_step(args: argparse.Namespace) -> Any:
+    from ml.config import get_settings
+    from ml.steps.data import ingest_step, publish_step
+    from ml.steps.forecast import forecast_step
+    from ml.steps.model import promote_step, train_step
+
+    settings = get_settings()
+    if args.step == "promote":
+        trained = json.loads(Path(args.trained).read_text())
+        return promote_step(args.ticker, args.as_of, trained, settings)
+    steps = {"ingest": ingest_step, "publish": publish_step, "train": train_step}
+    return steps.get(args.step, forecast_step)(args.ticker, args.as_of, settings)
+
+
+def calls(profiler: cProfile.Profile, top: int) -> dict[str, list[dict[str, Any]]]:
+    """The calls with the most cumulative and own time, and the WATCH calls by cumulative time."""
+    entries = pstats.Stats(profiler).stats  # {(file, line, func): (cc, nc, tottime, cumtime, _)}
+    interesting = [
+        (k, v) for k, v in entries.items() if not any(s in k[0] or s in k[2] for s in _SKIP)
+    ]
+    by_cum = sorted(interesting, key=lambda kv: kv[1][3], reverse=True)
+    by_own = sorted(interesting, key=lambda kv: kv[1][2], reverse=True)
+    watched = [
+        {"call": _name(k), "calls": v[1], "cumulative": round(v[3], 3)}
+        for k, v in entries.items()
+        if k[2] in WATCH and any(f in k[0] for f in _WATCH_FILES)
+    ]
+    return {
+        "top_cumulative": [
+            {"call": _name(k), "calls": v[1], "cumulative": round(v[3], 3)} for k, v in by_cum[:top]
+        ],
+        "watched": sorted(watched, key=lambda c: c["cumulative"], reverse=True)[:top],
+        "top_own": [
+            {"call": _name(k), "calls": v[1], "own": round(v[2], 3)} for k, v in by_own[:top]
+        ],
+    }
 
 
 def main() -> int:
@@ -106,23 +117,7 @@ def main() -> int:
     started = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    from ml.config import get_settings
-    from ml.steps.data import ingest_step, publish_step
-    from ml.steps.forecast import forecast_step
-    from ml.steps.model import promote_step, train_step
-
-    settings = get_settings()
-    if args.step == "ingest":
-        result = ingest_step(args.ticker, args.as_of, settings)
-    elif args.step == "publish":
-        result = publish_step(args.ticker, args.as_of, settings)
-    elif args.step == "train":
-        result = train_step(args.ticker, args.as_of, settings)
-    elif args.step == "promote":
-        trained = json.loads(Path(args.trained).read_text())
-        result = promote_step(args.ticker, args.as_of, trained, settings)
-    else:
-        result = forecast_step(args.ticker, args.as_of, settings)
+    result = run_step(args)
     if profiler is not None:
         profiler.disable()
     seconds = time.perf_counter() - started
@@ -135,40 +130,7 @@ def main() -> int:
         "step_seconds": round(seconds, 3),
         "process_seconds": round(time.perf_counter() - T0, 3),
     }
-    if profiler is None:
-        write_json(args.out, out)
-        return 0
-
-    stats = pstats.Stats(profiler)
-    entries = stats.stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
-    interesting = [
-        (k, v) for k, v in entries.items() if not any(s in k[0] or s in k[2] for s in _SKIP)
-    ]
-    by_cum = sorted(interesting, key=lambda kv: kv[1][3], reverse=True)
-    by_own = sorted(interesting, key=lambda kv: kv[1][2], reverse=True)
-    write_json(
-        args.out,
-        {
-            **out,
-            "top_cumulative": [
-                {"call": _name(k), "calls": v[1], "cumulative": round(v[3], 3)}
-                for k, v in by_cum[: args.top]
-            ],
-            "watched": sorted(
-                (
-                    {"call": _name(k), "calls": v[1], "cumulative": round(v[3], 3)}
-                    for k, v in entries.items()
-                    if k[2] in WATCH and any(f in k[0] for f in _WATCH_FILES)
-                ),
-                key=lambda c: c["cumulative"],
-                reverse=True,
-            )[: args.top],
-            "top_own": [
-                {"call": _name(k), "calls": v[1], "own": round(v[2], 3)}
-                for k, v in by_own[: args.top]
-            ],
-        },
-    )
+    write_json(args.out, {**out, **calls(profiler, args.top)} if profiler else out)
     return 0
 
 

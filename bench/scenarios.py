@@ -25,11 +25,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from harness import Stack, parse_ts
+import records
+from harness import Stack
+from records import parse_ts
 
 TASKS = ("resolve_tickers", "ingest", "validate", "train", "promote", "forecast", "report")
 STATES = ("done", "skipped", "failed")  # a ticker's state in the run report
@@ -50,17 +53,42 @@ def next_weekday(day: date) -> date:
     return day
 
 
-def run_dag(
-    stack: Stack,
-    label: str,
-    as_of: date,
-    logical_date: datetime,
-    conf: dict[str, Any],
-    timeout: float,
-    mine: set[str],
-    log: Any = print,
-) -> dict[str, Any]:
-    """Trigger one run for `as_of` and wait for it; returns the raw records (see `analyze`)."""
+def latest_tick(now: datetime | None = None) -> datetime:
+    """The DAG's latest 22:30 UTC schedule tick (as scripts/stack.py computes it)."""
+    now = now or datetime.now(UTC)
+    tick = now.replace(hour=22, minute=30, second=0, microsecond=0)
+    return tick if tick <= now else tick - timedelta(days=1)
+
+
+def logical_dates(count: int) -> list[datetime]:
+    """Distinct logical dates for the bench's runs: the latest schedule tick first (so the
+    scheduler does not create a run of its own on unpause), then one day earlier each."""
+    tick = latest_tick(datetime.now(UTC))
+    return [tick - timedelta(days=k) for k in range(count)]
+
+
+def universe_csv(path: Path, n: int, template: list[Any]) -> list[str]:
+    """A made-up universe of `n` tickers SYN0001.. with the default universe's asset-class mix.
+
+    Ticker i gets the class of template row (7 * i) mod len(template): every block of
+    len(template) tickers has exactly the default mix, and small universes are still mixed.
+    """
+    import csv
+
+    tickers = [f"SYN{i + 1:04d}" for i in range(n)]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ticker", "asset_class", "name"])
+        for i, ticker in enumerate(tickers):
+            cls = template[(7 * i) % len(template)].asset_class
+            writer.writerow([ticker, cls, f"synthetic {cls} {i + 1}"])
+    return tickers
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+def fail_foreign_runs(stack: Stack, mine: set[str], log: Any) -> None:
     for foreign in stack.foreign_runs(mine):
         log(f"  WARNING: a run the bench did not trigger exists ({foreign}); marking it failed")
         try:
@@ -68,6 +96,12 @@ def run_dag(
         except Exception as exc:
             log(f"  could not fail {foreign}: {exc}")
         mine.add(foreign)
+
+
+def run_dag(stack: Stack, label: str, as_of: date, logical_date: datetime, conf: dict[str, Any],
+            timeout: float, mine: set[str], log: Any = print) -> dict[str, Any]:  # fmt: skip
+    """Trigger one run for `as_of` and wait for it; returns the raw records (see `analyze`)."""
+    fail_foreign_runs(stack, mine, log)
     run_id = f"bench__{label}__{as_of.isoformat()}__{int(time.time())}"
     mine.add(run_id)
     if stack.sampler is not None:
@@ -79,41 +113,41 @@ def run_dag(
     state = stack.wait(run_id, timeout)
     observed = time.perf_counter() - started
     log(f"  {run_id}: {state} (observed by polling after {observed:.0f}s)")
-    data = stack.data_dir
-    report_path = data / "reports" / f"{as_of.isoformat()}.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else None
-    ingested = stack.xcom(run_id, "ingest")
-    dag_run = stack.dag_run(run_id)
-    tis = stack.task_instances(run_id)
-    memory = stack.sampler.by_task_instance() if stack.sampler else {}
-    workers = stack.sampler.workers() if stack.sampler else []
-    peak_total_kb = stack.sampler.peak_total_kb if stack.sampler else 0
+    raw = {"label": label, "run_id": run_id, "as_of": as_of.isoformat(), "conf": full_conf}
+    return {**raw, "state": state, "observed_seconds": observed, **collect(stack, run_id, as_of)}
+
+
+def collect(stack: Stack, run_id: str, as_of: date) -> dict[str, Any]:
+    """What the run left: its metadata rows, the ingest XCom, the run report, the MLflow runs
+    started between the trigger and the last task's end, and the sampled memory."""
+    db = stack.airflow_home / "airflow.db"
+    report_path = stack.data_dir / "reports" / f"{as_of.isoformat()}.json"
+    dag_run = records.dag_run(db, run_id)
+    tis = records.task_instances(db, run_id)
+    sampler = stack.sampler
+    memory = sampler.by_task_instance() if sampler else {}
     queued = parse_ts(dag_run.get("queued_at"))
     end = max((parse_ts(t["end_date"]) for t in tis if t["end_date"]), default=None)
-    mlflow_runs = []
-    if queued is not None:
-        for run in stack.mlflow_runs():
-            if run["start"] >= queued - timedelta(seconds=1) and (
-                end is None or run["start"] <= end
-            ):
-                mlflow_runs.append(run)
+    runs = records.mlflow_runs(stack.mlflow_uri, stack.artifacts_dir) if queued else []
+    mlflow_runs = [
+        run
+        for run in runs
+        if run["start"] >= queued - timedelta(seconds=1) and (end is None or run["start"] <= end)
+    ]
     return {
-        "label": label,
-        "run_id": run_id,
-        "as_of": as_of.isoformat(),
-        "conf": full_conf,
-        "state": state,
-        "observed_seconds": observed,
         "dag_run": dag_run,
         "task_instances": tis,
-        "report": report,
-        "ingested": ingested,
+        "report": json.loads(report_path.read_text()) if report_path.exists() else None,
+        "ingested": records.xcom(db, run_id, "ingest"),
         "memory": {t["id"]: memory.get(t["id"]) for t in tis},
-        "peak_total_rss_mb": round(peak_total_kb / 1024, 1),
-        "workers": workers,
+        "peak_total_rss_mb": round((sampler.peak_total_kb if sampler else 0) / 1024, 1),
+        "workers": sampler.workers() if sampler else [],
         "executor": stack.executor,
         "mlflow_runs": mlflow_runs,
     }
+
+
+# --- its figures -------------------------------------------------------------------------------
 
 
 def _union_seconds(intervals: list[tuple[datetime, datetime]]) -> float:
@@ -142,71 +176,56 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def analyze(raw: dict[str, Any]) -> dict[str, Any]:
-    """Figures of one run (see the module docstring for the definitions)."""
-    tis = raw["task_instances"]
-    queued = parse_ts(raw["dag_run"].get("queued_at"))
+def _times(tis: list[dict[str, Any]]) -> None:
+    """Parsed timestamps and the duration of each task instance (`_start`, `_end`, ...)."""
     for t in tis:
-        t["_short"] = t["task_id"]
         t["_start"], t["_end"] = parse_ts(t["start_date"]), parse_ts(t["end_date"])
         t["_queued"], t["_scheduled"] = parse_ts(t["queued_dttm"]), parse_ts(t["scheduled_dttm"])
+        ran = t["_start"] and t["_end"]
         t["_dur"] = (
             float(t["duration"])
             if t["duration"] is not None
-            else ((t["_end"] - t["_start"]).total_seconds() if t["_start"] and t["_end"] else 0.0)
+            else ((t["_end"] - t["_start"]).total_seconds() if ran else 0.0)
         )
-    ran = [t for t in tis if t["_start"] and t["_end"]]
-    report_ti = next((t for t in ran if t["_short"] == "report"), None)
-    end = report_ti["_end"] if report_ti else parse_ts(raw["dag_run"].get("end_date"))
-    wall = (end - queued).total_seconds() if end and queued else float("nan")
-    busy = _union_seconds([(t["_start"], t["_end"]) for t in ran])
-    first_start = min((t["_start"] for t in ran), default=None)
-    task_seconds = sum(t["_dur"] for t in ran)
-    parallelism = task_seconds / busy if busy else float("nan")
 
-    per_task: dict[str, dict[str, Any]] = {}
-    order = {name: i for i, name in enumerate(TASKS)}
-    for short in sorted(dict.fromkeys(t["_short"] for t in tis), key=lambda n: order.get(n, 99)):
-        group = [t for t in ran if t["_short"] == short]
-        mem = [raw["memory"].get(t["id"]) for t in group]
-        mem = [m for m in mem if m]
-        per_task[short] = {
-            "duration": _stats([t["_dur"] for t in group]),
-            "queue_delay": _stats(
-                [(t["_start"] - t["_queued"]).total_seconds() for t in group if t["_queued"]]
-            ),
-            "schedule_delay": _stats(
-                [
-                    (t["_queued"] - t["_scheduled"]).total_seconds()
-                    for t in group
-                    if t["_queued"] and t["_scheduled"]
-                ]
-            ),
-            "retried": sum(1 for t in group if (t["try_number"] or 1) > 1),
-            "states": dict(
-                sorted(
-                    {
-                        s: sum(1 for t in tis if t["_short"] == short and t["state"] == s)
-                        for s in {t["state"] for t in tis if t["_short"] == short}
-                    }.items(),
-                    key=lambda kv: str(kv[0]),
-                )
-            ),
-            "peak_rss_mb": round(max(m["hwm_kb"] for m in mem) / 1024, 1) if mem else None,
-            "median_peak_rss_mb": round(statistics.median(m["hwm_kb"] for m in mem) / 1024, 1)
-            if mem
-            else None,
-            "peak_private_mb": round(max(m["private_kb"] for m in mem) / 1024, 1) if mem else None,
-            "memory_sampled": f"{len(mem)}/{len(group)}",
-        }
+
+def _task_figures(tis: list[dict], group: list[dict], memory: dict) -> dict[str, Any]:
+    """One task's figures over its instances (`tis`: all rows, `group`: those that ran)."""
+    mem = [m for m in (memory.get(t["id"]) for t in group) if m]
+    states = Counter(t["state"] for t in tis)
+
+    def peak(key: str, f: Any = max) -> float | None:
+        return round(f(m[key] for m in mem) / 1024, 1) if mem else None
+
+    return {
+        "duration": _stats([t["_dur"] for t in group]),
+        "queue_delay": _stats(
+            [(t["_start"] - t["_queued"]).total_seconds() for t in group if t["_queued"]]
+        ),
+        "schedule_delay": _stats(
+            [
+                (t["_queued"] - t["_scheduled"]).total_seconds()
+                for t in group
+                if t["_queued"] and t["_scheduled"]
+            ]
+        ),
+        "retried": sum(1 for t in group if (t["try_number"] or 1) > 1),
+        "states": dict(sorted(states.items(), key=lambda kv: str(kv[0]))),
+        "peak_rss_mb": peak("hwm_kb"),
+        "median_peak_rss_mb": peak("hwm_kb", statistics.median),
+        "peak_private_mb": peak("private_kb"),
+        "memory_sampled": f"{len(mem)}/{len(group)}",
+    }
+
+
+def _components(per_task: dict[str, Any], mlflow_runs: list[dict]) -> tuple[dict, float, float]:
+    """Task-seconds per component, the MLflow run seconds and the Keras fit seconds."""
 
     def dur(short: str) -> float:
         return per_task.get(short, {}).get("duration", {}).get("sum", 0.0)
 
-    mlflow_span = sum(
-        (r["end"] - r["start"]).total_seconds() for r in raw["mlflow_runs"] if r["end"]
-    )
-    fit = sum(r["fit_seconds"] or 0.0 for r in raw["mlflow_runs"])
+    mlflow_span = sum((r["end"] - r["start"]).total_seconds() for r in mlflow_runs if r["end"])
+    fit = sum(r["fit_seconds"] or 0.0 for r in mlflow_runs)
     components = {
         "data phase (ingest+validate)": dur("ingest") + dur("validate"),
         "training": dur("train") - mlflow_span,
@@ -215,15 +234,15 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
         "forecast": dur("forecast"),
         "resolve+report": dur("resolve_tickers") + dur("report"),
     }
-    gap = wall - busy
+    return components, mlflow_span, fit
 
+
+def _tickers(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per ticker, from the run report and the ingest XCom: training outcome and rows fetched."""
     rows = (raw.get("report") or {}).get("tickers") or []
-    training = {}
-    for r in rows:
-        # "trained v3", "reused v2", "not retrained: v2 covers these bars", "-"
-        status = str(r.get("training", "-")).split(":")[0].split(" v")[0]
-        training[status] = training.get(status, 0) + 1
     staged = (raw.get("ingested") or {}).get("staged") or {}
+    # "trained v3", "reused v2", "not retrained: v2 covers these bars", "-"
+    training = Counter(str(r.get("training", "-")).split(":")[0].split(" v")[0] for r in rows)
     fetched = {}
     for r in rows:
         batch = staged.get(r["ticker"]) or {}
@@ -234,22 +253,54 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
             "rows_added": added if isinstance(added, int) else None,
             "state": r.get("state"),
         }
-    n = len(rows) or len(staged)
-    train_tis = [t for t in tis if t["_short"] == "train" and (t["map_index"] or 0) >= 0]
+    return {
+        "tickers": len(rows) or len(staged),
+        "failed_tickers": (raw.get("report") or {}).get("failed", []),
+        "training": dict(training),
+        "fetched": fetched,
+        "states": {s: sum(1 for r in rows if r.get("state") == s) for s in STATES},
+    }
+
+
+def analyze(raw: dict[str, Any]) -> dict[str, Any]:
+    """Figures of one run (see the module docstring for the definitions)."""
+    tis = raw["task_instances"]
+    _times(tis)
+    queued = parse_ts(raw["dag_run"].get("queued_at"))
+    ran = [t for t in tis if t["_start"] and t["_end"]]
+    report_ti = next((t for t in ran if t["task_id"] == "report"), None)
+    end = report_ti["_end"] if report_ti else parse_ts(raw["dag_run"].get("end_date"))
+    wall = (end - queued).total_seconds() if end and queued else float("nan")
+    busy = _union_seconds([(t["_start"], t["_end"]) for t in ran])
+    first_start = min((t["_start"] for t in ran), default=None)
+    task_seconds = sum(t["_dur"] for t in ran)
+    parallelism = task_seconds / busy if busy else float("nan")
+    order = {name: i for i, name in enumerate(TASKS)}
+    names = sorted(dict.fromkeys(t["task_id"] for t in tis), key=lambda n: order.get(n, 99))
+    per_task = {
+        name: _task_figures(
+            [t for t in tis if t["task_id"] == name],
+            [t for t in ran if t["task_id"] == name],
+            raw["memory"],
+        )
+        for name in names
+    }
+    components, mlflow_span, fit = _components(per_task, raw["mlflow_runs"])
+    tickers = _tickers(raw)
+    n, workers = tickers["tickers"], raw["workers"]
+    latency = (first_start - queued).total_seconds() if first_start and queued else None
     return {
         "label": raw["label"],
         "run_id": raw["run_id"],
         "as_of": raw["as_of"],
         "state": raw["state"],
         "tickers": n,
-        "failed_tickers": (raw.get("report") or {}).get("failed", []),
+        "failed_tickers": tickers["failed_tickers"],
         "wall_seconds": round(wall, 2),
         "per_ticker_seconds": round(wall / n, 3) if n else None,
-        "start_latency_seconds": round((first_start - queued).total_seconds(), 2)
-        if first_start and queued
-        else None,
+        "start_latency_seconds": round(latency, 2) if latency is not None else None,
         "busy_seconds": round(busy, 2),
-        "gap_seconds": round(gap, 2),
+        "gap_seconds": round(wall - busy, 2),
         "task_seconds": round(task_seconds, 2),
         "effective_parallelism": round(parallelism, 2),
         "components_task_seconds": {k: round(v, 2) for k, v in components.items()},
@@ -261,49 +312,19 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
         "mlflow_run_seconds": round(mlflow_span, 2),
         "mlflow_runs": len(raw["mlflow_runs"]),
         "per_task": per_task,
-        "training": training,
-        "fetched": fetched,
+        "training": tickers["training"],
+        "fetched": tickers["fetched"],
         "peak_total_rss_mb": raw["peak_total_rss_mb"],
         "executor": raw["executor"],
-        "executor_workers": len(raw["workers"]),
-        "worker_peak_rss_mb": round(
-            max((w["hwm_kb"] for w in raw["workers"]), default=0) / 1024, 1
-        ),
+        "executor_workers": len(workers),
+        "worker_peak_rss_mb": round(max((w["hwm_kb"] for w in workers), default=0) / 1024, 1),
         "worker_peak_private_mb": round(
-            max((w["private_kb"] for w in raw["workers"]), default=0) / 1024, 1
+            max((w["private_kb"] for w in workers), default=0) / 1024, 1
         ),
         "task_instances": len(tis),
         "task_instances_ran": len(ran),
-        "train_instances": len(train_tis),
-        "states": {s: sum(1 for r in rows if r.get("state") == s) for s in STATES},
+        "train_instances": sum(
+            1 for t in tis if t["task_id"] == "train" and (t["map_index"] or 0) >= 0
+        ),
+        "states": tickers["states"],
     }
-
-
-def universe_csv(path: Path, n: int, template: list[Any]) -> list[str]:
-    """A made-up universe of `n` tickers SYN0001.. with the default universe's asset-class mix.
-
-    Ticker i gets the class of template row (7 * i) mod len(template): every block of
-    len(template) tickers has exactly the default mix, and small universes are still mixed.
-    """
-    import csv
-
-    size = len(template)
-    tickers = []
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["ticker", "asset_class", "name"])
-        for i in range(n):
-            cls = template[(7 * i) % size].asset_class
-            ticker = f"SYN{i + 1:04d}"
-            writer.writerow([ticker, cls, f"synthetic {cls} {i + 1}"])
-            tickers.append(ticker)
-    return tickers
-
-
-def logical_dates(count: int) -> list[datetime]:
-    """Distinct logical dates for the bench's runs: the latest schedule tick first (so the
-    scheduler does not create a run of its own on unpause), then one day earlier each."""
-    from harness import latest_tick
-
-    tick = latest_tick(datetime.now(UTC))
-    return [tick - timedelta(days=k) for k in range(count)]

@@ -72,8 +72,6 @@ def main() -> int:
     parser.add_argument("--json", default=None, metavar="OUT")
     args = parser.parse_args()
 
-    import numpy as np
-
     from ml.config import get_settings
     from ml.data.sources import SyntheticSource
     from ml.universe import load_universe
@@ -88,8 +86,8 @@ def main() -> int:
     histories = {i.ticker: source.fetch(i, settings.history_start, as_of) for i in instruments}
 
     started = time.perf_counter()
+    import ml.model.training  # noqa: F401  (timed here; train_row uses it)
     from ml.model.networks import configure_tensorflow
-    from ml.model.training import train_on_history
 
     configure_tensorflow()
     import keras  # noqa: F401
@@ -99,41 +97,83 @@ def main() -> int:
 
     rows, results = [], {}
     for instrument in instruments:
-        history = histories[instrument.ticker]
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        result = train_on_history(instrument.ticker, as_of, history, config)
-        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        u2 = {t: float(v) for t, v in result.evaluation.u2().items()}
-        fit = sum(c.seconds for c in result.candidates)
-        row = {
-            "ticker": instrument.ticker,
-            "bars": len(history),
-            "fit_seconds": round(fit, 3),
-            "train_seconds": round(total, 3),
-            "outside_fit_seconds": round(total - fit, 3),
-            "train_cpu_seconds": round(cpu, 3),
-            "epochs": {c.kind: c.epochs_run for c in result.candidates},
-            "best_epoch": {c.kind: c.best_epoch for c in result.candidates},
-            "best_val_loss": {c.kind: round(c.best_val_loss, 6) for c in result.candidates},
-            "chosen": result.forecaster.kind,
-            "skill_weights": list(result.forecaster.skill_weights),
-            "test_u2": {t: round(v, 6) for t, v in u2.items()},
-            "mean_u2_hlc": round(float(np.mean([u2[t] for t in GATE])), 6),
-            "gate": gate_verdicts(result),
-            "test_u2_range_naive": {
-                t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")
-            },
-        }
+        row, results[instrument.ticker] = train_row(instrument, histories, config, as_of)
         rows.append(row)
-        results[instrument.ticker] = result
-        epochs = " ".join(f"{k}:{v:>2}" for k, v in row["epochs"].items())
-        print(
-            f"{instrument.ticker:<9} fit {fit:6.2f}s  train {total:6.2f}s (cpu {cpu:6.2f}s)  "
-            f"epochs {epochs}  "
-            f"chosen {row['chosen']:<4}  U2 H {u2['High']:.4f} L {u2['Low']:.4f} "
-            f"C {u2['Close']:.4f}",
-            flush=True,
-        )
+    totals = summarize(rows)
+
+    logging_rows = []
+    if args.log:
+        logging_rows = time_logging(instruments[: args.log], results, settings, as_of)
+
+    if args.json:
+        payload = {
+            "command": " ".join(sys.argv),
+            "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+            "load_average_end": os.getloadavg(),
+            "config": {f.name: getattr(config, f.name) for f in fields(config)},
+            "as_of": as_of.isoformat(),
+            "import_seconds": round(import_seconds, 3),
+            "fit_seconds_total": round(totals["fit"], 3),
+            "train_seconds_total": round(totals["train"], 3),
+            "train_cpu_seconds_total": round(totals["cpu"], 3),
+            "load_average_start": load_start,
+            "mean_u2_hlc": round(totals["mean_u2"], 6),
+            "mean_u2_per_target": {t: round(v, 6) for t, v in totals["per_target"].items()},
+            "mean_u2_range_naive": {t: round(v, 6) for t, v in totals["naive"].items()},
+            "gate_passes": totals["passes"],
+            "tickers": rows,
+            "logging": logging_rows,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def train_row(instrument, histories, config, as_of) -> tuple[dict, object]:
+    """train_on_history for one ticker, timed (wall and CPU), with its test U2 and gate verdicts."""
+    import numpy as np
+
+    from ml.model.training import train_on_history
+
+    history = histories[instrument.ticker]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    result = train_on_history(instrument.ticker, as_of, history, config)
+    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    u2 = {t: float(v) for t, v in result.evaluation.u2().items()}
+    fit = sum(c.seconds for c in result.candidates)
+    row = {
+        "ticker": instrument.ticker,
+        "bars": len(history),
+        "fit_seconds": round(fit, 3),
+        "train_seconds": round(total, 3),
+        "outside_fit_seconds": round(total - fit, 3),
+        "train_cpu_seconds": round(cpu, 3),
+        "epochs": {c.kind: c.epochs_run for c in result.candidates},
+        "best_epoch": {c.kind: c.best_epoch for c in result.candidates},
+        "best_val_loss": {c.kind: round(c.best_val_loss, 6) for c in result.candidates},
+        "chosen": result.forecaster.kind,
+        "skill_weights": list(result.forecaster.skill_weights),
+        "test_u2": {t: round(v, 6) for t, v in u2.items()},
+        "mean_u2_hlc": round(float(np.mean([u2[t] for t in GATE])), 6),
+        "gate": gate_verdicts(result),
+        "test_u2_range_naive": {
+            t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")
+        },
+    }
+    epochs = " ".join(f"{k}:{v:>2}" for k, v in row["epochs"].items())
+    print(
+        f"{instrument.ticker:<9} fit {fit:6.2f}s  train {total:6.2f}s (cpu {cpu:6.2f}s)  "
+        f"epochs {epochs}  "
+        f"chosen {row['chosen']:<4}  U2 H {u2['High']:.4f} L {u2['Low']:.4f} "
+        f"C {u2['Close']:.4f}",
+        flush=True,
+    )
+    return row, result
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Prints and returns the totals and means over all tickers."""
+    import numpy as np
 
     per_target = {t: float(np.mean([r["test_u2"][t] for r in rows])) for t in GATE}
     mean_u2 = float(np.mean([r["mean_u2_hlc"] for r in rows]))
@@ -159,33 +199,8 @@ def main() -> int:
         f"rule; High and Low U2 < 1: {beat_hl}; Close significantly worse: {worse_close}",
         flush=True,
     )
-
-    logging_rows = []
-    if args.log:
-        logging_rows = time_logging(instruments[: args.log], results, settings, as_of)
-
-    if args.json:
-        payload = {
-            "command": " ".join(sys.argv),
-            "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-            "load_average_end": os.getloadavg(),
-            "config": {f.name: getattr(config, f.name) for f in fields(config)},
-            "as_of": as_of.isoformat(),
-            "import_seconds": round(import_seconds, 3),
-            "fit_seconds_total": round(fit_total, 3),
-            "train_seconds_total": round(train_total, 3),
-            "train_cpu_seconds_total": round(cpu_total, 3),
-            "load_average_start": load_start,
-            "mean_u2_hlc": round(mean_u2, 6),
-            "mean_u2_per_target": {t: round(v, 6) for t, v in per_target.items()},
-            "mean_u2_range_naive": {t: round(v, 6) for t, v in naive.items()},
-            "gate_passes": passes,
-            "tickers": rows,
-            "logging": logging_rows,
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
-        print(f"wrote {args.json}")
-    return 0
+    return {"per_target": per_target, "mean_u2": mean_u2, "naive": naive, "passes": passes,
+            "fit": fit_total, "train": train_total, "cpu": cpu_total}  # fmt: skip
 
 
 def gate_verdicts(result) -> dict[str, bool]:

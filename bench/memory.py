@@ -1,0 +1,139 @@
+"""Peak memory of a stack's processes, sampled from /proc once a second.
+
+Per process: the peak resident set (VmHWM from /proc/<pid>/status, the kernel's own high-water
+mark, so it is exact as long as the process is seen once before it exits) and the peak private
+memory (Private_Clean + Private_Dirty from smaps_rollup, i.e. USS, sampled). A task process is
+recognised by the title Airflow's task runner gives it, `airflow worker -- <task instance id>`;
+an executor worker by the title `airflow worker -- LocalExecutor` with a parent that is not one.
+Also the peak of the summed RSS of all stack processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+_TASK_TITLE = re.compile(r"airflow worker -- ([0-9a-fA-F-]{32,36})\b")
+_WORKER_TITLE = "airflow worker -- LocalExecutor"  # the executor's long-lived worker processes
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    with contextlib.suppress(OSError):
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        private = [x for x in rollup if x.startswith(("Private_Clean:", "Private_Dirty:"))]
+        out["Private"] = sum(int(line.split()[1]) for line in private)
+    return out
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+class MemorySampler(threading.Thread):
+    """Samples every process under `roots` every `interval` seconds (see the module docstring)."""
+
+    def __init__(self, roots: list[int], interval: float = 1.0) -> None:
+        super().__init__(daemon=True, name="memory-sampler")
+        self.roots = roots
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.by_pid: dict[int, dict[str, Any]] = {}
+        self.peak_total_kb = 0
+
+    def _processes(self) -> list[int]:
+        import psutil
+
+        pids: list[int] = []
+        for root in self.roots:
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(root).children(recursive=True)
+                pids += [root, *(p.pid for p in children)]
+        return pids
+
+    def sample(self) -> None:
+        total = 0
+        for pid in self._processes():
+            kb = _status_kb(pid)
+            if not kb:
+                continue
+            title = _cmdline(pid)
+            total += kb.get("VmRSS", 0)
+            with self.lock:
+                rec = self.by_pid.setdefault(
+                    pid, {"hwm_kb": 0, "private_kb": 0, "ti_id": None, "title": title}
+                )
+                rec["hwm_kb"] = max(rec["hwm_kb"], kb.get("VmHWM", 0))
+                rec["private_kb"] = max(rec["private_kb"], kb.get("Private", 0))
+                match = _TASK_TITLE.search(title)
+                if match:
+                    rec["ti_id"] = match.group(1).replace("-", "").lower()
+                    rec["title"] = title
+                elif title.startswith(_WORKER_TITLE) and not _cmdline(_ppid(pid)).startswith(
+                    _WORKER_TITLE
+                ):
+                    # (a task process keeps its parent worker's title until the task runner
+                    # renames it: a worker is one whose parent is not a worker)
+                    rec["worker"] = True
+        with self.lock:
+            self.peak_total_kb = max(self.peak_total_kb, total)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            with contextlib.suppress(Exception):
+                self.sample()
+            self.stop_event.wait(self.interval)
+
+    def by_task_instance(self) -> dict[str, dict[str, int]]:
+        """{task instance id (hex, no dashes): peak hwm/private kB over its processes}."""
+        out: dict[str, dict[str, int]] = {}
+        with self.lock:
+            for rec in self.by_pid.values():
+                if rec["ti_id"]:
+                    cur = out.setdefault(rec["ti_id"], {"hwm_kb": 0, "private_kb": 0})
+                    cur["hwm_kb"] = max(cur["hwm_kb"], rec["hwm_kb"])
+                    cur["private_kb"] = max(cur["private_kb"], rec["private_kb"])
+        return out
+
+    def workers(self) -> list[dict[str, int]]:
+        """Peak memory of the executor's worker processes (the parents the tasks fork from)."""
+        with self.lock:
+            return [
+                {"pid": pid, "hwm_kb": r["hwm_kb"], "private_kb": r["private_kb"]}
+                for pid, r in self.by_pid.items()
+                if r.get("worker") and not r["ti_id"]
+            ]
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the live processes of the stack."""
+        import psutil
+
+        total = 0.0
+        for pid in self._processes():
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+        return total
+
+    def reset_peak_total(self) -> None:
+        with self.lock:
+            self.peak_total_kb = 0

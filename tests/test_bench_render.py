@@ -1,0 +1,142 @@
+"""BENCHMARKS.md is rendered from a run's results.json by `bench/render.py` (the figures) and
+`bench/templates/BENCHMARKS.md.j2` (the prose). The fixture is a real small run (imports, (1),
+(2), profile) completed by hand with (3), (6) and (5) (see tests/fixtures/bench/README.md); the
+golden file is what the renderer wrote for it before the prose moved into the template."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "bench"
+sys.path.insert(0, str(REPO / "bench"))
+
+import render  # noqa: E402
+
+SECTIONS = (
+    "## Summary",
+    "## (1) and (2): the notebook's training loop and ours, same data, same model",
+    "## (3) The whole daily run",
+    "## (6) Incremental days after the first run",
+    "## (5) Growth: the whole daily run for larger universes",
+    "## Where the time goes: imports in a fresh process",
+    "## Where the time goes: one ticker's steps (SPY), each in a fresh process",
+    "## Closing note: where the time goes",
+)
+
+
+@pytest.fixture
+def results() -> dict[str, Any]:
+    return json.loads((FIXTURES / "results.json").read_text())
+
+
+def expected() -> str:
+    return (FIXTURES / "BENCHMARKS.expected.md").read_text()
+
+
+def without(results: dict[str, Any], path: tuple) -> dict[str, Any]:
+    """A copy of `results` without the key at `path`."""
+    broken = copy.deepcopy(results)
+    node = broken
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    return broken
+
+
+def test_the_fixture_renders_to_the_golden_file(results: dict[str, Any]) -> None:
+    assert render.render(results) == expected()
+
+
+def test_the_fixture_has_every_part_the_template_reads(results: dict[str, Any]) -> None:
+    assert set(results["meta"]["parts"]) == {
+        "imports", "notebook", "ours", "daily", "incremental", "growth", "profile"
+    }  # fmt: skip
+    assert {"notebook", "ours@32", "ours@64"} <= set(results["training"]["sides"])
+    labels = [r["label"] for r in results["daily"]["incremental"]]
+    assert labels == ["weekend", "next-weekday", "no-new-data"]
+    assert results["daily"]["daily"] and len(results["growth"]) >= 2
+    assert set(results["profile"]["steps"]) == {"ingest", "publish", "train", "promote", "forecast"}
+    assert not results["errors"]
+    text = render.render(results)
+    assert [s for s in SECTIONS if s not in text] == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("meta", "finished"),
+        ("meta", "args", "import_repeat"),
+        ("training", "bars"),
+        ("training", "sides", "notebook", "result", "epochs"),
+        ("daily", "daily", "run_id"),
+        ("daily", "daily", "executor_workers"),
+        ("daily", "incremental", 2, "gap_seconds"),
+        ("growth", 1, "components_wall_seconds"),
+        ("profile", "steps", "train", "cprofile_step_seconds"),
+        ("profile", "ticker"),
+    ],
+)
+def test_a_figure_missing_from_the_results_fails_the_rendering(
+    results: dict[str, Any], path: tuple
+) -> None:
+    """StrictUndefined: a name the template reads that the results lack is an error, not a
+    blank in the report."""
+    with pytest.raises(jinja2.UndefinedError):
+        render.render(without(results, path))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [("daily", "daily", "fetched"), ("growth", 0, "per_ticker_seconds"), ("imports", 0, "min")],
+)
+def test_a_figure_the_context_computes_from_fails_too(results: dict[str, Any], path: tuple) -> None:
+    """The same for the figures `render.py` computes before the template sees them."""
+    with pytest.raises(KeyError):
+        render.render(without(results, path))
+
+
+def test_notes_go_verbatim_after_the_run_description(results: dict[str, Any]) -> None:
+    notes = (REPO / "bench" / "notes.md").read_text()
+    text = render.render(results, notes)
+    head, rest = expected().split("## Summary", 1)
+    assert text == f"{head}{notes.strip()}\n\n## Summary{rest}"
+
+
+def test_a_quick_run_and_failed_parts_are_flagged(results: dict[str, Any]) -> None:
+    results["meta"]["args"]["quick"] = True
+    results["errors"] = {"growth": "Traceback (most recent call last):\nRuntimeError: boom"}
+    text = render.render(results)
+    assert text.startswith("# Benchmarks\n\n> **QUICK SMOKE RUN (`--quick`)**: tiny sizes")
+    assert "\n**Part `growth` failed:** `RuntimeError: boom`\n\n## Summary\n" in text
+
+
+def test_a_run_of_some_parts_renders_only_their_sections(results: dict[str, Any]) -> None:
+    for part in ("training", "daily", "growth", "profile"):
+        del results[part]
+    text = render.render(results)
+    assert [s for s in SECTIONS if s in text] == [
+        "## Summary",
+        "## Where the time goes: imports in a fresh process",
+        "## Closing note: where the time goes",
+    ]
+
+
+def test_render_only_writes_the_report(tmp_path: Path) -> None:
+    import run
+
+    out = tmp_path / "BENCHMARKS.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("> a note\n")
+    argv = ["--render-only", str(FIXTURES / "results.json"), "--out", str(out)]
+    assert run.main([*argv, "--notes", str(notes)]) == 0
+    assert out.read_text() == render.render(
+        json.loads((FIXTURES / "results.json").read_text()), "> a note"
+    )
