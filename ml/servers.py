@@ -131,9 +131,11 @@ def start_mlflow_server(
     workers: int = 2,
     timeout: float = 120.0,
     auth: BasicAuth | None = None,
+    env: dict[str, str] | None = None,
 ) -> MlflowServer:
     """Start `mlflow server` (artifacts served through it) and wait until /health answers.
-    With `auth`, the basic-auth app (its ini is written beside the log)."""
+    With `auth`, the basic-auth app (its ini is written beside the log). `env` is added to the
+    server's environment (which is this process's otherwise)."""
     port = port or free_port(host)
     if not port_is_free(host, port):
         # Otherwise /health could be answered by whatever server already holds the port.
@@ -160,7 +162,7 @@ def start_mlflow_server(
     ]
     # The server's background job runner (GenAI evaluation jobs) is not used here: it would start
     # eight more processes per server.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if auth is not None:
         cmd += ["--app-name", "basic-auth"]
         env.update(auth.server_env(log_path.with_name("basic_auth.ini")))

@@ -27,13 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
 from ml.data.store import CorruptFile
+from ml.model.features import JUDGED_TARGETS
 
 if TYPE_CHECKING:
     import pandas as pd
     from sqlalchemy.engine import Engine
-
-
-SCORED_TARGETS = ("High", "Low", "Close")
 
 
 def ledger_url(settings: Settings) -> str:
@@ -183,9 +181,9 @@ def _metadata() -> Any:
         metadata,
         *key(),
         Column("target_date", String(10), nullable=False, index=True),
-        *[Column(f"actual_{t.lower()}", Float, nullable=False) for t in SCORED_TARGETS],
-        *[Column(f"err_{t.lower()}", Float, nullable=False) for t in SCORED_TARGETS],
-        *[Column(f"persistence_err_{t.lower()}", Float, nullable=False) for t in SCORED_TARGETS],
+        *[Column(f"actual_{t.lower()}", Float, nullable=False) for t in JUDGED_TARGETS],
+        *[Column(f"err_{t.lower()}", Float, nullable=False) for t in JUDGED_TARGETS],
+        *[Column(f"persistence_err_{t.lower()}", Float, nullable=False) for t in JUDGED_TARGETS],
         Column("inside_range", Boolean, nullable=False),
         Column("direction_hit", Boolean, nullable=True),  # None: no move, or no call
     )

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
 from ml.forecasts.ledger import (
-    SCORED_TARGETS,
     engine_for,
     ledger_errors,
     ledger_table,
     read_table,
     upsert,
 )
+from ml.model.features import JUDGED_TARGETS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,7 +54,7 @@ def outcome_row(forecast: dict[str, Any], bar: dict[str, Any]) -> dict[str, Any]
     last = float(forecast["last_close"])
     row = {k: forecast[k] for k in ("ticker", "last_bar_date", "model_version")}
     row["target_date"] = bar["Date"]
-    for target in SCORED_TARGETS:
+    for target in JUDGED_TARGETS:
         actual = float(bar[target])
         row[f"actual_{target.lower()}"] = actual
         row[f"err_{target.lower()}"] = float(forecast[f"pred_{target.lower()}"]) - actual
@@ -102,7 +102,7 @@ def score_outcomes(
                         dict(forecast),
                         {
                             "Date": dates[i],
-                            **{t: bar[t] for t in SCORED_TARGETS},
+                            **{t: bar[t] for t in JUDGED_TARGETS},
                         },
                     )
                 )
@@ -121,7 +121,7 @@ def live_metrics(outcomes: pd.DataFrame, windows: Sequence[int] = LIVE_WINDOWS) 
     for w in windows:
         last = ordered.tail(w)
         stats: dict[str, Any] = {"n": len(last)}
-        for target in SCORED_TARGETS:
+        for target in JUDGED_TARGETS:
             err = last[f"err_{target.lower()}"].to_numpy(dtype=float)
             ref = last[f"persistence_err_{target.lower()}"].to_numpy(dtype=float)
             stats[f"mae_{target.lower()}"] = float(np.mean(np.abs(err))) if len(err) else None

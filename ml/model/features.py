@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 FEATURES = ("Open", "High", "Low", "Close", "Adj Close", "Volume", "Gap", "Return")
 PRICE_FEATURES = ("Open", "High", "Low", "Close", "Adj Close")
 TARGETS = ("High", "Low", "Close", "Adj Close")
+# The targets a model is judged on (the gate, the ledger's live scores): Adj Close follows Close.
+JUDGED_TARGETS = ("High", "Low", "Close")
 # Floors inside the logs of the memory features (a flat bar has a zero range).
 _RANGE_FLOOR = 1e-4
 

@@ -13,12 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ml.config import GateConfig
-from ml.model.features import TARGETS
+from ml.model.features import JUDGED_TARGETS, TARGETS
 
 if TYPE_CHECKING:
     from ml.model.forecaster import PriceForecaster
-
-GATE_TARGETS = ("High", "Low", "Close")
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ def read_dm(tag: str | None) -> dict[str, dict[str, float]]:
 
 def score(u2: dict[str, float]) -> float:
     """One number to compare two models on the same block: the mean U2 over High, Low, Close."""
-    return sum(u2[t] for t in GATE_TARGETS) / len(GATE_TARGETS)
+    return sum(u2[t] for t in JUDGED_TARGETS) / len(JUDGED_TARGETS)
 
 
 def block_predictions(forecaster: PriceForecaster, history: Any, test: Any) -> Any:
@@ -133,7 +131,7 @@ def versus_champion(
     dm = {
         t: diebold_mariano(ours[:, j] - test.actual[:, j], theirs[:, j] - test.actual[:, j])
         for j, t in enumerate(TARGETS)
-        if t in GATE_TARGETS
+        if t in JUDGED_TARGETS
     }
     return u2, dm
 
@@ -159,7 +157,7 @@ def decide(
 
     `versus` is (the champion's U2, the Diebold-Mariano test of the candidate against the
     champion) on the candidate's test block, when there is another champion to beat."""
-    cand_score = score(u2) if all(t in u2 for t in GATE_TARGETS) else None
+    cand_score = score(u2) if all(t in u2 for t in JUDGED_TARGETS) else None
     champ_score = score(versus[0]) if versus is not None else None
     if failures:
         promoted, reason = False, "fails the gate against persistence: " + "; ".join(failures)
@@ -172,7 +170,7 @@ def decide(
     else:
         worse = [
             f"{t} (Diebold-Mariano p {versus[1][t]['p_worse']:.3g})"
-            for t in GATE_TARGETS
+            for t in JUDGED_TARGETS
             if versus[1][t]["p_worse"] < gate.p_value
         ]
         if worse:

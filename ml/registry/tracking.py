@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import PROJECT_ROOT, Settings
 from ml.faults import checkpoint
-from ml.model.features import TARGETS
+from ml.model.features import JUDGED_TARGETS, TARGETS
 from ml.registry.client import CHALLENGER, code_version, ensure_experiment, get_client
-from ml.registry.gate import GATE_TARGETS, dm_table
+from ml.registry.gate import dm_table
 from ml.registry.versions import TrainingOutcome, drop_duplicate_versions
 from ml.universe import Instrument
 
@@ -48,7 +48,7 @@ def _plot_test_block(result: TrainResult) -> Any:
     fig = Figure(figsize=(9, 7), dpi=80)
     fig.subplots_adjust(left=0.09, right=0.98, top=0.95, bottom=0.06, hspace=0.12)
     axes = fig.subplots(3, 1, sharex=True)
-    for ax, target in zip(axes, GATE_TARGETS, strict=True):
+    for ax, target in zip(axes, JUDGED_TARGETS, strict=True):
         j = TARGETS.index(target)
         ax.plot(test.target_dates, test.actual[:, j], label="actual", color="black", lw=1)
         ax.plot(test.target_dates, result.test_predictions[:, j], label="model", lw=1)
