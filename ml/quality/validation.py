@@ -1,4 +1,5 @@
-"""Great Expectations 1.x suites for daily price bars, and `validate_prices`, which raises on bad data.
+"""`validate_prices`: a batch of daily bars against its Great Expectations suite (`ml.quality.suite`);
+raises PriceValidationError with GX's report on bad data.
 
 A batch is checked in three steps:
 

@@ -1,9 +1,9 @@
 """The steps of one daily run, as plain functions returning small dicts (what XCom carries).
 
-The DAG's tasks and the command line call the same functions, in this order:
+The DAG's tasks and the command line (`python -m ml run`) call the same functions, in this order:
 
-    ingest_all  -> validate_all -> train_step (one per ticker that needs it)
-                -> promote_all  -> forecast_all -> summarize_run
+    data.ingest_all -> data.validate_all -> model.train_step (one per ticker that needs it)
+    -> model.promote_all -> forecast.forecast_all -> report.summarize_tickers
 
 The data phase handles every ticker in one call: the downloads run concurrently (at most
 `FETCH_CONCURRENCY` at once), validation and publishing one ticker after another. Training is the
