@@ -1,4 +1,4 @@
-"""Command line: `python -m ml run|ingest|train|forecast|universe|config`.
+"""Command line: `python -m ml run|ingest|train|forecast|export|universe|config`.
 
 Each command prints one line per ticker and exits non-zero if any ticker failed (1) or the input
 was bad (2).
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--force", action="store_true", help="retrain even if the data did not change"
             )
+    sub.add_parser("export", help="write the forecasts CSV again from the ledger (every forecast)")
     sub.add_parser("universe", help="list the tickers, asset classes and slugs")
     sub.add_parser("config", help="print the effective settings")
     return parser
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, value in settings_table(settings):
                 print(f"{key:<24} {value}")
             return 0
-        tickers = [i.ticker for i in universe.select(args.tickers)]
+        tickers = [i.ticker for i in universe.select(getattr(args, "tickers", None))]
     except (ConfigError, UniverseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -153,6 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) -> int:
+    if args.command == "export":
+        from ml.forecasts.export import rebuild_export
+
+        path, rows, moved = rebuild_export(settings)
+        if moved is not None:
+            print(f"the unreadable export was moved to {moved}")
+        print(f"{path}: {rows} forecasts from the ledger")
+        return 0
     from ml.steps.data import ingest_all, validate_all
     from ml.steps.forecast import forecast_all
     from ml.steps.model import promote_step, train_step

@@ -82,9 +82,9 @@ def _corrupt_forecasts(settings: Settings, path: Path, error: str) -> CorruptFor
     return CorruptForecastsFile(
         f"the forecasts export {path} is not a readable forecasts table ({error}). It is "
         "left as it is and nothing is written over it. It is an export: every forecast is in "
-        f"the ledger ({ledger_location(settings)}), the store of record. Restore the file from a "
-        "backup, or move it aside: the next forecast run then starts a new export with its "
-        "own rows.",
+        f"the ledger ({ledger_location(settings)}), the store of record: rebuild it from there "
+        "with `python -m ml export` (the unreadable file is kept beside it as .corrupt-<time>), "
+        "or restore it from a backup.",
         path,
     )
 
@@ -109,6 +109,35 @@ def upsert_forecasts(settings: Settings, rows: list[dict[str, Any]]) -> Path:
         table = table.sort_values(["logical_date", "ticker"], kind="stable").reset_index(drop=True)
         atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
     return path
+
+
+def rebuild_export(settings: Settings) -> tuple[Path, int, Path | None]:
+    """Write the export again from the ledger's forecasts, in one atomic write: every forecast,
+    one row per (ticker, logical date) (the newest model version's where a date was forecast
+    again). An export that cannot be read is first moved aside (`.corrupt-<time>`). Returns
+    (the export, its rows, where an unreadable old export went or None)."""
+    import time
+
+    from ml.data.store import PriceStore, atomic_write
+    from ml.forecasts.ledger import read_table
+
+    ledger = read_table(settings, "forecasts")
+    table = ledger.assign(_version=ledger["model_version"].astype(int))[
+        [*FORECAST_COLUMNS, "_version"]
+    ]
+    table = table.sort_values(["logical_date", "ticker", "_version"], kind="stable")
+    table = table.drop_duplicates(["ticker", "logical_date"], keep="last")
+    table = table.drop(columns="_version").reset_index(drop=True)
+    path = forecasts_path(settings)
+    moved = None
+    with PriceStore(settings.data_dir).lock("forecasts"):
+        try:
+            read_forecasts(settings)
+        except CorruptForecastsFile:
+            moved = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            path.rename(moved)
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    return path, len(table), moved
 
 
 def upsert_forecast(settings: Settings, row: dict[str, Any]) -> Path:

@@ -45,7 +45,8 @@ Scenarios (fault, injection, what must hold):
 
 4. A corrupt forecasts export (`forecasts/forecasts.csv`) and a corrupt universe file. The export:
    `read_forecasts` and `upsert_forecasts` raise CorruptForecastsFile naming it, pointing at the
-   ledger, and never write over it; moving it aside lets the next write start a new export. The
+   ledger, and never write over it; `python -m ml export` keeps it aside (`.corrupt-<time>`) and
+   writes the export again from the ledger, byte-identical to the one the steps wrote. The
    universe: `python -m ml ingest` exits 2 with `error: <file>: ...` and writes nothing. A file
    cut exactly at a line end (fewer rows or tickers) cannot be told from a shorter file.
 """
@@ -370,7 +371,7 @@ CSV_CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 
 
 @pytest.mark.parametrize("how", list(CSV_CORRUPTIONS))
-def test_a_corrupt_forecasts_export_is_named_and_never_written_over(
+def test_a_corrupt_forecasts_export_is_named_never_written_over_and_rebuilt_from_the_ledger(
     settings: Settings, how: str
 ) -> None:
     from ml.forecasts.export import (
@@ -379,10 +380,14 @@ def test_a_corrupt_forecasts_export_is_named_and_never_written_over(
         read_forecasts,
         upsert_forecasts,
     )
+    from ml.forecasts.ledger import record_forecasts
 
-    upsert_forecasts(settings, [forecast_row(t, D1) for t in TICKERS])
+    rows = [forecast_row(t, day) for t in TICKERS for day in (D1, D2)]
+    record_forecasts(settings, rows)  # the store of record, as the forecast step writes it
+    upsert_forecasts(settings, rows)
     path = forecasts_path(settings)
-    bad = CSV_CORRUPTIONS[how](path.read_bytes())
+    good = path.read_bytes()
+    bad = CSV_CORRUPTIONS[how](good)
     path.write_bytes(bad)
 
     for attempt in (lambda: read_forecasts(settings), lambda: upsert_forecasts(settings, [])):
@@ -390,13 +395,17 @@ def test_a_corrupt_forecasts_export_is_named_and_never_written_over(
             attempt()
         message = str(excinfo.value)
         assert message.startswith(f"the forecasts export {path} is not a readable"), message
-        assert str(settings.data_dir / "ledger.db") in message and "move it aside" in message
+        assert str(settings.data_dir / "ledger.db") in message, message
+        assert "python -m ml export" in message, message
     assert path.read_bytes() == bad, "the corrupt export was written over"
     assert not list(path.parent.glob(".forecasts.csv.*.tmp")), "a temp file was left"
 
-    path.rename(path.with_name("forecasts.csv.corrupt"))  # the way out the message offers
-    upsert_forecasts(settings, [forecast_row("GOOGL", D2)])
-    assert read_forecasts(settings)["logical_date"].tolist() == [D2.isoformat()]
+    proc = cli(settings.data_dir, "export")  # the way out the message offers
+    assert proc.returncode == 0, explain(proc)
+    (moved,) = path.parent.glob("forecasts.csv.corrupt-*")
+    assert moved.read_bytes() == bad, "the unreadable export was not kept aside"
+    assert f"moved to {moved}" in proc.stdout and f"{len(rows)} forecasts" in proc.stdout
+    assert path.read_bytes() == good, "the rebuilt export differs from the one the steps wrote"
 
 
 UNIVERSE_CORRUPTIONS = {
