@@ -23,7 +23,9 @@ bars, or failed and where), writes `DATA_DIR/reports/<D>.json`, and fails the ru
 failed, after the good ones finished. One ticker's failure never stops the others.
 
 Manual runs take a params form: a subset of tickers, model kinds, max epochs, force retrain.
-The business logic lives in the `ml` package; this file is wiring only.
+The business logic lives in the `ml` package (`ml.steps.*`); this file is wiring only. The flow
+and the contracts every step keeps (point in time, idempotence, the gate, one writer per ticker
+in the registry): docs/architecture.md in the repository.
 """
 
 from __future__ import annotations

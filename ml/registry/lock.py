@@ -17,7 +17,7 @@ then slept past another's break-and-create: keep `ttl` well above a request's la
 
 Held around check-train-register (`ml.steps.model.train_step`) and the gate
 (`ml.registry.promote_if_better`): exactly one version per (ticker, bars, config) and one
-promotion, however many processes try.
+promotion, however many processes try (docs/architecture.md, "One writer per ticker").
 """
 
 from __future__ import annotations

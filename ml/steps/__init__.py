@@ -12,5 +12,5 @@ no two tasks of a run race on an alias; forecasting loads each champion once and
 forecast in one write. Every batch step returns its per-ticker results and a `failed` map
 (ticker -> error); one ticker's failure never stops the others. A batch step raises only when
 every ticker it tried failed and `strict` (the DAG's tasks): that smells of an outage (Yahoo,
-MLflow), which a task retry may cure.
+MLflow), which a task retry may cure. The contracts the steps keep: docs/architecture.md.
 """
