@@ -675,20 +675,21 @@ def test_the_init_job_creates_every_pool_the_dags_use(services: dict[str, Any]) 
     )
 
 
-def test_the_production_and_the_embedded_stack_create_the_same_pools(
+def test_the_compose_stack_and_the_launcher_create_the_same_pools(
     services: dict[str, Any],
 ) -> None:
-    stack = REPO / "scripts" / "stack.py"
-    embedded = {}
-    if stack.is_file():
-        for node in ast.parse(stack.read_text()).body:
-            if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "POOLS" for t in node.targets
-            ):
-                embedded = {name: value[0] for name, value in ast.literal_eval(node.value).items()}
-    if not embedded:
-        pytest.skip("scripts/stack.py defines no POOLS")
-    assert pools_created_by_init_job(services) == embedded
+    """scripts/launcher.py's POOLS are what make demo, the native topology, the benchmarks and the
+    scheduler tests create; compose's init job must create the same, with the same slots."""
+    launcher = REPO / "scripts" / "launcher.py"
+    pools = {}
+    for node in ast.parse(launcher.read_text()).body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "POOLS"
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        ):
+            pools = {name: value[0] for name, value in ast.literal_eval(node.value).items()}
+    assert pools, "scripts/launcher.py defines no POOLS"
+    assert pools_created_by_init_job(services) == pools
 
 
 # --- MLflow ----------------------------------------------------------------------------------------

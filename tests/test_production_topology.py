@@ -1,8 +1,8 @@
 """The production topology of docker-compose.yaml, natively: PostgreSQL, Redis, CeleryExecutor.
 
-Runs `scripts/production_native.py` for a handful of tickers: four throwaway PostgreSQL databases
-(Airflow metadata, MLflow backend, MLflow's users, the forecast ledger), an MLflow server on
-PostgreSQL behind basic auth, the Airflow api-server,
+Runs `scripts/production_native.py` (scripts/topology.py, on scripts/launcher.py) for a handful
+of tickers: four throwaway PostgreSQL databases (Airflow metadata, MLflow backend, MLflow's users,
+the forecast ledger), an MLflow server on PostgreSQL behind basic auth, the Airflow api-server,
 scheduler, dag-processor, triggerer and two Celery workers on a Redis broker. One `price_forecast`
 run must succeed with its task instances spread over both workers (so the pipeline logged in to
 MLflow), every ticker must end with a
@@ -20,7 +20,6 @@ import functools
 import os
 import secrets
 import signal
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,11 @@ import psycopg2  # noqa: F401
 import pytest
 import redis  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import production_native as native  # noqa: E402
-
-from ml.universe import MODEL_NAME_PREFIX, ticker_slug  # noqa: E402
+from ml.universe import MODEL_NAME_PREFIX, ticker_slug
+from scripts import production_native as native
+from scripts.launcher import processes_with_marker
+from scripts.services import existing_databases, pg_exec
+from scripts.topology import Topology
 
 TICKERS = (
     ("GOOGL", "stock", "Alphabet"),
@@ -71,10 +69,10 @@ def topology() -> dict:
         )
     finally:
         # run_topology cleans up in its own `finally`; this only catches what it could not.
-        leftovers = [d for d in native.existing_databases() if d.endswith(f"_{token}")]
+        leftovers = [d for d in existing_databases() if d.endswith(f"_{token}")]
         for name in leftovers:
-            native._pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        stray = native.processes_with_marker(token)
+            pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        stray = processes_with_marker(token)
         for pid in stray:
             os.kill(pid, signal.SIGKILL)
     result["leftover_databases_seen_by_test"] = leftovers
@@ -83,7 +81,7 @@ def topology() -> dict:
     return result
 
 
-def _probe_mlflow_auth(topo: native.Topology) -> dict[str, Any]:
+def _probe_mlflow_auth(topo: Topology) -> dict[str, Any]:
     """While the topology is up: HTTP statuses of MLflow requests made without the pipeline's login,
     with a wrong one, with the right one, and by another (non-admin) user on a pipeline model."""
     import requests
@@ -212,10 +210,10 @@ def test_everything_was_cleaned_up(topology: dict) -> None:
     assert cleanup["errors"] == []
     assert cleanup["leftover_pids"] == []
     assert topology["leftover_processes_seen_by_test"] == []
-    assert native.processes_with_marker(topology["token"]) == []
+    assert processes_with_marker(topology["token"]) == []
     assert cleanup["databases_left"] == []
     assert topology["leftover_databases_seen_by_test"] == []
-    present = set(native.existing_databases())
+    present = set(existing_databases())
     assert not present & set(topology["databases"]), f"databases left: {present}"
     assert cleanup["redis_keys_left"] == 0
     assert cleanup["state_dir_removed"] is True

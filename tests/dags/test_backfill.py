@@ -1,6 +1,7 @@
 """A 3-day backfill through the REAL Airflow 3 scheduler (point in time: README.md, "Backfills").
 
-The test starts its own stack (tests/dags/stack.py) as subprocesses on a temp AIRFLOW_HOME:
+The test starts its own stack (tests/dags/stack.py, on scripts/launcher.py) as subprocesses on a
+temp AIRFLOW_HOME:
 `airflow dag-processor`, `airflow scheduler` (LocalExecutor on the SQLite metadata DB) and
 `airflow api-server` (LocalExecutor tasks report to its execution API), plus a private MLflow
 server. It creates the pools, unpauses the DAG, runs `airflow backfill create` for
@@ -75,7 +76,7 @@ def backfill(
             "--dag-run-conf",
             json.dumps(RUN_CONF),
         )
-        runs = stack.wait_for_runs(len(DAYS), DEADLINE_SECONDS, "backfill")
+        runs = stack.wait_for_runs(DEADLINE_SECONDS, count=len(DAYS))
         elapsed = time.monotonic() - started
         print(f"backfill of {len(DAYS)} days x {len(TICKERS)} tickers: {elapsed:.0f} s")
         yield {

@@ -4,11 +4,12 @@ succeed and the run ends as an undisturbed one (issue 11, item 2).
 Fault: the process running a task dies without warning (OOM killer, `kill -9`), while the rest of
 the stack (scheduler, the task's supervisor, MLflow) lives on.
 
-Stack: the same real stack as the backfill test (tests/dags/stack.py: api-server, dag-processor,
-scheduler with the project's preloading LocalExecutor on SQLite, a private MLflow server), on a
-two-ticker universe. One run of `price_forecast` is triggered for 2024-06-26 with the run conf
-`{"model_kinds": ["gru"]}`; the DAG's own retry policy applies (retries=2, retry_delay 20 s with
-exponential backoff, so the retry starts 20 to 40 s after the failure).
+Stack: the same real stack as the backfill test (tests/dags/stack.py, on scripts/launcher.py:
+api-server, dag-processor, scheduler with the project's preloading LocalExecutor on SQLite, a
+private MLflow server), on a two-ticker universe. One run of `price_forecast` is triggered for
+2024-06-26 with the run conf `{"model_kinds": ["gru"]}`; the DAG's own retry policy applies
+(retries=2, retry_delay 20 s with exponential backoff, so the retry starts 20 to 40 s after the
+failure).
 
 Injection: processes, not threads. Airflow 3's LocalExecutor worker is the supervisor: it forks
 one process per task try, which retitles itself `airflow worker -- <task instance id>` and runs
