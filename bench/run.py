@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     add("--as-of", type=date.fromisoformat, default=AS_OF)
     add("--executor", help="executor of the stacks: 'stock' (LocalExecutor), 'preloading' "
         "(preloading_executor.PreloadingLocalExecutor) or a class path; default: what "
-        "scripts/stack.py picks")  # fmt: skip
+        "scripts/launcher.py picks (embedded_env)")  # fmt: skip
     add("--profile-ticker", default="SPY")
     add("--import-repeat", type=int, help="default 2 (--quick 1)")
     add("--run-timeout", type=float, default=12 * 3600, help="seconds per run/process (12 h)")
