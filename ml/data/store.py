@@ -42,7 +42,8 @@ STALE_TEMP_SECONDS = 3600.0
 _HOST = socket.gethostname().replace(".", "_")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (as any user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,7 +61,7 @@ def _remove_stale_temps(path: Path) -> None:
         parts = stale.name[len(path.name) + 2 : -len(".tmp")].split(".")
         try:
             if len(parts) == 3 and parts[0] == _HOST and parts[1].isdigit():
-                gone = int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1]))
+                gone = int(parts[1]) != os.getpid() and not pid_alive(int(parts[1]))
             else:
                 gone = now - stale.stat().st_mtime > STALE_TEMP_SECONDS
             if gone:

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ml.data.store import pid_alive
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -55,21 +57,11 @@ def is_lock(name: str) -> bool:
     return name.startswith(LOCK_PREFIX)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stale(tags: dict[str, str], ttl: float) -> str | None:
     """Why the holder described by `tags` is gone, or None while it may be alive."""
     host, _, rest = tags.get("owner", "").partition(":")
     pid = rest.partition(":")[0]
-    if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+    if host == _HOST and pid.isdigit() and not pid_alive(int(pid)):
         return f"its process {pid} on this host is gone"
     try:
         age = time.time() - float(tags.get("heartbeat", "0"))
