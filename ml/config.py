@@ -160,6 +160,15 @@ _MODEL_ENV = {
     "patience": ("MODEL_PATIENCE", int),
     "seed": ("MODEL_SEED", int),
 }
+# The numeric settings read from the environment (positive; absent or empty: the default).
+_SETTINGS_ENV = {
+    "trailing_days": ("TRAILING_DAYS", int),
+    "yahoo_max_retries": ("YAHOO_MAX_RETRIES", int),
+    "yahoo_backoff_seconds": ("YAHOO_BACKOFF_SECONDS", float),
+    "fetch_concurrency": ("FETCH_CONCURRENCY", int),
+    "registry_lock_ttl": ("REGISTRY_LOCK_TTL", float),
+    "registry_lock_timeout": ("REGISTRY_LOCK_TIMEOUT", float),
+}
 _GATE_ENV = {
     "u2_high_max": "GATE_U2_HIGH_MAX",
     "u2_low_max": "GATE_U2_LOW_MAX",
@@ -238,6 +247,11 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"GATE_P_VALUE={gate.p_value!r} must lie strictly between 0 and 1")
 
     defaults = Settings()
+    numbers = {
+        attr: kind(_parse_number(name, env[name], kind))
+        for attr, (name, kind) in _SETTINGS_ENV.items()
+        if env.get(name)
+    }
     return Settings(
         price_source=source,
         price_files_dir=files_dir,
@@ -249,28 +263,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         history_start=_parse_date("HISTORY_START", env["HISTORY_START"])
         if env.get("HISTORY_START")
         else defaults.history_start,
-        trailing_days=int(_parse_number("TRAILING_DAYS", env["TRAILING_DAYS"], int))
-        if env.get("TRAILING_DAYS")
-        else defaults.trailing_days,
-        yahoo_max_retries=int(_parse_number("YAHOO_MAX_RETRIES", env["YAHOO_MAX_RETRIES"], int))
-        if env.get("YAHOO_MAX_RETRIES")
-        else defaults.yahoo_max_retries,
-        yahoo_backoff_seconds=float(
-            _parse_number("YAHOO_BACKOFF_SECONDS", env["YAHOO_BACKOFF_SECONDS"], float)
-        )
-        if env.get("YAHOO_BACKOFF_SECONDS")
-        else defaults.yahoo_backoff_seconds,
-        fetch_concurrency=int(_parse_number("FETCH_CONCURRENCY", env["FETCH_CONCURRENCY"], int))
-        if env.get("FETCH_CONCURRENCY")
-        else defaults.fetch_concurrency,
-        registry_lock_ttl=float(_parse_number("REGISTRY_LOCK_TTL", env["REGISTRY_LOCK_TTL"], float))
-        if env.get("REGISTRY_LOCK_TTL")
-        else defaults.registry_lock_ttl,
-        registry_lock_timeout=float(
-            _parse_number("REGISTRY_LOCK_TIMEOUT", env["REGISTRY_LOCK_TIMEOUT"], float)
-        )
-        if env.get("REGISTRY_LOCK_TIMEOUT")
-        else defaults.registry_lock_timeout,
+        **numbers,
         model=model,
         gate=gate,
     )
