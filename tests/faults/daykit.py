@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.config import without_pipeline_env
+from tests.dags.conftest import pipeline_env
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = "2024-06-27"
@@ -36,17 +37,15 @@ def day_env(root: Path, mlflow_uri: str, tickers: list[str], **extra: str) -> di
         "PYTHONPATH": str(REPO),
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DATA_DIR": str(root / "data"),
-        "UNIVERSE_FILE": str(universe),
-        "MLFLOW_TRACKING_URI": mlflow_uri,
-        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-        "PRICE_SOURCE": "synthetic",
-        "HISTORY_START": "2022-01-03",
-        "MODEL_KINDS": "gru",
-        "MODEL_UNITS": "8",
-        "MODEL_MAX_EPOCHS": "3",
-        "MODEL_PATIENCE": "1",
-        **extra,
+        **pipeline_env(
+            root / "data",
+            mlflow_uri,
+            UNIVERSE_FILE=str(universe),
+            MLFLOW_EXPERIMENT_NAME=EXPERIMENT,
+            MODEL_KINDS="gru",
+            MODEL_MAX_EPOCHS="3",
+            **extra,
+        ),
     }
 
 
