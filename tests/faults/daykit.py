@@ -49,22 +49,39 @@ def day_env(root: Path, mlflow_uri: str, tickers: list[str], **extra: str) -> di
     }
 
 
-def run_day(
-    env: dict[str, str], *, kill_at: str | None = None, day: str = DAY, timeout: float = 600
-) -> subprocess.CompletedProcess:
-    """`python -m ml run --date day` in a child process (SIGKILLed at `kill_at` if given)."""
+def start_day(
+    env: dict[str, str], *, kill_at: str | None = None, day: str = DAY
+) -> subprocess.Popen:
+    """`python -m ml run --date day` started in a child process (SIGKILLed at `kill_at` if given)."""
     env = dict(env)
     if kill_at:
         env["ML_FAULT_KILL_AT"] = kill_at
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "ml", "run", "--date", day],
         env=env,
         cwd=REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
     )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Wait for a day started by `start_day`; its exit status and output (killed on timeout)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_day(
+    env: dict[str, str], *, kill_at: str | None = None, day: str = DAY, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python -m ml run --date day` in a child process, to its end."""
+    return finish(start_day(env, kill_at=kill_at, day=day), timeout)
 
 
 def killed(proc: subprocess.CompletedProcess) -> bool:

@@ -17,8 +17,6 @@ version, the champion set and no run left RUNNING.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,25 +26,9 @@ from mlflow import MlflowClient
 from ml.registry.lock import lock_name
 from ml.servers import sqlite_mlflow_server, start_mlflow_server
 from ml.universe import load_universe
-from tests.faults.daykit import DAY, REPO, day_env, explain, snapshot
+from tests.faults.daykit import DAY, day_env, explain, finish, snapshot, start_day
 
 pytestmark = [pytest.mark.slow]
-
-
-def _spawn(env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ml", "run", "--date", DAY],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _report(env: dict[str, str]) -> dict:
@@ -58,8 +40,8 @@ def test_two_processes_on_one_ticker_register_one_version_and_decide_once(
 ) -> None:
     ticker = "RACE"
     envs = [day_env(tmp_path / name, mlflow_server.uri, [ticker]) for name in ("one", "two")]
-    procs = [_spawn(env) for env in envs]
-    done = [_finish(p) for p in procs]
+    procs = [start_day(env) for env in envs]
+    done = [finish(p) for p in procs]
     for proc in done:
         assert proc.returncode == 0, f"a racing process failed:\n{explain(proc)}"
 
@@ -85,24 +67,24 @@ def test_a_day_outlives_an_mlflow_restart(tmp_path: Path) -> None:
         env = day_env(tmp_path / "day", server.uri, [ticker])
         model = load_universe(Path(env["UNIVERSE_FILE"])).get(ticker).model_name
         client = MlflowClient(server.uri, server.uri)
-        proc = _spawn(env)
+        proc = start_day(env)
         deadline = time.monotonic() + 600
         while not client.search_registered_models(f"name = '{lock_name(model)}'"):
-            assert proc.poll() is None, f"the day ended before training:\n{explain(_finish(proc))}"
+            assert proc.poll() is None, f"the day ended before training:\n{explain(finish(proc))}"
             assert time.monotonic() < deadline, "the day never reached training"
             time.sleep(0.2)
         server.stop()
         stopped = time.monotonic()
         time.sleep(15)
         assert proc.poll() is None, (
-            f"the day gave up while MLflow was down:\n{explain(_finish(proc))}"
+            f"the day gave up while MLflow was down:\n{explain(finish(proc))}"
         )
         restarted = start_mlflow_server(
             f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log", port=port
         )
         try:
             print(f"MLflow was down {time.monotonic() - stopped:.1f} s")
-            done = _finish(proc)
+            done = finish(proc)
             assert done.returncode == 0, f"the day failed after the restart:\n{explain(done)}"
             state = snapshot(env, [ticker])
         finally:
