@@ -187,6 +187,32 @@ def test_early_stopping_stops_and_restores_the_best_weights(history) -> None:
         assert restored != pytest.approx(result.val_loss[-1], rel=1e-4)
 
 
+def test_train_step_returns_each_branch_mse_and_takes_one_adam_step() -> None:
+    """The fit's own train step (not `Model.fit`): per branch, the batch MSE the compiled
+    `loss="mse"` would report, computed before the update; then one Adam update of every weight."""
+    import numpy as np
+
+    from ml.model.training import seeded_branches
+
+    config = ModelConfig(units=4, dense_units=3, learning_rate=0.01)
+    compiled = seeded_branches(("gru", "lstm"), config, 5, 2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, config.window, 5)).astype("float32")
+    y = rng.normal(size=(16, 2)).astype("float32")
+    expected = [float(np.mean((np.asarray(p) - y) ** 2)) for p in compiled.model(x)]
+    before = compiled.model.get_weights()
+    losses = compiled.train_step(x, y).numpy()
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert int(compiled.model.optimizer.iterations.numpy()) == 1
+    after = compiled.model.get_weights()
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    # The next fit of the same shapes starts again from the seed's weights and a fresh optimizer.
+    again = seeded_branches(("gru", "lstm"), config, 5, 2)
+    assert again is compiled and int(again.model.optimizer.iterations.numpy()) == 0
+    for a, b in zip(before, again.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 def test_each_kind_trains_in_the_joint_fit_as_it_would_alone(history) -> None:
     """Both kinds are fitted in one graph (ml.model.networks.build_branches) with early stopping per kind.
