@@ -6,12 +6,14 @@ seconds per task, more than these small models take to train. Here each worker i
 at start; the forked task processes inherit the modules (copy-on-write) and start at once.
 
 Nothing else changes: tasks still run in their own process, under Airflow's supervisor. Only
-modules are imported in the worker; no TensorFlow session or thread pool is created before the
-fork. Use it with `AIRFLOW__CORE__EXECUTOR=preloading_executor.PreloadingLocalExecutor` (this
+modules are imported and plain caches filled in the worker; no TensorFlow session or thread pool
+is created before the fork. Use it with `AIRFLOW__CORE__EXECUTOR=preloading_executor.PreloadingLocalExecutor` (this
 folder is Airflow's plugins folder, which Airflow puts on sys.path); `PRELOAD_MODULES` lists the
-modules (comma-separated). When `PRELOAD_REPORT_DIR` names a folder, each worker writes
-`<pid>.json` there once its imports are done (the modules asked for, those now in its
-`sys.modules`, those that failed and why): how tests/test_preloading_executor.py sees it.
+modules (comma-separated) and `PRELOAD_WARMUP` the functions (`module:function`) each worker then
+calls once to fill caches that every task would otherwise fill again (each must be safe before a
+fork: no threads). When `PRELOAD_REPORT_DIR` names a folder, each worker writes `<pid>.json`
+there once its imports are done (the modules asked for, those now in its `sys.modules`, the
+warm-ups run, those that failed and why): how tests/test_preloading_executor.py sees it.
 
 It overrides a private method of Airflow's LocalExecutor, `_spawn_worker` (through which `start()`
 and `sync()` create every worker), and calls the private `local_executor._run_worker` with the
@@ -39,6 +41,9 @@ DEFAULT_PRELOAD = (
     "pandas,pyarrow,tensorflow,keras,mlflow,mlflow.pyfunc,great_expectations,yfinance,"
     "ml.steps.data,ml.steps.model,ml.steps.forecast"
 )
+# Called once after the imports, as `module:function`, comma-separated: caches every task would
+# otherwise fill again in its own process. Each must be safe before a fork (no threads).
+DEFAULT_WARMUP = "ml.registry.client:warm_caches"
 REPORT_DIR_ENV = "PRELOAD_REPORT_DIR"
 # The parameters of local_executor._run_worker, all passed by name by _spawn_worker (Airflow 3.3).
 RUN_WORKER_PARAMETERS = ("logger_name", "input", "output", "unread_messages", "team_conf")
@@ -80,7 +85,7 @@ def check_compatible() -> None:
 check_compatible()
 
 
-def _preload(modules: str) -> None:
+def _preload(modules: str, warmup: str = "") -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     started = time.monotonic()
@@ -92,9 +97,19 @@ def _preload(modules: str) -> None:
         except Exception as exc:  # a missing optional module must not take the executor down
             failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"preloading_executor: could not import {name}: {exc}", flush=True)
+    warmed: list[str] = []
+    for call in [c for c in (c.strip() for c in warmup.split(",")) if c]:
+        module, _, function = call.partition(":")
+        try:
+            getattr(importlib.import_module(module), function)()
+            warmed.append(call)
+        except Exception as exc:  # a warm-up that fails costs time in the tasks, nothing else
+            failed[call] = f"{type(exc).__name__}: {exc}"
+            print(f"preloading_executor: warm-up {call} failed: {exc}", flush=True)
     seconds = time.monotonic() - started
     print(
-        f"preloading_executor: worker {os.getpid()} preloaded [{modules}] in {seconds:.1f}s",
+        f"preloading_executor: worker {os.getpid()} preloaded [{modules}], warmed "
+        f"[{', '.join(warmed)}] in {seconds:.1f}s",
         flush=True,
     )
     if folder := os.environ.get(REPORT_DIR_ENV):
@@ -102,6 +117,7 @@ def _preload(modules: str) -> None:
             "pid": os.getpid(),
             "requested": names,
             "in_sys_modules": [n for n in names if n in sys.modules],
+            "warmed": warmed,
             "failed": failed,
             "seconds": round(seconds, 3),
         }
@@ -112,7 +128,10 @@ def _preload(modules: str) -> None:
 
 
 def _run_preloaded_worker(**kwargs) -> None:
-    _preload(os.environ.get("PRELOAD_MODULES", DEFAULT_PRELOAD))
+    _preload(
+        os.environ.get("PRELOAD_MODULES", DEFAULT_PRELOAD),
+        os.environ.get("PRELOAD_WARMUP", DEFAULT_WARMUP),
+    )
     local_executor._run_worker(**kwargs)
 
 

@@ -269,6 +269,7 @@ def live(report_dir: Path) -> dict[str, Any]:
         "tensorflow_in_parent_before": "tensorflow" in sys.modules,
         "preload": os.environ.get("PRELOAD_MODULES", plugin.DEFAULT_PRELOAD),
         "default_preload": plugin.DEFAULT_PRELOAD,
+        "default_warmup": plugin.DEFAULT_WARMUP,
     }
     executor = plugin.PreloadingLocalExecutor(parallelism=1)
     result["mp_start_method"] = multiprocessing.get_start_method()

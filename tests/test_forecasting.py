@@ -314,3 +314,61 @@ def test_mlflow_models_serve_answers_with_the_champions_forecast(
     finally:
         os.killpg(serve.pid, 15)
         serve.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_registered_model_loads_and_predicts_without_the_project(
+    champion: dict[str, Any], fc_settings: Settings, tmp_path: Path
+) -> None:
+    """The model carries the code it needs (`ml.registry.pyfunc.serving_code`: only the modules
+    the pyfunc imports, not the whole package). In a process that cannot import this checkout's
+    `ml` (editable-install finder removed, another working directory), `mlflow.pyfunc.load_model`
+    imports `ml` from the model's own code folder and forecasts what the pipeline forecasts."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ml.config import PROJECT_ROOT, without_pipeline_env
+    from ml.data.sources import PRICE_COLUMNS
+    from ml.registry.versions import load_forecaster
+    from ml.steps.common import instrument_for
+
+    bars = _history(fc_settings, TICKER, AS_OF)[PRICE_COLUMNS].tail(100).reset_index(drop=True)
+    bars.to_parquet(tmp_path / "bars.parquet", index=False)
+    script = (
+        "import json, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
+        f"sys.path[:] = [p for p in sys.path if p not in ('', {str(PROJECT_ROOT)!r})]\n"
+        "try:\n"
+        "    import ml\n"
+        "    sys.exit('the project is still importable: ' + ml.__file__)\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "import mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model('models:/price-forecast-{TICKER}@champion')\n"
+        "import ml\n"
+        "shipped = sorted(m for m in sys.modules if m == 'ml' or m.startswith('ml.'))\n"
+        "row = model.predict(pd.read_parquet(sys.argv[1])).iloc[-1]\n"
+        "print(json.dumps({'ml': ml.__file__, 'modules': shipped,\n"
+        "                  'row': {k: float(row[k]) for k in ('High', 'Low', 'Close')}}))\n"
+    )
+    env = without_pipeline_env(dict(os.environ))
+    env.update(MLFLOW_TRACKING_URI=fc_settings.mlflow_tracking_uri, PYTHONPATH="")
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "bars.parquet")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not out["ml"].startswith(str(PROJECT_ROOT)), out["ml"]
+    assert "/code/ml/" in out["ml"], out["ml"]
+    assert "ml.registry.pyfunc" in out["modules"] and "ml.steps.model" not in out["modules"]
+    forecaster, _ = load_forecaster(instrument_for(TICKER, fc_settings), fc_settings)
+    expected = forecaster.predict_frame(bars).iloc[-1]
+    for target, value in out["row"].items():
+        assert value == pytest.approx(float(expected[target]), rel=1e-6)

@@ -7,55 +7,10 @@ do not count. Importing any module of `ml` must also do nothing but define thing
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
-from pathlib import Path
 
-from ml.config import PROJECT_ROOT
-
-PACKAGE = PROJECT_ROOT / "ml"
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def _runtime_imports(tree: ast.AST) -> set[str]:
-    """Every `ml.*` module imported at run time anywhere in `tree`."""
-    found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "ml")
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.update([node.module] if node.module.split(".")[0] == "ml" else [])
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
-    return found
-
-
-def import_graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {}
-    for name, path in modules.items():
-        targets = _runtime_imports(ast.parse(path.read_text()))
-        graph[name] = {t for t in targets if t in modules and t != name}
-    return graph
+from ml.codebase import import_graph
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

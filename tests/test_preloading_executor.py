@@ -207,6 +207,7 @@ def test_started_executor_runs_preloaded_workers_and_ends_them(tmp_path: Path) -
     assert report["failed"] == {}, f"the default preload failed in the worker: {report['failed']}"
     assert report["in_sys_modules"] == report["requested"]
     assert "tensorflow" in report["in_sys_modules"]
+    assert report["warmed"] == result["default_warmup"].split(","), report
     # Seen from outside the worker: TensorFlow's libraries are loaded in that process, which went
     # on into Airflow's worker loop, while the executor's own process never imported TensorFlow.
     mapped = set(result["libtensorflow_mapped"][str(pid)])
@@ -217,3 +218,23 @@ def test_started_executor_runs_preloaded_workers_and_ends_them(tmp_path: Path) -
     # end() + terminate(): no worker left, in the probe or after it exited.
     assert result["left_running"] == [] and result["active_children"] == [], result
     assert _start_time(pid) != result["start_times"][str(pid)], f"worker {pid} still runs"
+
+
+def test_the_warm_up_fills_the_map_mlflow_checks_requirements_with(monkeypatch) -> None:
+    """`ml.registry.client.warm_caches` (the default PRELOAD_WARMUP) fills the module map that
+    MLflow otherwise builds, from every installed distribution's metadata, on the first model a
+    task logs or loads; after it, MLflow's requirement check reads no metadata to build it."""
+    import importlib_metadata
+    from mlflow.utils import requirements_utils
+
+    from ml.registry.client import warm_caches
+
+    warm_caches()
+    assert requirements_utils._MODULES_TO_PACKAGES, "MLflow no longer keeps the map there"
+    assert "mlflow" in requirements_utils._MODULES_TO_PACKAGES
+
+    def read_again() -> None:
+        raise AssertionError("MLflow read every distribution's metadata again")
+
+    monkeypatch.setattr(importlib_metadata, "packages_distributions", read_again)
+    assert requirements_utils._check_requirement_satisfied("mlflow") is None

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.config import PROJECT_ROOT, Settings
+from ml.config import Settings
 from ml.faults import checkpoint
 from ml.model.features import JUDGED_TARGETS, TARGETS
 from ml.registry.client import CHALLENGER, code_version, ensure_experiment, get_client
@@ -164,7 +164,7 @@ def _log_run(
     import mlflow
     from mlflow.models import infer_signature
 
-    from ml.registry.pyfunc import PriceForecastModel, log_model
+    from ml.registry.pyfunc import PriceForecastModel, log_model, serving_code
 
     metrics = result.evaluation.as_metrics()
     with mlflow.start_run(
@@ -184,7 +184,7 @@ def _log_run(
                 signature=infer_signature(example, output),
                 input_example=example,
                 pip_requirements=PIP_REQUIREMENTS,
-                code_paths=[str(PROJECT_ROOT / "ml")],
+                code_paths=[str(serving_code(Path(tmp) / "code"))],
                 validate_serving_input=False,
             )
             run_metrics = _run_metrics(result, metrics, info.model_id, run_id)

@@ -1,0 +1,80 @@
+"""The `ml` package's own modules and the `ml` modules each imports, read from the source.
+
+Used to ship with every registered model only the code it needs to load and predict
+(`ml.registry.pyfunc.serving_code`), and by tests/test_imports.py to keep the package free of
+import cycles. Imports inside functions count (they run sooner or later); imports under
+`if TYPE_CHECKING:` do not.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def runtime_imports(tree: ast.AST) -> set[str]:
+    """Every `ml.*` module imported at run time anywhere in `tree`."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "ml")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.update([node.module] if node.module.split(".")[0] == "ml" else [])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package, by dotted name."""
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports at run time."""
+    found = modules()
+    graph = {}
+    for name, path in found.items():
+        targets = runtime_imports(ast.parse(path.read_text()))
+        graph[name] = {t for t in targets if t in found and t != name}
+    return graph
+
+
+def closure(start: str) -> list[Path]:
+    """The files `start` needs: it, every module it imports at any depth, and the `__init__.py`
+    of each of their packages, sorted. Reads only those files."""
+    found = modules()
+    needed: set[str] = set()
+    stack = [start]
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        imported = runtime_imports(ast.parse(found[name].read_text()))
+        stack.extend(t for t in imported if t in found)
+        parts = name.split(".")
+        stack.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+    return sorted(found[n] for n in needed)
