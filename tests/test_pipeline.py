@@ -139,11 +139,43 @@ def test_unreachable_tracking_server_means_train_runs(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     offline = replace(pl_settings, mlflow_tracking_uri="http://127.0.0.1:9")
     with caplog.at_level(logging.WARNING, logger="ml.steps.data"):
-        validated = _data_phase([TICKER], SATURDAY, offline)
-    assert validated["train"] == [TICKER]
-    assert validated["tickers"][TICKER]["validation"] == "passed"
-    assert "registry lookup failed" in validated["tickers"][TICKER]["train_reason"]
+        validated = _data_phase([TICKER, OTHER], SATURDAY, offline)
+    assert validated["train"] == [TICKER, OTHER]
+    for ticker in (TICKER, OTHER):
+        assert validated["tickers"][ticker]["validation"] == "passed"
+        assert "registry lookup failed" in validated["tickers"][ticker]["train_reason"]
     assert any("registry lookup failed" in r.getMessage() for r in caplog.records)
+
+
+def test_concurrently_keeps_the_order_and_each_items_error() -> None:
+    """The batch steps' registry reads run a few at a time (`ml.steps.common.concurrently`):
+    results come back in the items' order, an exception stays with its item."""
+    import threading
+    import time
+
+    from ml.steps.common import concurrently
+
+    seen: set[str] = set()
+
+    def work(n: int) -> int:
+        seen.add(threading.current_thread().name)
+        time.sleep(0.05 * (5 - n))  # the first items finish last
+        if n == 2:
+            raise ValueError("two")
+        return n * 10
+
+    out = concurrently(work, range(5), workers=3)
+    assert [item for item, _, _ in out] == [0, 1, 2, 3, 4]
+    assert [result for _, result, _ in out] == [0, 10, None, 30, 40]
+    assert [type(exc).__name__ if exc else None for _, _, exc in out] == [
+        None,
+        None,
+        "ValueError",
+        None,
+        None,
+    ]
+    assert len(seen) > 1  # threads of a pool, not the caller's
+    assert concurrently(work, [4], workers=3) == [(4, 40, None)]
 
 
 def test_new_bars_are_trained(pl_settings: Settings, friday_done: dict) -> None:

@@ -10,7 +10,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
-from ml.steps.common import error_text, instrument_for, raise_if_all_failed
+from ml.steps.common import concurrently, error_text, instrument_for, raise_if_all_failed
 from ml.universe import Instrument, load_universe
 
 log = logging.getLogger(__name__)
@@ -90,54 +90,84 @@ def validate_all(
     version was trained on exactly these bars and this model config, or when `force`. For the
     others, `tickers[t]` names the version that covers them (and whether its gate has run).
     Without `check_registry` (the CLI's `ingest`, which only publishes) nothing asks MLflow and
-    every ticker whose bars did not change is listed as not needing training. After one failed
-    registry lookup the rest are not tried: every remaining ticker goes to training, which checks
-    again.
+    every ticker whose bars did not change is listed as not needing training. The registry is
+    asked a few tickers at a time; after one failed lookup, those not started are not tried:
+    every ticker left goes to training, which checks again.
 
     Returns {"train": [ticker], "tickers": {ticker: summary}, "failed": {ticker: error}}.
     """
     from ml.data.store import PriceStore
-    from ml.registry.client import get_client
-    from ml.registry.versions import trained_version
 
     staged = list(staged)
     universe = load_universe(settings.universe_file)
     store = PriceStore(settings.data_dir)
-    config_fp = settings.model.fingerprint()
     # What the ledger's monitor asked for after the last run (live U2 >= 1 or input drift).
     monitor_asks = _pending_retrains(settings, staged, as_of) if check_registry else {}
-    client = None
-    registry_error: str | None = None
-    to_train: list[str] = []
     summaries: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    unchanged: list[str] = []
     for ticker in staged:
-        instrument = universe.get(ticker)
         try:
-            summaries[ticker] = summary = _publish(instrument, as_of, store)
+            summaries[ticker] = summary = _publish(universe.get(ticker), as_of, store)
         except Exception as exc:  # PriceValidationError: quarantined with its report
             failed[ticker] = error_text(exc)
             continue
         if force or summary["rows_added"] or summary["rows_updated"]:
             summary["train_reason"] = "force_retrain" if force else "new or revised bars"
+        else:
+            unchanged.append(ticker)
+    found = _trained_versions(unchanged, universe, summaries, settings) if check_registry else {}
+    to_train: list[str] = []
+    for ticker in (t for t in staged if t in summaries):
+        summary = summaries[ticker]
+        if "train_reason" in summary:
             to_train.append(ticker)
-            continue
-        if not check_registry:
-            continue
-        try:
-            if registry_error:
-                raise RuntimeError(registry_error)
-            client = client or get_client(settings)
-            version = trained_version(client, instrument, summary["data_fingerprint"], config_fp)
-        except Exception as exc:  # the check only saves work: train, which checks again
-            registry_error = registry_error or error_text(exc)
-            log.warning("%s: registry lookup failed (%s); training", ticker, registry_error)
-            summary["train_reason"] = f"registry lookup failed ({registry_error})"
+        elif ticker not in found:
+            continue  # not asked (the CLI's `ingest`)
+        elif isinstance(found[ticker], BaseException):
+            summary["train_reason"] = f"registry lookup failed ({found[ticker]})"
             to_train.append(ticker)
-            continue
-        if _needs_training(summary, version, monitor_asks.get(ticker), settings, as_of):
+        elif _needs_training(summary, found[ticker], monitor_asks.get(ticker), settings, as_of):
             to_train.append(ticker)
     return {"train": to_train, "tickers": summaries, "failed": failed}
+
+
+def _trained_versions(
+    tickers: list[str], universe: Any, summaries: dict[str, dict[str, Any]], settings: Settings
+) -> dict[str, Any]:
+    """ticker -> the version trained on exactly its published bars and this config (or None),
+    or the exception of a failed lookup; a few lookups at a time (`concurrently`). After one
+    failed lookup the ones not started yet are not tried: with the registry down, each would
+    wait out the client's retries."""
+    from ml.registry.client import get_client
+    from ml.registry.versions import trained_version
+
+    config_fp = settings.model.fingerprint()
+    client = get_client(settings)
+    first_error: list[str] = []
+
+    def lookup(ticker: str) -> Any:
+        if first_error:
+            raise RuntimeError(first_error[0])
+        try:
+            return trained_version(
+                client,
+                universe.get(ticker),
+                summaries[ticker]["data_fingerprint"],
+                config_fp,
+            )
+        except Exception as exc:  # the check only saves work: train, which checks again
+            first_error.append(error_text(exc))
+            raise
+
+    found: dict[str, Any] = {}
+    for ticker, version, exc in concurrently(lookup, tickers):
+        if exc is not None:
+            log.warning("%s: registry lookup failed (%s); training", ticker, first_error[0])
+            found[ticker] = RuntimeError(first_error[0])
+        else:
+            found[ticker] = version
+    return found
 
 
 def _publish(instrument: Instrument, as_of: date, store: Any) -> dict[str, Any]:

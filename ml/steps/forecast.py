@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
 from ml.forecasts.ledger import plain
-from ml.steps.common import error_text, instrument_for, raise_if_all_failed
+from ml.steps.common import concurrently, error_text, instrument_for, raise_if_all_failed
 from ml.universe import Instrument, load_universe
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,16 @@ def forecast_all(
     failed: dict[str, str] = {}
     new_rows: list[dict[str, Any]] = []
     states: dict[str, tuple[Instrument, Any, Any]] = {}
-    for ticker in tickers:
-        try:
-            instrument = universe.get(ticker)
-            history = store.load(instrument, until=as_of)
-            states[ticker] = (
-                instrument,
-                history,
-                champion_as_of(client, instrument.model_name, as_of),
-            )
-        except Exception as exc:
+
+    def state(ticker: str) -> tuple[Instrument, Any, Any]:
+        instrument = universe.get(ticker)
+        history = store.load(instrument, until=as_of)
+        return instrument, history, champion_as_of(client, instrument.model_name, as_of)
+
+    for ticker, found, exc in concurrently(state, tickers):  # registry reads, a few at a time
+        if exc is None:
+            states[ticker] = found
+        else:
             failed[ticker] = error_text(exc)
             log.warning("%s: forecast failed: %s", ticker, failed[ticker])
     monitored = monitor_all(states, as_of, settings, client)
