@@ -35,9 +35,10 @@ def configure_tensorflow(threads: int | None = None) -> None:
         pass  # already initialized in this process
     if os.environ.get("TF_GRAPPLER", "off").lower() == "off":
         # Grappler rewrites every traced graph before its first run. For the train step of the
-        # unrolled two-branch network that took about 1 s of each fresh process (each Airflow
-        # train task is one) and bought no speed: an epoch ran 0.113 s with it off against
-        # 0.116 s on (2,048 windows, both kinds, 2 cores). TF_GRAPPLER=on keeps it.
+        # unrolled two-branch network that took 0.2-0.9 s of each fresh process (measured
+        # several times; each Airflow train task is one) and bought no speed: an epoch ran
+        # 0.113 s with it off against 0.116 s on (2,048 windows, both kinds, 2 cores).
+        # TF_GRAPPLER=on keeps it.
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 

@@ -103,7 +103,7 @@ def _compile(kinds: tuple[str, ...], config: ModelConfig, n_features: int, n_tar
     The train step is our own (a `tf.function` around one batch: forward, the sum of the
     branches' MSEs, gradients, the model's Adam), not `Model.fit`: Keras' fit machinery traces
     its train function twice (inside a loop and a condition) and took about 4 s in a fresh
-    process before the first epoch ran; this step traces once, about 1.2 s with Grappler off
+    process before the first epoch ran; this step traces once, about 1 s with Grappler off
     (`ml.model.networks.configure_tensorflow`), and runs an epoch as fast. The loss is what
     `compile(loss="mse")` would compute per branch: the mean squared error over the batch and
     the targets.
