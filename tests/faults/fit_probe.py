@@ -1,14 +1,14 @@
-"""Test hook: records in a file when a process enters `keras.Model.fit`, ends each epoch, leaves.
+"""Test hook: records in a file when a process enters the Keras fit, ends each epoch, leaves.
 
 Loaded only by the Airflow stack of tests/faults/test_airflow_kill.py, through the executor's
 `PRELOAD_MODULES` (plugins/preloading_executor.py imports the listed modules in every LocalExecutor
 worker, and the task processes forked from a worker inherit them). When `FIT_PROBE_DIR` is set,
-importing it wraps `keras.Model.fit`: every call appends `start <time>` to
-`$FIT_PROBE_DIR/<pid>.fit` before the fit, `epoch <n> <time>` after each epoch (one more Keras
-callback, after the caller's, that only writes this line) and `end <time>` after the fit (also
-when it raises). The fit itself is the original one. A process whose file ends in `epoch` lines
-is in the middle of a fit: that is where the test SIGKILLs a train task. Without `FIT_PROBE_DIR`
-it does nothing.
+importing it wraps the project's fit loop, `ml.model.training.fit_candidates` (its own traced
+train step, epoch after epoch) and `_score_epoch` (called at the end of every epoch): every fit
+appends `start <time>` to `$FIT_PROBE_DIR/<pid>.fit` before it, `epoch <n> <time>` after each
+epoch's scoring and `end <time>` after the fit (also when it raises). The fit itself is the
+original one. A process whose file ends in `epoch` lines is in the middle of a fit: that is where
+the test SIGKILLs a train task. Without `FIT_PROBE_DIR` it does nothing.
 """
 
 from __future__ import annotations
@@ -48,29 +48,29 @@ def install() -> bool:
     folder = os.environ.get(PROBE_DIR_ENV)
     if not folder:
         return False
-    import keras
+    from ml.model import training
 
-    original = keras.Model.fit
-    if getattr(original, "fit_probe", False):
+    if getattr(training.fit_candidates, "fit_probe", False):
         return True
+    fit_candidates, score_epoch = training.fit_candidates, training._score_epoch
 
-    class EpochRecorder(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs=None) -> None:
-            _record(folder, f"epoch {epoch + 1}")
+    @functools.wraps(score_epoch)
+    def scored(compiled, branches, train_losses, x_val, y_val, epoch, patience):
+        done = score_epoch(compiled, branches, train_losses, x_val, y_val, epoch, patience)
+        _record(folder, f"epoch {epoch + 1}")
+        return done
 
-    @functools.wraps(original)
-    def fit(self, *args, **kwargs):
-        if len(args) < 6:  # `callbacks` is fit's 6th parameter; passed by keyword here
-            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EpochRecorder()]
+    @functools.wraps(fit_candidates)
+    def fit(*args, **kwargs):
         _record(folder, "start")
         try:
-            return original(self, *args, **kwargs)
+            return fit_candidates(*args, **kwargs)
         finally:
             _record(folder, "end")
 
     fit.fit_probe = True  # type: ignore[attr-defined]
-    keras.Model.fit = fit
-    print(f"fit_probe: keras.Model.fit records to {folder} (pid {os.getpid()})", flush=True)
+    training.fit_candidates, training._score_epoch = fit, scored
+    print(f"fit_probe: ml.model.training's fit records to {folder} (pid {os.getpid()})", flush=True)
     return True
 
 

@@ -22,7 +22,7 @@ per ticker, in the same run:
 
 - in the middle of the Keras fit: tests/faults/fit_probe.py, loaded into the executor's workers
   through `PRELOAD_MODULES` (only in this test's stack), records in `<pid>.fit` when
-  `keras.Model.fit` starts, ends each epoch and returns; the first ticker's task process is
+  the fit (`ml.model.training.fit_candidates`) starts, ends each epoch and returns; the first ticker's task process is
   killed once its fit has done 3 of its 150 epochs, and the test checks afterwards that the file
   stops there (no later epoch, no `end`);
 - inside the MLflow run: the second ticker's task process is killed as soon as MLflow shows a
