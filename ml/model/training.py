@@ -92,6 +92,15 @@ def _model_key(kinds: tuple[str, ...], config: ModelConfig, n_features: int, n_t
     )
 
 
+def _layer_sizes(config: ModelConfig) -> dict[str, Any]:
+    """The config's network sizes and learning rate, as `build_model`/`build_branches` take them."""
+    return {
+        "units": config.units,
+        "dense_units": config.dense_units,
+        "learning_rate": config.learning_rate,
+    }
+
+
 def _as_list(outputs: Any) -> list[Any]:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
@@ -114,15 +123,7 @@ def _compile(kinds: tuple[str, ...], config: ModelConfig, n_features: int, n_tar
     from ml.model.networks import build_branches
 
     keras.utils.set_random_seed(config.seed)
-    model = build_branches(
-        kinds,
-        config.window,
-        n_features,
-        n_targets,
-        units=config.units,
-        dense_units=config.dense_units,
-        learning_rate=config.learning_rate,
-    )
+    model = build_branches(kinds, config.window, n_features, n_targets, **_layer_sizes(config))
     variables = model.trainable_variables
     optimizer = model.optimizer
     optimizer.build(variables)
@@ -283,15 +284,7 @@ def standalone_network(
     """A new `build_model(kind)` network of its own holding `weights`."""
     from ml.model.networks import build_model
 
-    model = build_model(
-        kind,
-        config.window,
-        n_features,
-        n_targets,
-        units=config.units,
-        dense_units=config.dense_units,
-        learning_rate=config.learning_rate,
-    )
+    model = build_model(kind, config.window, n_features, n_targets, **_layer_sizes(config))
     model.set_weights(weights)
     return model
 
