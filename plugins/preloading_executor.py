@@ -7,8 +7,9 @@ at start; the forked task processes inherit the modules (copy-on-write) and star
 
 Nothing else changes: tasks still run in their own process, under Airflow's supervisor. Only
 modules are imported and plain caches filled in the worker; no TensorFlow session or thread pool
-is created before the fork. Use it with `AIRFLOW__CORE__EXECUTOR=preloading_executor.PreloadingLocalExecutor` (this
-folder is Airflow's plugins folder, which Airflow puts on sys.path); `PRELOAD_MODULES` lists the
+is created before the fork. Use it with
+`AIRFLOW__CORE__EXECUTOR=preloading_executor.PreloadingLocalExecutor` (this folder is Airflow's
+plugins folder, which Airflow puts on sys.path); `PRELOAD_MODULES` lists the
 modules (comma-separated) and `PRELOAD_WARMUP` the functions (`module:function`) each worker then
 calls once to fill caches that every task would otherwise fill again (each must be safe before a
 fork: no threads). When `PRELOAD_REPORT_DIR` names a folder, each worker writes `<pid>.json`
@@ -85,11 +86,15 @@ def check_compatible() -> None:
 check_compatible()
 
 
+def _comma_list(text: str) -> list[str]:
+    return [item for item in (part.strip() for part in text.split(",")) if item]
+
+
 def _preload(modules: str, warmup: str = "") -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     started = time.monotonic()
-    names = [m for m in (m.strip() for m in modules.split(",")) if m]
+    names = _comma_list(modules)
     failed: dict[str, str] = {}
     for name in names:
         try:
@@ -98,7 +103,7 @@ def _preload(modules: str, warmup: str = "") -> None:
             failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"preloading_executor: could not import {name}: {exc}", flush=True)
     warmed: list[str] = []
-    for call in [c for c in (c.strip() for c in warmup.split(",")) if c]:
+    for call in _comma_list(warmup):
         module, _, function = call.partition(":")
         try:
             getattr(importlib.import_module(module), function)()
