@@ -51,16 +51,12 @@ def concurrently(
     from concurrent.futures import ThreadPoolExecutor
 
     items = list(items)
-    if len(items) <= 1 or workers <= 1:
-        futures = None
-    else:
-        pool = ThreadPoolExecutor(max_workers=min(workers, len(items)))
-        with pool:
-            futures = [pool.submit(fn, item) for item in items]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
     out: list[tuple[T, R | None, BaseException | None]] = []
-    for i, item in enumerate(items):
+    for item, future in zip(items, futures, strict=True):
         try:
-            out.append((item, futures[i].result() if futures else fn(item), None))
+            out.append((item, future.result(), None))
         except Exception as exc:
             out.append((item, None, exc))
     return out
