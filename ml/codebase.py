@@ -52,14 +52,16 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def _package_imports(name: str, found: dict[str, Path]) -> set[str]:
+    """The package's modules that module `name` imports at run time (itself excluded)."""
+    targets = runtime_imports(ast.parse(found[name].read_text()))
+    return {t for t in targets if t in found and t != name}
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the package's modules it imports at run time."""
     found = modules()
-    graph = {}
-    for name, path in found.items():
-        targets = runtime_imports(ast.parse(path.read_text()))
-        graph[name] = {t for t in targets if t in found and t != name}
-    return graph
+    return {name: _package_imports(name, found) for name in found}
 
 
 def closure(start: str) -> list[Path]:
@@ -73,8 +75,7 @@ def closure(start: str) -> list[Path]:
         if name in needed:
             continue
         needed.add(name)
-        imported = runtime_imports(ast.parse(found[name].read_text()))
-        stack.extend(t for t in imported if t in found)
+        stack.extend(_package_imports(name, found))
         parts = name.split(".")
         stack.extend(".".join(parts[:i]) for i in range(1, len(parts)))
     return sorted(found[n] for n in needed)
