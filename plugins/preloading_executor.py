@@ -42,9 +42,10 @@ DEFAULT_PRELOAD = (
     "pandas,pyarrow,tensorflow,keras,mlflow,mlflow.pyfunc,great_expectations,yfinance,"
     "ml.steps.data,ml.steps.model,ml.steps.forecast"
 )
-# Called once after the imports, as `module:function`, comma-separated: caches every task would
-# otherwise fill again in its own process. Each must be safe before a fork (no threads).
-DEFAULT_WARMUP = "ml.registry.client:warm_caches"
+# Called once after the imports, as `module:function`, comma-separated: the modules the steps
+# import inside their functions, and caches every task would otherwise fill again in its own
+# process. Each must be safe before a fork (no threads).
+DEFAULT_WARMUP = "ml.steps.common:import_step_modules,ml.registry.client:warm_caches"
 REPORT_DIR_ENV = "PRELOAD_REPORT_DIR"
 # The parameters of local_executor._run_worker, all passed by name by _spawn_worker (Airflow 3.3).
 RUN_WORKER_PARAMETERS = ("logger_name", "input", "output", "unread_messages", "team_conf")

@@ -55,8 +55,9 @@ MARKER_ENV = "PF_STACK_ID"
 TUNABLE = {
     "AIRFLOW__CORE__PARALLELISM": "4",
     # A run is a chain of a few tasks: an idle scheduler loop of 1 s (the default) adds up to a
-    # second to every hand-off. A quarter of a second costs little CPU on one machine.
-    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
+    # second to every hand-off. A tenth of a second: a day without new bars is seven hand-offs
+    # (bench: 4.0 s against 5.2 s at 0.25), and the full day did not get slower.
+    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.1",
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
     "PRICE_SOURCE": "synthetic",
 }

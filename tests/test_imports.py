@@ -61,3 +61,37 @@ def test_importing_ml_modules_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == ""
+
+
+def test_the_step_modules_warm_up_leaves_a_data_phase_nothing_to_import(tmp_path) -> None:
+    """`ml.steps.common.import_step_modules` (a preloading executor worker's warm-up) imports what
+    the steps import inside their functions: after it, a real ingest and validate of a synthetic
+    ticker (GX suite, Parquet store) import no module of `ml`, pandas or pyarrow in the process
+    that runs them, as a task forked from that worker would not."""
+    import json
+    import os
+
+    code = (
+        "import json, sys\n"
+        "from datetime import date\n"
+        "from ml.steps.common import import_step_modules\n"
+        "names = import_step_modules()\n"
+        "before = set(sys.modules)\n"
+        "from ml.config import get_settings\n"
+        "from ml.steps.data import ingest_all, validate_all\n"
+        "s = get_settings()\n"
+        "staged = ingest_all(['SPY'], date(2024, 6, 28), s)['staged']\n"
+        "done = validate_all(list(staged), date(2024, 6, 28), s, check_registry=False)\n"
+        "new = sorted(m for m in set(sys.modules) - before\n"
+        "             if m.split('.')[0] in ('ml', 'pandas', 'pyarrow'))\n"
+        "print(json.dumps({'names': names, 'new': new, 'published': list(done['tickers'])}))\n"
+    )
+    env = {**os.environ, "DATA_DIR": str(tmp_path), "PRICE_SOURCE": "synthetic"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["published"] == ["SPY"]
+    assert {"ml.model.training", "ml.quality.validation", "pyarrow.dataset"} <= set(result["names"])
+    assert result["new"] == [], result["new"]

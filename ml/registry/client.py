@@ -55,18 +55,27 @@ def code_version() -> str:
 
 
 def warm_caches() -> None:
-    """Fill, once, a cache MLflow fills on the first model logged or loaded in a process.
+    """Fill, once, the caches MLflow and `code_version` fill on the first run or model of a
+    process.
 
     To check a model's pip requirements against what is installed, MLflow maps every installed
     distribution to its top-level modules (`mlflow.utils.requirements_utils`), reading the
     metadata of all of them: about 1 s on this project's environment, in every train, promote
     and forecast task, since each is a fresh process. Called once in a process that forks the
-    tasks (the preloading executor's workers, `PRELOAD_WARMUP`), the map is inherited. Safe
-    before a fork: plain Python data, no threads, no sockets.
+    tasks (the preloading executor's workers, `PRELOAD_WARMUP`), the map is inherited. So are
+    the git facts MLflow tags each run with and the commit `code_version` tags each model with;
+    they describe the code the worker imported, which is the code its tasks run. Safe before a
+    fork: plain Python data, no threads, no sockets (the git subprocesses have exited).
     """
+    from mlflow.tracking.context.registry import resolve_tags
     from mlflow.utils import requirements_utils
 
     requirements_utils._init_modules_to_packages_map()
+    # The run context every `start_run` resolves: MLflow's git provider opens the repository of
+    # the process's main file (in a task, the `airflow` script of the checkout's venv) three
+    # times, for commit, branch and remote, and keeps the answer for the process.
+    resolve_tags()
+    code_version()  # two `git` subprocesses, once per process (lru_cache)
 
 
 def get_client(settings: Settings) -> MlflowClient:

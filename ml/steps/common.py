@@ -25,6 +25,48 @@ R = TypeVar("R")
 REGISTRY_CONCURRENCY = 4
 
 
+# What the steps import inside their functions besides the package's own modules: found by
+# listing the modules a train, validate and forecast call adds to `sys.modules` in a process
+# forked from one that had imported `ml.steps.*`, TensorFlow, MLflow and GX (Parquet's dataset
+# reader, the plot's PNG backend, GitPython for MLflow's run tags, MLflow's tracing processor
+# and request headers). Each is an import every task process would make again.
+LAZY_IMPORTS = (
+    "pyarrow.parquet",
+    "pyarrow.dataset",
+    "pandas.core.arrays.arrow.extension_types",
+    "pandas.core.methods.to_dict",
+    "matplotlib.backends.backend_agg",
+    *(f"PIL.{f}ImagePlugin" for f in ("Bmp", "Gif", "Jpeg", "Png", "Ppm")),  # PIL's preinit()
+    "git",
+    "netrc",
+    "mlflow.models.display_utils",
+    "mlflow.tracing.export.utils",
+    "mlflow.tracing.processor.base_mlflow",
+    "mlflow.tracing.processor.otel",
+    "mlflow.tracking.request_header.registry",
+)
+STEP_MODULES = ("ml.steps.data", "ml.steps.model", "ml.steps.forecast", "ml.steps.report")
+
+
+def import_step_modules() -> list[str]:
+    """Import every module the steps import inside their functions: the package's own (the
+    import closure of `STEP_MODULES`, `ml.codebase`) and `LAZY_IMPORTS`. Returns their names.
+
+    For a process that forks tasks (the preloading executor's workers, `PRELOAD_WARMUP`): the
+    steps import lazily so that parsing the DAG file stays cheap, and a forked task would
+    otherwise import each of these again. Imports only: no threads, safe before a fork.
+    """
+    import importlib
+
+    from ml import codebase
+
+    names = sorted({codebase.module_name(p) for m in STEP_MODULES for p in codebase.closure(m)})
+    names += LAZY_IMPORTS
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
 class StepFailed(RuntimeError):
     """Every ticker a batch step tried failed (the task should be retried)."""
 
