@@ -182,6 +182,41 @@ def test_ticker_without_champion_returns_none_and_writes_nothing(
 
 
 @pytest.mark.slow
+def test_a_champion_whose_files_are_gone_fails_alone_in_the_batch(
+    tmp_path: Path, mlflow_server
+) -> None:
+    """forecast_all downloads the champions' files a few at a time before loading them one by
+    one: a champion whose network file was deleted from the artifact store fails its ticker
+    with the download's error; the other ticker is forecast and written."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from ml.registry.client import CHAMPION, get_client
+    from ml.steps.forecast import forecast_all
+    from ml.steps.model import train_step
+
+    ok, broken = "TFOKB", "TFGONE"
+    settings = isolated_settings(
+        tmp_path, mlflow_server.uri, f"test-fc-gone-{uuid.uuid4().hex[:8]}", {ok: "A", broken: "B"}
+    )
+    client = get_client(settings)
+    for ticker in (ok, broken):
+        _ingest(ticker, AS_OF, settings)
+        trained = train_step(ticker, AS_OF, settings)
+        # The champion alias as the gate would set it (the gate's verdict is not under test).
+        client.set_registered_model_alias(f"price-forecast-{ticker}", CHAMPION, trained["version"])
+    location = client.get_model_version_download_uri(f"price-forecast-{broken}", "1")
+    get_artifact_repository(location).delete_artifacts("artifacts/model.keras")
+
+    result = forecast_all([ok, broken], AS_OF, settings)
+
+    assert list(result["forecasts"]) == [ok], result
+    assert list(result["failed"]) == [broken], result
+    assert "model.keras" in result["failed"][broken], result["failed"]
+    assert _rows(settings, ok, AS_OF).shape[0] == 1
+    assert _rows(settings, broken, AS_OF).empty
+
+
+@pytest.mark.slow
 def test_forecast_with_unreachable_registry_fails_loudly(
     fc_settings: Settings, tmp_path: Path, monkeypatch
 ) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
@@ -160,9 +161,7 @@ def load_forecaster(
     """
     import tempfile
 
-    import mlflow
-
-    from ml.model.forecaster import KERAS_FILE, PREPROCESSING_FILE, PriceForecaster
+    from ml.model.forecaster import PriceForecaster
     from ml.model.networks import configure_tensorflow
 
     client = get_client(settings)
@@ -174,15 +173,31 @@ def load_forecaster(
         if mv is None:
             return None
         version = mv.version
-    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     configure_tensorflow()
     with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
-        keras_path, prep_path = (
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{instrument.model_name}/{version}/artifacts/{name}",
-                dst_path=tmp,
-                tracking_uri=settings.mlflow_tracking_uri,
-            )
-            for name in (KERAS_FILE, PREPROCESSING_FILE)
+        files = download_forecaster(instrument, settings, str(version), Path(tmp))
+        return PriceForecaster.load(*files), str(version)
+
+
+def download_forecaster(
+    instrument: Instrument, settings: Settings, version: str, dest: Path
+) -> tuple[str, str]:
+    """Download a version's network and preprocessing files into `dest` (its own folder per
+    version there); returns their paths, for `PriceForecaster.load`. Only HTTP: safe to run a
+    few at a time in threads (the batch forecast does), unlike loading the Keras models."""
+    import mlflow
+
+    from ml.model.forecaster import KERAS_FILE, PREPROCESSING_FILE
+
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    folder = dest / f"{instrument.slug}-v{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    keras_path, prep_path = (
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{instrument.model_name}/{version}/artifacts/{name}",
+            dst_path=str(folder),
+            tracking_uri=settings.mlflow_tracking_uri,
         )
-        return PriceForecaster.load(keras_path, prep_path), str(version)
+        for name in (KERAS_FILE, PREPROCESSING_FILE)
+    )
+    return keras_path, prep_path

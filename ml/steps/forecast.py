@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import date
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
@@ -61,23 +63,35 @@ def forecast_all(
             failed[ticker] = error_text(exc)
             log.warning("%s: forecast failed: %s", ticker, failed[ticker])
     monitored = monitor_all(states, as_of, settings, client)
-    for ticker, (instrument, history, champion) in states.items():
-        try:
-            outcome, row = _forecast_one(
-                instrument, as_of, settings, client, table, history=history, champion=champion
-            )
-        except Exception as exc:
-            failed[ticker] = error_text(exc)
-            log.warning("%s: forecast failed: %s", ticker, failed[ticker])
-            continue
-        if outcome == "no champion":
-            no_champion.append(ticker)
-            continue
-        if outcome == "kept":
-            kept.append(ticker)
-        else:
-            new_rows.append(row)
-        forecasts[ticker] = row
+    with tempfile.TemporaryDirectory(prefix="champions-") as tmp:
+        # The champions' files, a few downloads at a time; the Keras loads stay one at a time.
+        files = _download_champions(states, table, as_of, settings, Path(tmp))
+        for ticker, (instrument, history, champion) in states.items():
+            try:
+                if isinstance(files.get(ticker), BaseException):
+                    raise files[ticker]
+                outcome, row = _forecast_one(
+                    instrument,
+                    as_of,
+                    settings,
+                    client,
+                    table,
+                    history=history,
+                    champion=champion,
+                    files=files.get(ticker),
+                )
+            except Exception as exc:
+                failed[ticker] = error_text(exc)
+                log.warning("%s: forecast failed: %s", ticker, failed[ticker])
+                continue
+            if outcome == "no champion":
+                no_champion.append(ticker)
+                continue
+            if outcome == "kept":
+                kept.append(ticker)
+            else:
+                new_rows.append(row)
+            forecasts[ticker] = row
     if new_rows:
         record_forecasts(settings, new_rows)
     _export(settings, new_rows, [forecasts[t] for t in kept])
@@ -147,6 +161,49 @@ def monitor_all(
     return summary
 
 
+def _download_champions(
+    states: Mapping[str, tuple[Instrument, Any, Any]],
+    table: Any,
+    as_of: date,
+    settings: Settings,
+    dest: Path,
+) -> dict[str, Any]:
+    """ticker -> the downloaded files of its champion (or the download's exception), for the
+    tickers whose champion has not forecast their last bar yet; a few at a time (HTTP only)."""
+    from ml.registry.versions import download_forecaster
+
+    due = [
+        ticker
+        for ticker, (instrument, history, champion) in states.items()
+        if champion is not None
+        and len(history)
+        and _kept_row(table, instrument, history, champion, as_of) is None
+    ]
+
+    def fetch(ticker: str) -> tuple[str, str]:
+        instrument, _, champion = states[ticker]
+        return download_forecaster(instrument, settings, str(champion.version), dest)
+
+    return {t: files if exc is None else exc for t, files, exc in concurrently(fetch, due)}
+
+
+def _kept_row(
+    table: Any, instrument: Instrument, history: Any, champion: Any, as_of: date
+) -> dict[str, Any] | None:
+    """The ledger's row in which this champion already forecast the bar after `history`'s last
+    (a day without a new bar), or None."""
+    last_bar = history["Date"].iloc[-1].date().isoformat()
+    existing = table.loc[
+        (table["ticker"] == instrument.ticker)
+        & (table["last_bar_date"] == last_bar)
+        & (table["model_version"] == str(champion.version))
+        & (table["logical_date"] <= as_of.isoformat())
+    ]
+    if existing.empty:
+        return None
+    return {k: plain(v) for k, v in existing.iloc[-1].to_dict().items()}
+
+
 def _forecast_one(
     instrument: Instrument,
     as_of: date,
@@ -156,11 +213,15 @@ def _forecast_one(
     *,
     history: Any = None,
     champion: Any = None,
+    files: tuple[str, str] | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
     """("no champion", None), ("kept", the existing row) or ("new", a row to write); `history`
-    (bars up to as_of) and `champion` are looked up when not given."""
+    (bars up to as_of) and `champion` are looked up when not given, and the champion's files
+    (`download_forecaster`) are downloaded when not given."""
     from ml.data.store import PriceStore
     from ml.forecasts.export import forecast_row
+    from ml.model.forecaster import PriceForecaster
+    from ml.model.networks import configure_tensorflow
     from ml.registry.versions import champion_as_of, load_forecaster
 
     if champion is None:
@@ -169,16 +230,14 @@ def _forecast_one(
         return "no champion", None
     if history is None:
         history = PriceStore(settings.data_dir).load(instrument, until=as_of)
-    last_bar = history["Date"].iloc[-1].date().isoformat()
-    existing = table.loc[
-        (table["ticker"] == instrument.ticker)
-        & (table["last_bar_date"] == last_bar)
-        & (table["model_version"] == str(champion.version))
-        & (table["logical_date"] <= as_of.isoformat())
-    ]
-    if not existing.empty:
-        return "kept", {k: plain(v) for k, v in existing.iloc[-1].to_dict().items()}
-    loaded = load_forecaster(instrument, settings, version=str(champion.version))
+    kept = _kept_row(table, instrument, history, champion, as_of)
+    if kept is not None:
+        return "kept", kept
+    if files is not None:
+        configure_tensorflow()
+        loaded = PriceForecaster.load(*files), str(champion.version)
+    else:
+        loaded = load_forecaster(instrument, settings, version=str(champion.version))
     assert loaded is not None  # the version exists: champion_as_of just found it
     return "new", forecast_row(instrument, as_of, history, loaded[0], loaded[1], settings)
 
