@@ -311,6 +311,11 @@ def published_only(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.loc[frame["Date"] <= GOOD_AS_OF.isoformat()]
 
 
+def published_with_a_date_twice(frame: pd.DataFrame) -> pd.DataFrame:
+    """Nothing new but the last published bar twice: not taken for a no-new-data day."""
+    return duplicate_last(published_only(frame))
+
+
 BAD_BATCHES = [
     ("nan-close", "GOOGL", on_last_row(Close=np.nan), AS_OF, "Close_not_null"),
     ("nan-close-forex", "EURUSD=X", on_last_row(Close=np.nan), AS_OF, "Close_not_null"),
@@ -333,6 +338,13 @@ BAD_BATCHES = [
     ("stale", "GOOGL", unchanged, AS_OF + timedelta(days=30), "fresh"),
     # Only bars that are already published: the unchanged path still checks freshness.
     ("stale-repeat", "GOOGL", published_only, GOOD_AS_OF + timedelta(days=30), "fresh"),
+    (
+        "duplicate-published-date",
+        "GOOGL",
+        published_with_a_date_twice,
+        GOOD_AS_OF + timedelta(days=4),
+        "dates_unique",
+    ),
 ]
 
 
