@@ -8,6 +8,7 @@ with `Date` a plain session date (no time, no time zone), sorted ascending, rest
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache
@@ -150,13 +151,17 @@ def _synthetic_series(ticker: str, asset_class: str) -> pd.DataFrame:
     alpha, beta = 0.08, 0.90
     omega = base_var * (1 - alpha - beta)
     shocks = rng.standard_t(df=5, size=n) / np.sqrt(5 / 3)
-    var = np.empty(n)
-    ret = np.empty(n)
-    var[0] = base_var
-    for t in range(n):
+    # The recursion on plain floats: the same IEEE operations in the same order as on numpy
+    # scalars (bit for bit), several times faster over the ~9,400 bars of the span.
+    var_list = [0.0] * n
+    ret_list = [0.0] * n
+    v, r = base_var, 0.0
+    for t, shock in enumerate(shocks.tolist()):
         if t:
-            var[t] = omega + alpha * ret[t - 1] ** 2 + beta * var[t - 1]
-        ret[t] = np.sqrt(var[t]) * shocks[t]
+            v = omega + alpha * r**2 + beta * v
+        r = math.sqrt(v) * shock
+        var_list[t], ret_list[t] = v, r
+    var, ret = np.array(var_list), np.array(ret_list)
     sigma = np.sqrt(var)
     drift = 0.03 / per_year if asset_class in ("stock", "etf") else 0.0
     log_close = np.cumsum(ret + drift - 0.5 * var)
@@ -217,8 +222,14 @@ class SyntheticSource:
             raise PriceSourceError(
                 f"{instrument.ticker}: synthetic data span {SYNTHETIC_EPOCH}..{SYNTHETIC_LAST}"
             )
+        import pandas as pd
+
         series = _synthetic_series(instrument.ticker, instrument.asset_class)
-        return normalize_frame(series, instrument.ticker, start, end)
+        # Only the asked span goes through normalize_frame (its own date filter keeps the same
+        # rows: these dates are already midnight, tz-naive).
+        lo = series["Date"].searchsorted(pd.Timestamp(start), side="left")
+        hi = series["Date"].searchsorted(pd.Timestamp(end), side="right")
+        return normalize_frame(series.iloc[lo:hi], instrument.ticker, start, end)
 
 
 # --- files ---------------------------------------------------------------------------------------
