@@ -34,14 +34,10 @@ def forecast_all(
     to the CSV export in one write. Returns {"forecasts": {ticker: row}, "kept": [ticker],
     "no_champion": [ticker], "failed": {ticker: error}, "monitor": {ticker: live summary}}.
     """
-    from ml.data.store import PriceStore
     from ml.forecasts.ledger import read_table, record_forecasts
     from ml.registry.client import get_client
-    from ml.registry.versions import champion_as_of
 
     tickers = list(tickers)
-    universe = load_universe(settings.universe_file)
-    store = PriceStore(settings.data_dir)
     table = read_table(settings, "forecasts")  # the store of record (the CSV is an export)
     client = get_client(settings) if tickers else None
     forecasts: dict[str, Any] = {}
@@ -49,19 +45,7 @@ def forecast_all(
     no_champion: list[str] = []
     failed: dict[str, str] = {}
     new_rows: list[dict[str, Any]] = []
-    states: dict[str, tuple[Instrument, Any, Any]] = {}
-
-    def state(ticker: str) -> tuple[Instrument, Any, Any]:
-        instrument = universe.get(ticker)
-        history = store.load(instrument, until=as_of)
-        return instrument, history, champion_as_of(client, instrument.model_name, as_of)
-
-    for ticker, found, exc in concurrently(state, tickers):  # registry reads, a few at a time
-        if exc is None:
-            states[ticker] = found
-        else:
-            failed[ticker] = error_text(exc)
-            log.warning("%s: forecast failed: %s", ticker, failed[ticker])
+    states = _states(tickers, as_of, settings, client, failed)
     monitored = monitor_all(states, as_of, settings, client)
     with tempfile.TemporaryDirectory(prefix="champions-") as tmp:
         # The champions' files, a few downloads at a time; the Keras loads stay one at a time.
@@ -159,6 +143,32 @@ def monitor_all(
             "retrain_reason": watched.retrain_reason,
         }
     return summary
+
+
+def _states(
+    tickers: list[str], as_of: date, settings: Settings, client: Any, failed: dict[str, str]
+) -> dict[str, tuple[Instrument, Any, Any]]:
+    """ticker -> (instrument, bars up to as_of, champion as of as_of or None), read a few
+    tickers at a time (registry reads); a ticker whose reads fail goes to `failed`."""
+    from ml.data.store import PriceStore
+    from ml.registry.versions import champion_as_of
+
+    universe = load_universe(settings.universe_file)
+    store = PriceStore(settings.data_dir)
+
+    def state(ticker: str) -> tuple[Instrument, Any, Any]:
+        instrument = universe.get(ticker)
+        history = store.load(instrument, until=as_of)
+        return instrument, history, champion_as_of(client, instrument.model_name, as_of)
+
+    states: dict[str, tuple[Instrument, Any, Any]] = {}
+    for ticker, found, exc in concurrently(state, tickers):
+        if exc is None:
+            states[ticker] = found
+        else:
+            failed[ticker] = error_text(exc)
+            log.warning("%s: forecast failed: %s", ticker, failed[ticker])
+    return states
 
 
 def _download_champions(
