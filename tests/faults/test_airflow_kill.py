@@ -22,13 +22,16 @@ per ticker, in the same run:
 
 - in the middle of the Keras fit: tests/faults/fit_probe.py, loaded into the executor's workers
   through `PRELOAD_MODULES` (only in this test's stack), records in `<pid>.fit` when
-  the fit (`ml.model.training.fit_candidates`) starts, ends each epoch and returns; the first ticker's task process is
-  killed once its fit has done 3 of its 150 epochs, and the test checks afterwards that the file
-  stops there (no later epoch, no `end`);
-- inside the MLflow run: the second ticker's task process is killed as soon as MLflow shows a
-  RUNNING run for that ticker (`log_candidate` opens it after the fit); the test checks that the
-  run is still RUNNING right after the kill (an orphan only the retry can close) and FAILED at
-  the end.
+  the fit (`ml.model.training.fit_candidates`) starts, ends each epoch and returns, and holds the
+  first ticker's first try after epoch 3 of 150 (`FIT_PROBE_HOLD`: on a fast machine the whole
+  fit takes under a second, too short to hit by polling); that task process is killed there, and
+  the test checks afterwards that the file stops there (no later epoch, no `end`);
+- inside the MLflow run: the probe holds the second ticker's first try at the `run-open` fault
+  checkpoint (`FIT_PROBE_HOLD`: params logged, model not yet; the run lasts about half a second
+  otherwise, too short to hit by polling), and the task process is killed once the probe
+  recorded it there and MLflow shows a RUNNING run for that ticker; the test checks that the run
+  is still RUNNING right after the kill (an orphan only the retry can close) and FAILED at the
+  end.
 
 What must hold after the run: the run is `success`; both killed instances are at try 2 and
 succeeded, try 1 was the killed pid, and no other task needed a retry; per ticker exactly one
@@ -65,7 +68,7 @@ import pytest
 from ml.servers import sqlite_mlflow_server
 from tests.dags.conftest import REPO, clean_env, migrate_airflow_db, pipeline_env, tail
 from tests.dags.stack import DAG_ID, Stack, new_stack, write_universe
-from tests.faults.fit_probe import PROBE_DIR_ENV, fit_events, fit_started
+from tests.faults.fit_probe import HOLD_ENV, PROBE_DIR_ENV, fit_events, fit_started
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -81,6 +84,8 @@ EXPERIMENT = "airflow-kill"
 # test can hit; the same settings for the killed try, its retry and the undisturbed fit.
 MODEL = {"MODEL_MAX_EPOCHS": "150", "MODEL_PATIENCE": "150"}
 KILL_AFTER_EPOCHS = 3  # the fit's first epochs (graph tracing included) are done
+# Where the probe holds each kill point's first try until the kill (FIT_PROBE_HOLD).
+HOLD_AT = {"fit": f"epoch-{KILL_AFTER_EPOCHS}", "mlflow_run": "run-open"}
 DEADLINE_SECONDS = float(os.environ.get("AIRFLOW_KILL_TEST_TIMEOUT", "900"))
 
 
@@ -251,8 +256,8 @@ def _inject(stack: Stack, client, probe_dir: Path) -> dict[str, dict[str, Any]]:
     """Wait for each ticker's first train try to reach its kill point, SIGKILL its process.
 
     The task processes are looked up (metadata DB, process table) once a second; the kill points
-    of the processes found are checked every 20 ms (the probe's file; MLflow only once the
-    process has left its fit), so that a window of a second is not missed.
+    of the processes found are checked every 20 ms (the probe's file; MLflow only once the probe
+    holds the process in its run), so that a window of a second is not missed.
     """
     import psutil
 
@@ -302,10 +307,10 @@ def _inject(stack: Stack, client, probe_dir: Path) -> dict[str, dict[str, Any]]:
                     f"{ticker}: the fit ended before the test saw {KILL_AFTER_EPOCHS} epochs: "
                     f"{events}"
                 )
-                if events.count("epoch") < KILL_AFTER_EPOCHS:
+                if "held" not in events:  # the probe holds it after that epoch
                     continue
             else:
-                if "end" not in events:
+                if "held" not in events:  # the probe holds it in its run (FIT_PROBE_HOLD)
                     continue
                 if experiment_id is None:
                     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -379,6 +384,7 @@ def test_sigkilled_train_tasks_are_retried_to_an_undisturbed_end(
             PYTHONPATH=str(REPO),
             PRELOAD_MODULES=f"{_default_preload()},tests.faults.fit_probe",
             **{PROBE_DIR_ENV: str(probe_dir)},
+            **{HOLD_ENV: ",".join(f"{t}:{HOLD_AT[where]}" for t, where in KILL_IN.items())},
             **MODEL,
         )
         ref_env = _undisturbed_env(undisturbed, mlflow_server.uri)
@@ -454,8 +460,8 @@ def test_sigkilled_train_tasks_are_retried_to_an_undisturbed_end(
                 if KILL_IN[ticker] == "fit":
                     events = victim["fit_events"]
                     epochs = events.count("epoch")
-                    assert events == ["start", *["epoch"] * epochs] and (
-                        KILL_AFTER_EPOCHS <= epochs < int(MODEL["MODEL_MAX_EPOCHS"])
+                    assert events == ["start", *["epoch"] * epochs, "held"] and (
+                        epochs == KILL_AFTER_EPOCHS < int(MODEL["MODEL_MAX_EPOCHS"])
                     ), (
                         f"{ticker}: the kill was meant to land in the middle of the keras fit, but "
                         f"pid {victim['pid']} recorded {events}"
@@ -463,7 +469,9 @@ def test_sigkilled_train_tasks_are_retried_to_an_undisturbed_end(
                 else:
                     events = victim["fit_events"]
                     assert (
-                        events[0] == "start" and events[-1] == "end" and events.count("start") == 1
+                        events[0] == "start"
+                        and events[-2:] == ["end", "held"]
+                        and events.count("start") == 1
                     ), (
                         f"{ticker}: the kill was meant to land after the fit, inside the MLflow "
                         f"run; pid {victim['pid']} recorded {victim['fit_events']}"
