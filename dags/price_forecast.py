@@ -166,7 +166,10 @@ def price_forecast():
             raise AirflowFailException(f"invalid run parameters: {exc}") from exc
         return [i.ticker for i in chosen]
 
-    @task(pool=SOURCE_POOL)
+    # multiple_outputs=False wherever a task returns a dict: from `-> dict` Airflow infers True
+    # and pushes every key as an XCom of its own besides the return value (one API call and row
+    # each, ten per train instance). The tasks hand each other only the return value.
+    @task(pool=SOURCE_POOL, multiple_outputs=False)
     def ingest(tickers: list[str]) -> dict:
         """Fetch every ticker's due bars into staging (concurrent downloads, bounded)."""
         from ml.steps.data import ingest_all
@@ -199,6 +202,7 @@ def price_forecast():
         pool=TRAINING_POOL,
         map_index_template="{{ ticker_name }}",
         execution_timeout=timedelta(minutes=45),
+        multiple_outputs=False,
     )
     def train(ticker: str) -> dict:
         """Fit the candidates on bars <= D, log the run, register the best as `challenger`."""
@@ -225,7 +229,7 @@ def price_forecast():
             )
             raise
 
-    @task(trigger_rule="all_done")
+    @task(trigger_rule="all_done", multiple_outputs=False)
     def promote(trained: list[dict]) -> dict:
         """Apply the gate to this run's new versions, one at a time: one process moves aliases."""
         from ml.steps.model import promote_all
@@ -235,7 +239,7 @@ def price_forecast():
             _validation_summary(), list(trained or []), _as_of(), settings, strict=_retries_left()
         )
 
-    @task(trigger_rule="all_done", outlets=[FORECASTS])
+    @task(trigger_rule="all_done", outlets=[FORECASTS], multiple_outputs=False)
     def forecast(promoted: dict | None) -> dict:
         """Forecast the next bar with every ticker's champion; one write of the forecasts table."""
         from ml.steps.forecast import forecast_all
@@ -244,7 +248,7 @@ def price_forecast():
         tickers = sorted((_validation_summary() or {}).get("tickers") or {})
         return forecast_all(tickers, _as_of(), settings, strict=_retries_left())
 
-    @task(trigger_rule="all_done", retries=0)
+    @task(trigger_rule="all_done", retries=0, multiple_outputs=False)
     def report(
         tickers: list[str] | None,
         ingested: dict | None,
