@@ -82,6 +82,7 @@ def _task_info(task) -> dict:
         "trigger_rule": str(getattr(attr("trigger_rule"), "value", attr("trigger_rule"))),
         "pool": attr("pool"),
         "map_index_template": attr("map_index_template"),
+        "multiple_outputs": attr("multiple_outputs"),
         "outlets": [
             {
                 "type": type(o).__name__,

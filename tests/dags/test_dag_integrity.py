@@ -145,6 +145,15 @@ def test_only_train_is_mapped_and_named_by_ticker(tasks: dict[str, dict[str, Any
     assert [t for t, task in tasks.items() if task["mapped"]] == ["train"]
 
 
+def test_each_task_pushes_its_result_as_one_xcom(tasks: dict[str, dict[str, Any]]) -> None:
+    """No task splits a dict result into one XCom per key (Airflow infers that from `-> dict`):
+    the steps read only return values, and a train instance's split cost ten API calls."""
+    assert {
+        t: task["multiple_outputs"] for t, task in tasks.items() if task["multiple_outputs"]
+    } == {}
+    assert all(task["multiple_outputs"] is False for task in tasks.values()), tasks
+
+
 def test_pools(tasks: dict[str, dict[str, Any]]) -> None:
     assert tasks["ingest"]["pool"] == "price_source"
     assert tasks["train"]["pool"] == "training"
