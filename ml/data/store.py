@@ -342,10 +342,12 @@ class PriceStore:
         with self.lock(instrument.slug):
             history = self.load(instrument)
             batch = batch[OUTPUT_COLUMNS].reset_index(drop=True)
-            kept = history.loc[~history["Date"].isin(batch["Date"])]
-            merged = pd.concat([kept, batch], ignore_index=True) if not kept.empty else batch.copy()
-            merged = merged.sort_values("Date", kind="stable").reset_index(drop=True)
             rows_added, rows_updated = count_changes(history, batch)
+            merged = history  # a batch of published bars (a day without new data) changes nothing
+            if rows_added or rows_updated:
+                kept = history.loc[~history["Date"].isin(batch["Date"])]
+                merged = pd.concat([kept, batch], ignore_index=True) if not kept.empty else batch
+                merged = merged.sort_values("Date", kind="stable").reset_index(drop=True)
             # The report of the batch that last changed this date's data stays: a re-run that
             # changes nothing writes nothing, so every file stays byte-identical. It is written
             # before the history, and staging removed last: a process killed in between leaves
