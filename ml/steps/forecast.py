@@ -226,8 +226,9 @@ def _forecast_one(
     files: tuple[str, str] | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
     """("no champion", None), ("kept", the existing row) or ("new", a row to write); `history`
-    (bars up to as_of) and `champion` are looked up when not given, and the champion's files
-    (`download_forecaster`) are downloaded when not given."""
+    (bars up to as_of) and `champion` are looked up when not given. `files` are the champion's
+    files from `_download_champions`, which fetches them only for a champion with no kept row
+    (so that check is not made again); without them the champion is downloaded here."""
     from ml.data.store import PriceStore
     from ml.forecasts.export import forecast_row
     from ml.model.forecaster import PriceForecaster
@@ -240,13 +241,13 @@ def _forecast_one(
         return "no champion", None
     if history is None:
         history = PriceStore(settings.data_dir).load(instrument, until=as_of)
-    kept = _kept_row(table, instrument, history, champion, as_of)
-    if kept is not None:
-        return "kept", kept
     if files is not None:
         configure_tensorflow()
         loaded = PriceForecaster.load(*files), str(champion.version)
     else:
+        kept = _kept_row(table, instrument, history, champion, as_of)
+        if kept is not None:
+            return "kept", kept
         loaded = load_forecaster(instrument, settings, version=str(champion.version))
     assert loaded is not None  # the version exists: champion_as_of just found it
     return "new", forecast_row(instrument, as_of, history, loaded[0], loaded[1], settings)
