@@ -66,10 +66,10 @@ def _holds() -> dict[str, str]:
     return out
 
 
-def _hold(folder: str, ticker: str | None, point: str) -> None:
-    """Sleep up to HOLD_SECONDS if `ticker`'s first try is at its hold point (once per ticker:
-    a marker file; its retry runs through), after recording `held <point>`."""
-    if ticker is None or _holds().get(ticker) != point:
+def _hold(folder: str, holds: dict[str, str], ticker: str | None, point: str) -> None:
+    """Sleep up to HOLD_SECONDS if `ticker`'s first try is at its hold point in `holds` (once
+    per ticker: a marker file; its retry runs through), after recording `held <point>`."""
+    if ticker is None or holds.get(ticker) != point:
         return
     try:
         os.close(os.open(Path(folder) / f"held-{ticker}", os.O_CREAT | os.O_EXCL))
@@ -93,6 +93,7 @@ def install() -> bool:
     fit_and_evaluate, fit_candidates = training.fit_and_evaluate, training.fit_candidates
     score_epoch, checkpoint = training._score_epoch, tracking.checkpoint
     current: dict[str, str] = {}  # the ticker this process is training
+    holds = _holds()
 
     @functools.wraps(fit_and_evaluate)
     def evaluated(ticker, *args, **kwargs):
@@ -103,7 +104,7 @@ def install() -> bool:
     def scored(compiled, branches, train_losses, x_val, y_val, epoch, patience):
         done = score_epoch(compiled, branches, train_losses, x_val, y_val, epoch, patience)
         _record(folder, f"epoch {epoch + 1}")
-        _hold(folder, current.get("ticker"), f"epoch-{epoch + 1}")
+        _hold(folder, holds, current.get("ticker"), f"epoch-{epoch + 1}")
         return done
 
     @functools.wraps(fit_candidates)
@@ -117,7 +118,7 @@ def install() -> bool:
     def checked(name: str) -> None:
         checkpoint(name)
         run = mlflow.active_run()
-        _hold(folder, run.data.tags.get("ticker") if run is not None else None, name)
+        _hold(folder, holds, run.data.tags.get("ticker") if run is not None else None, name)
 
     fit.fit_probe = True  # type: ignore[attr-defined]
     training.fit_and_evaluate, training.fit_candidates = evaluated, fit
