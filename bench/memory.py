@@ -3,7 +3,8 @@
 Per process: the peak resident set (VmHWM from /proc/<pid>/status, the kernel's own high-water
 mark, so it is exact as long as the process is seen once before it exits) and the peak private
 memory (Private_Clean + Private_Dirty from smaps_rollup, i.e. USS, sampled; read for task
-processes and executor workers only, the ones it is reported for). A task process is
+processes and executor workers only, the ones it is reported for, and less often than the rest:
+see `PRIVATE_EVERY`). A task process is
 recognised by the title Airflow's task runner gives it, `airflow worker -- <task instance id>`;
 an executor worker by the title `airflow worker -- LocalExecutor` with a parent that is not one.
 Also the peak of the summed RSS of all stack processes.
@@ -14,11 +15,18 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 _TASK_TITLE = re.compile(r"airflow worker -- ([0-9a-fA-F-]{32,36})\b")
 _WORKER_TITLE = "airflow worker -- LocalExecutor"  # the executor's long-lived worker processes
+# Seconds between two reads of one process's smaps_rollup: the kernel walks the page tables of
+# these 0.5-1 GB processes for it, about 20 ms each. Read every second for every task and worker,
+# it took 15 % of a core from the stack it measures (py-spy on the bench process: 92 % of its
+# samples in these reads). A task lives 2-4 s and is read at least once; a worker's private
+# memory is set by its preload and hardly moves after it.
+PRIVATE_EVERY = {"task": 2.0, "worker": 10.0}
 
 
 def _status_kb(pid: int) -> dict[str, int]:
@@ -81,6 +89,7 @@ class MemorySampler(threading.Thread):
 
     def sample(self) -> None:
         total = 0
+        now = time.monotonic()
         for pid in self._processes():
             kb = _status_kb(pid)
             if not kb:
@@ -102,11 +111,13 @@ class MemorySampler(threading.Thread):
                     # (a task process keeps its parent worker's title until the task runner
                     # renames it: a worker is one whose parent is not a worker)
                     rec["worker"] = True
-                reported = rec["ti_id"] or rec.get("worker")
-            # Private memory is reported for tasks and workers only. Read for every process each
-            # second, the bench process used about 6 s of CPU in a one-minute daily run (seen in
-            # /proc), taken from the pipeline it measures.
-            private = _private_kb(pid) if reported else None
+                kind = "task" if rec["ti_id"] else "worker" if rec.get("worker") else None
+                due = kind is not None and now >= rec.get("private_at", 0.0)
+                if due:
+                    rec["private_at"] = now + PRIVATE_EVERY[kind]
+            # Private memory is reported for tasks and workers only, and read on their own
+            # schedule (PRIVATE_EVERY): the reads cost the pipeline it measures.
+            private = _private_kb(pid) if due else None
             if private is not None:
                 with self.lock:
                     rec["private_kb"] = max(rec["private_kb"], private)
