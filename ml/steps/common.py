@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,6 +25,11 @@ R = TypeVar("R")
 # the embedded one runs 2). Each is a few tens of ms of waiting on HTTP, so 31 of them one after
 # the other were most of a day without new bars.
 REGISTRY_CONCURRENCY = 4
+# Processes a batch step spreads its CPU-bound per-ticker work over (GX suites in validate, Keras
+# loads and predictions in forecast): the other core sits idle while these one-task steps run
+# (`in_processes`). Below `FORK_MIN_ITEMS` tickers the work stays in the step's own process.
+PROCESS_WORKERS = min(2, os.cpu_count() or 1)
+FORK_MIN_ITEMS = 4
 
 
 # What the steps import inside their functions besides the package's own modules: found by
@@ -102,6 +109,123 @@ def concurrently(
         except Exception as exc:
             out.append((item, None, exc))
     return out
+
+
+class WorkerDied(RuntimeError):
+    """A worker process of `in_processes` ended without handing back its results (killed, out
+    of memory): the step fails as a whole, and Airflow's retry does it again (every step is
+    idempotent)."""
+
+
+def tensorflow_started() -> bool:
+    """Whether this process has started TensorFlow's runtime (thread pools that a fork does not
+    carry over: a forked child would hang in its first operation)."""
+    if "tensorflow" not in sys.modules:
+        return False
+    from tensorflow.python.eager import context
+
+    return bool(context.context()._initialized)
+
+
+def in_processes(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int = PROCESS_WORKERS,
+    *,
+    min_items: int | None = None,
+) -> list[tuple[T, R | None, BaseException | None]]:
+    """`fn` over `items` spread over up to `workers` processes forked from this one (for
+    CPU-bound Python); (item, result, None) or (item, None, the exception) per item, in the
+    items' order, as `concurrently` returns them.
+
+    The children inherit this process's modules, caches and state (nothing is pickled on the way
+    in) and hand back their results and log records through a pipe; each takes every
+    `workers`-th item. The work stays in this process with fewer than `min_items` (default
+    `FORK_MIN_ITEMS`) items, one
+    worker, no `fork`, or when TensorFlow's runtime already runs here. A child that dies without
+    answering raises WorkerDied once the others finished: no result of the step is trusted then.
+    """
+    import multiprocessing
+
+    items = list(items)
+    workers = min(workers, len(items))
+    if (
+        workers <= 1
+        or len(items) < (FORK_MIN_ITEMS if min_items is None else min_items)
+        or "fork" not in multiprocessing.get_all_start_methods()
+        or tensorflow_started()
+    ):
+        return [capture(fn, item) for item in items]
+    context = multiprocessing.get_context("fork")
+    sys.stdout.flush()  # a child would otherwise write this process's buffered output again
+    sys.stderr.flush()
+    children = []
+    for k in range(workers):
+        receiver, sender = context.Pipe(duplex=False)
+        share = items[k::workers]
+        child = context.Process(
+            target=_worker, args=(fn, share, sender), name=f"{getattr(fn, '__name__', 'step')}-{k}"
+        )
+        child.start()
+        sender.close()
+        children.append((child, receiver, share))
+    by_index: dict[int, tuple[T, R | None, BaseException | None]] = {}
+    died: list[str] = []
+    for k, (child, receiver, share) in enumerate(children):
+        try:
+            results, records = receiver.recv()
+        except EOFError:
+            results, records = None, []
+        child.join()
+        for name, level, message in records:
+            logging.getLogger(name).log(level, "%s", message)
+        if results is None:
+            died.append(f"{child.name} (exit code {child.exitcode}; items {share})")
+            continue
+        for j, result in enumerate(results):
+            by_index[k + j * workers] = result
+    if died:
+        raise WorkerDied(f"worker process(es) died without answering: {'; '.join(died)}")
+    return [by_index[i] for i in range(len(items))]
+
+
+def capture(fn: Callable[[T], R], item: T) -> tuple[T, R | None, BaseException | None]:
+    """(item, fn(item), None), or (item, None, the exception) if it raised."""
+    try:
+        return item, fn(item), None
+    except Exception as exc:
+        return item, None, exc
+
+
+class _Collect(logging.Handler):
+    """A child's log records, formatted, for the parent to log (the parent's log handlers may
+    write to a channel only one process at a time may use, such as Airflow's task log socket)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
+def _worker(fn: Callable[[T], R], share: list[T], sender: Any) -> None:
+    import pickle
+
+    collect = _Collect()
+    root = logging.getLogger()
+    root.handlers = [collect]
+    results = [capture(fn, item) for item in share]
+    payload = []
+    for item, result, exc in results:
+        try:
+            pickle.dumps((result, exc))
+        except Exception as unpicklable:  # an exception or result that cannot cross processes
+            result, exc = None, exc or unpicklable
+            exc = RuntimeError(error_text(exc))
+        payload.append((item, result, exc))
+    sender.send((payload, collect.records))
+    sender.close()
 
 
 def settings_with_overrides(

@@ -10,7 +10,13 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
-from ml.steps.common import concurrently, error_text, instrument_for, raise_if_all_failed
+from ml.steps.common import (
+    concurrently,
+    error_text,
+    in_processes,
+    instrument_for,
+    raise_if_all_failed,
+)
 from ml.universe import Instrument, load_universe
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,7 @@ def validate_all(
     Returns {"train": [ticker], "tickers": {ticker: summary}, "failed": {ticker: error}}.
     """
     from ml.data.store import PriceStore
+    from ml.quality.validation import warm_context
 
     staged = list(staged)
     universe = load_universe(settings.universe_file)
@@ -106,12 +113,19 @@ def validate_all(
     summaries: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     unchanged: list[str] = []
-    for ticker in staged:
-        try:
-            summaries[ticker] = summary = _publish(universe.get(ticker), as_of, store)
-        except Exception as exc:  # PriceValidationError: quarantined with its report
+    warm_context()  # built once here, inherited by the worker processes
+
+    def publish(ticker: str) -> dict[str, Any]:
+        return _publish(universe.get(ticker), as_of, store)
+
+    # The suites are CPU-bound Python: spread over the cores (each ticker's publish holds its
+    # own lock in the store; a worker killed mid-publish fails the step, and the retry finds
+    # what it published).
+    for ticker, summary, exc in in_processes(publish, staged):
+        if exc is not None:  # PriceValidationError: quarantined with its report
             failed[ticker] = error_text(exc)
             continue
+        summaries[ticker] = summary
         if force or summary["rows_added"] or summary["rows_updated"]:
             summary["train_reason"] = "force_retrain" if force else "new or revised bars"
         else:

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
 from ml.forecasts.ledger import plain
-from ml.steps.common import concurrently, error_text, instrument_for, raise_if_all_failed
+from ml.steps.common import (
+    capture,
+    concurrently,
+    error_text,
+    in_processes,
+    instrument_for,
+    raise_if_all_failed,
+)
 from ml.universe import Instrument, load_universe
 
 log = logging.getLogger(__name__)
@@ -48,26 +55,36 @@ def forecast_all(
     states = _states(tickers, as_of, settings, client, failed)
     monitored = monitor_all(states, as_of, settings, client)
     with tempfile.TemporaryDirectory(prefix="champions-") as tmp:
-        # The champions' files, a few downloads at a time; the Keras loads stay one at a time.
+        # The champions' files, a few downloads at a time.
         files = _download_champions(states, table, as_of, settings, Path(tmp))
-        for ticker, (instrument, history, champion) in states.items():
-            try:
-                if isinstance(files.get(ticker), BaseException):
-                    raise files[ticker]
-                outcome, row = _forecast_one(
-                    instrument,
-                    as_of,
-                    settings,
-                    client,
-                    table,
-                    history=history,
-                    champion=champion,
-                    files=files.get(ticker),
-                )
-            except Exception as exc:
+
+        def one(ticker: str) -> tuple[str, dict[str, Any] | None]:
+            instrument, history, champion = states[ticker]
+            if isinstance(files.get(ticker), BaseException):
+                raise files[ticker]
+            return _forecast_one(
+                instrument,
+                as_of,
+                settings,
+                client,
+                table,
+                history=history,
+                champion=champion,
+                files=files.get(ticker),
+            )
+
+        # Keras loads and predictions are CPU-bound: the downloaded champions are spread over
+        # the cores; the rest (a kept row, no champion) is a lookup in this process.
+        done = {t: (found, exc) for t, found, exc in in_processes(one, list(files))}
+        rest = (capture(one, t) for t in states if t not in files)
+        done.update({t: (found, exc) for t, found, exc in rest})
+        for ticker in states:
+            found, exc = done[ticker]
+            if exc is not None:
                 failed[ticker] = error_text(exc)
                 log.warning("%s: forecast failed: %s", ticker, failed[ticker])
                 continue
+            outcome, row = found
             if outcome == "no champion":
                 no_champion.append(ticker)
                 continue
