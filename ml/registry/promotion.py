@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ml.config import Settings
 from ml.registry.client import CHAMPION, get_alias, get_client
 from ml.registry.gate import PromotionDecision, decide, dm_table, gate_failures, read_dm
-from ml.registry.versions import champion_as_of, load_forecaster, ticker_lock
+from ml.registry.versions import champion_and_alias, champion_as_of, load_forecaster, ticker_lock
 from ml.universe import Instrument
 
 if TYPE_CHECKING:
@@ -44,8 +44,9 @@ def promote_if_better(
             )
         u2 = json.loads(candidate.tags.get("test_u2", "{}"))
         failures = gate_failures(u2, read_dm(candidate.tags.get("test_dm")), settings.gate)
-        # Compare with the champion of this date, not a model trained on later bars (backfills).
-        champion = champion_as_of(client, name, as_of)
+        # Compare with the champion of this date, not a model trained on later bars (backfills);
+        # `holder` (the alias now) decides below whether the alias may move.
+        champion, holder = champion_and_alias(client, name, as_of)
         versus = None
         if not failures and champion is not None and champion.version != candidate.version:
             versus = _versus_champion(instrument, as_of, settings, champion, version)
@@ -59,7 +60,9 @@ def promote_if_better(
             settings.gate,
             json.loads(candidate.tags.get("test_u2_range_naive", "{}")),
         )
-        _record(client, name, version, as_of, verdict.promoted, verdict.reason)
+        if versus is not None:  # seconds went by (two models loaded): read the alias again
+            holder = get_alias(client, name, CHAMPION)
+        _record(client, name, version, as_of, holder, verdict.promoted, verdict.reason)
         return PromotionDecision(
             instrument.ticker,
             version,
@@ -94,13 +97,19 @@ def _versus_champion(
 
 
 def _record(
-    client: MlflowClient, name: str, version: str, as_of: date, promoted: bool, reason: str
+    client: MlflowClient,
+    name: str,
+    version: str,
+    as_of: date,
+    holder: ModelVersion | None,
+    promoted: bool,
+    reason: str,
 ) -> None:
-    """Move `champion` (forward in time only) and tag the decision on the version.
+    """Move `champion` (forward in time only) and tag the decision on the version. `holder` is
+    the version the alias points at, read a moment ago under the ticker's lock, still held.
 
     A backfilled date's winner is recorded as promoted (it is the champion as of its date) but
     does not displace the champion of a later date."""
-    holder = get_alias(client, name, CHAMPION)
     if promoted and (holder is None or holder.tags.get("logical_date", "") <= as_of.isoformat()):
         client.set_registered_model_alias(name, CHAMPION, version)
     status = "promoted" if promoted else "rejected"

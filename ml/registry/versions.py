@@ -131,18 +131,26 @@ def champion_as_of(client: MlflowClient, name: str, as_of: date) -> ModelVersion
     alias a user moved back by hand); otherwise, for a backfill or re-run of an earlier date, the
     newest version promoted for a date <= as_of. A model trained on later bars is never used.
     """
+    return champion_and_alias(client, name, as_of)[0]
+
+
+def champion_and_alias(
+    client: MlflowClient, name: str, as_of: date
+) -> tuple[ModelVersion | None, ModelVersion | None]:
+    """(`champion_as_of`, the version the `champion` alias points at now), from one alias read."""
     day = as_of.isoformat()
     current = get_alias(client, name, CHAMPION)
     if current is not None and current.tags.get("logical_date", "") <= day:
-        return current
+        return current, current
     promoted = [
         v
         for v in find_versions(client, name, gate_status="promoted")
         if v.tags.get("logical_date", "") <= day
     ]
-    return max(
+    best = max(
         promoted, key=lambda v: (v.tags.get("logical_date", ""), int(v.version)), default=None
     )
+    return best, current
 
 
 def load_forecaster(
