@@ -95,3 +95,41 @@ def test_the_step_modules_warm_up_leaves_a_data_phase_nothing_to_import(tmp_path
     assert result["published"] == ["SPY"]
     assert {"ml.model.training", "ml.quality.validation", "pyarrow.dataset"} <= set(result["names"])
     assert result["new"] == [], result["new"]
+
+
+def test_a_file_is_parsed_once_per_version(tmp_path) -> None:
+    """`ml.codebase.file_imports` keeps each file's imports by (path, mtime, size): a train task
+    computes its model's serving code from the parses its executor worker made at warm-up; an
+    edited file is parsed again, even at the same size."""
+    import os
+
+    from ml.codebase import file_imports
+
+    path = tmp_path / "m.py"
+    path.write_text("import ml.alpha\n")
+    first = file_imports(path)
+    assert first == {"ml.alpha"} and file_imports(path) is first  # the second call reads nothing
+    mtime = path.stat().st_mtime_ns
+    path.write_text("import ml.gamma\n")  # same size
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert file_imports(path) == {"ml.gamma"}
+    path.write_text("def f():\n    from ml.beta import x\n")
+    assert file_imports(path) == {"ml.beta"}
+
+
+def test_after_the_warm_up_a_models_serving_code_parses_nothing(monkeypatch, tmp_path) -> None:
+    """What a train task forked from a warmed worker does for `serving_code`: no file parsed."""
+    import ast
+
+    from ml.codebase import closure
+    from ml.steps.common import import_step_modules
+
+    import_step_modules()
+    expected = closure("ml.registry.pyfunc")
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed a file again")
+
+    monkeypatch.setattr(ast, "parse", no_parse)
+    assert closure("ml.registry.pyfunc") == expected
+    assert any(p.name == "pyfunc.py" for p in expected)
