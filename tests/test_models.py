@@ -131,3 +131,86 @@ def test_build_branches_loss_is_the_sum_of_the_branch_mses() -> None:
 def test_build_branches_rejects_empty_repeated_or_unknown_kinds(kinds: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="kind"):
         build_branches(kinds, WINDOW, N_FEATURES, N_TARGETS)
+
+
+@pytest.mark.parametrize("kinds", [("lstm", "gru"), ("gru",), ("lstm",)])
+def test_branch_forward_computes_what_the_keras_model_computes(kinds: tuple[str, ...]) -> None:
+    """The train step's and validation pass's forward in plain TF ops (`branch_forward`) gives
+    the Keras model's outputs: same operations, same order, so equal bit for bit here."""
+    import keras
+    import numpy as np
+
+    from ml.model.networks import branch_forward
+
+    keras.utils.set_random_seed(3)
+    model = build_branches(kinds, WINDOW, N_FEATURES, N_TARGETS, units=7, dense_units=5)
+    x = np.random.default_rng(2).normal(size=(11, WINDOW, N_FEATURES)).astype("float32")
+    ours = branch_forward(model, kinds)(x)
+    theirs = model(x, training=True)
+    theirs = theirs if isinstance(theirs, (list, tuple)) else [theirs]
+    assert len(ours) == len(kinds)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_train_steps_in_plain_ops_update_every_weight_as_keras_does() -> None:
+    """Three steps through `branch_forward` and `PlainAdam` (the train step's forward and Adam)
+    move every weight as the same steps through Keras' layer calls and the compiled Adam do
+    (same seed, same batches, two fresh models)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from ml.model.networks import PlainAdam, branch_forward
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(16, WINDOW, N_FEATURES)).astype("float32")
+    y = rng.normal(size=(16, N_TARGETS)).astype("float32")
+    after = []
+    for use_keras in (True, False):
+        keras.utils.set_random_seed(5)
+        model = build_branches(("lstm", "gru"), WINDOW, N_FEATURES, N_TARGETS, units=6)
+        forward = (
+            (lambda v, m=model: m(v, training=True))
+            if use_keras
+            else branch_forward(model, ("lstm", "gru"))
+        )
+        variables = model.trainable_variables
+        if use_keras:
+            model.optimizer.build(variables)
+
+            def apply(gradients, m=model, v=variables):
+                m.optimizer.apply(gradients, v)
+        else:
+            apply = PlainAdam(model.optimizer, variables).apply
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                total = tf.add_n([tf.reduce_mean(tf.square(y - o)) for o in forward(x)])
+            apply(tape.gradient(total, variables))
+        after.append(model.get_weights())
+    for ours, theirs in zip(after[1], after[0], strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_adam_refuses_an_optimizer_it_does_not_compute() -> None:
+    import keras
+
+    from ml.model.networks import PlainAdam
+
+    model = build_model("lstm", WINDOW, N_FEATURES, N_TARGETS, units=4)
+    clipped = keras.optimizers.Adam(1e-3, clipnorm=1.0)
+    with pytest.raises(ValueError, match="clipnorm"):
+        PlainAdam(clipped, model.trainable_variables)
+
+
+def test_branch_forward_refuses_layers_it_does_not_compute() -> None:
+    import keras
+
+    from ml.model.networks import branch_forward
+
+    inputs = keras.Input(shape=(WINDOW, N_FEATURES))
+    h = keras.layers.GRU(4, name="gru", reset_after=False)(inputs)
+    h = keras.layers.Dense(3, activation="relu", name="gru_hidden")(h)
+    model = keras.Model(inputs, keras.layers.Dense(N_TARGETS, name="gru_targets")(h))
+    with pytest.raises(ValueError, match="reset_after"):
+        branch_forward(model, ("gru",))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ml.config import MODEL_KINDS
 
@@ -133,6 +133,147 @@ def build_branches(
     # per-output MSEs) serves `evaluate`.
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=["mse"] * len(kinds))
     return model
+
+
+# What `branch_forward` assumes of the recurrent layers `_recurrent` builds (Keras' defaults).
+_CELL_DEFAULTS = {
+    "activation": "tanh",
+    "recurrent_activation": "sigmoid",
+    "use_bias": True,
+    "dropout": 0.0,
+    "recurrent_dropout": 0.0,
+}
+
+
+def branch_forward(model: keras.Model, kinds: Sequence[str]) -> Callable[[Any], list[Any]]:
+    """The forward pass of a `build_branches` model as plain TensorFlow operations on the model's
+    own variables: x (batch, window, features) -> one forecast tensor per kind, what
+    `model(x)` computes (the same operations in the same order; tests/test_models.py compares
+    them), for the traced train step and validation pass.
+
+    Tracing through Keras' layer calls (input checks, autocasting, name scopes, the RNN
+    layer's step function) was about a third of building a fresh process's train step; these
+    operations trace in a fraction of it. The layers are Keras' LSTM (gates i, f, c, o) and
+    GRU (gates z, r, h; reset after the recurrent product) cells with their default
+    activations; any other configuration raises here instead of computing something else.
+    """
+    import tensorflow as tf
+
+    branches = []
+    for kind in kinds:
+        recurrent, hidden, targets = (model.get_layer(n) for n in branch_layer_names(kind))
+        config = recurrent.cell.get_config()
+        wrong = {k: config.get(k) for k, v in _CELL_DEFAULTS.items() if config.get(k) != v}
+        if kind == "gru" and not config.get("reset_after"):
+            wrong["reset_after"] = config.get("reset_after")
+        if wrong or hidden.get_config()["activation"] != "relu":
+            raise ValueError(f"branch_forward: {kind} layers are not the ones it computes: {wrong}")
+        branches.append(
+            (_gru_last if kind == "gru" else _lstm_last, recurrent.cell, hidden, targets)
+        )
+
+    def forward(x: Any) -> list[Any]:
+        steps = tf.unstack(x, axis=1)
+        outputs = []
+        for last_state, cell, hidden, targets in branches:
+            h = last_state(steps, cell)
+            h = tf.nn.relu(tf.matmul(h, hidden.kernel) + hidden.bias)
+            outputs.append(tf.matmul(h, targets.kernel) + targets.bias)
+        return outputs
+
+    return forward
+
+
+def _lstm_last(steps: list[Any], cell: Any) -> Any:
+    """Keras' LSTMCell over `steps`, from zero states: the last output."""
+    import tensorflow as tf
+
+    h = c = tf.zeros((tf.shape(steps[0])[0], cell.units), steps[0].dtype)
+    for x in steps:
+        z = tf.matmul(x, cell.kernel) + tf.matmul(h, cell.recurrent_kernel) + cell.bias
+        i, f, g, o = tf.split(z, 4, axis=1)
+        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+        h = tf.sigmoid(o) * tf.tanh(c)
+    return h
+
+
+def _gru_last(steps: list[Any], cell: Any) -> Any:
+    """Keras' GRUCell (reset_after=True) over `steps`, from a zero state: the last output."""
+    import tensorflow as tf
+
+    h = tf.zeros((tf.shape(steps[0])[0], cell.units), steps[0].dtype)
+    for x in steps:
+        x_z, x_r, x_h = tf.split(tf.matmul(x, cell.kernel) + cell.bias[0], 3, axis=1)
+        h_z, h_r, h_h = tf.split(tf.matmul(h, cell.recurrent_kernel) + cell.bias[1], 3, axis=1)
+        z = tf.sigmoid(x_z + h_z)
+        r = tf.sigmoid(x_r + h_r)
+        h = z * h + (1 - z) * tf.tanh(x_h + r * h_h)
+    return h
+
+
+class PlainAdam:
+    """The update of the model's own `keras.optimizers.Adam` (as `build_model` and
+    `build_branches` compile it: no weight decay, clipping, AMSGrad or EMA) as plain TensorFlow
+    operations: the same formula in the same order (tests/test_models.py compares them), with
+    its own moments and step counter. Keras' `apply` traced about 1.3 times as long; a fresh
+    process traces the train step once.
+    """
+
+    def __init__(self, optimizer: Any, variables: Sequence[Any]) -> None:
+        import tensorflow as tf
+
+        config = optimizer.get_config()
+        extras = {
+            k: config.get(k)
+            for k in (
+                "weight_decay",
+                "clipnorm",
+                "clipvalue",
+                "global_clipnorm",
+                "amsgrad",
+                "use_ema",
+                "loss_scale_factor",
+                "gradient_accumulation_steps",
+            )
+            if config.get(k)
+        }
+        if extras:
+            raise ValueError(f"PlainAdam: the optimizer uses what it does not compute: {extras}")
+        self.learning_rate = float(optimizer.learning_rate)
+        self.beta_1, self.beta_2 = float(config["beta_1"]), float(config["beta_2"])
+        self.epsilon = float(config["epsilon"])
+        self.variables = list(variables)
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="adam_iterations")
+        self.moments = [
+            (
+                tf.Variable(tf.zeros_like(v), trainable=False),
+                tf.Variable(tf.zeros_like(v), trainable=False),
+            )
+            for v in self.variables
+        ]
+
+    def apply(self, gradients: Sequence[Any]) -> None:
+        """One step (inside the traced train step), as `keras.optimizers.Adam.update_step`."""
+        import tensorflow as tf
+
+        step = tf.cast(self.iterations + 1, tf.float32)
+        beta_1_power = tf.pow(tf.constant(self.beta_1, tf.float32), step)
+        beta_2_power = tf.pow(tf.constant(self.beta_2, tf.float32), step)
+        alpha = self.learning_rate * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        for variable, gradient, (m, v) in zip(self.variables, gradients, self.moments, strict=True):
+            m.assign_add((gradient - m) * (1 - self.beta_1))
+            v.assign_add((tf.square(gradient) - v) * (1 - self.beta_2))
+            variable.assign_sub((m * alpha) / (tf.sqrt(v) + self.epsilon))
+        self.iterations.assign_add(1)
+
+    def reset(self) -> None:
+        """Back to a fresh optimizer: no step taken, zero moments."""
+        import tensorflow as tf
+
+        self.iterations.assign(0)
+        for m, v in self.moments:
+            m.assign(tf.zeros_like(m))
+            v.assign(tf.zeros_like(v))
 
 
 def branch_weights(model: keras.Model, kind: str) -> list[np.ndarray]:
