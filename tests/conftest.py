@@ -91,6 +91,25 @@ def isolated_settings(
     return with_model(settings, **SMALL_MODEL)
 
 
+def staged_with_a_bad_batch(root: Path, tickers: dict[str, str], bad: str, as_of: date) -> Settings:
+    """`isolated_settings` under `root` (no tracking server) with every ticker's bars for `as_of`
+    staged by the pipeline's ingest, and `bad`'s last staged bar broken (High below Low), so
+    that validation quarantines that batch and publishes the others."""
+    import pandas as pd
+
+    from ml.data.store import PriceStore
+    from ml.steps.common import instrument_for
+    from ml.steps.data import ingest_all
+
+    settings = isolated_settings(root, "http://127.0.0.1:9", "unused", tickers)
+    ingest_all(list(tickers), as_of, settings)
+    staged = PriceStore(settings.data_dir).staging_path(instrument_for(bad, settings), as_of)
+    batch = pd.read_parquet(staged)
+    batch.loc[batch.index[-1], "High"] = batch["Low"].iloc[-1] / 2
+    batch.to_parquet(staged, index=False)
+    return settings
+
+
 def ingest(ticker: str, as_of: date, settings: Settings) -> dict:
     """Stage, validate and publish `ticker`'s bars due for `as_of` (the pipeline's own steps)."""
     from ml.steps.data import ingest_step, publish_step

@@ -19,7 +19,7 @@ from datetime import date
 import pytest
 
 from ml.config import GateConfig, Settings
-from tests.conftest import isolated_settings
+from tests.conftest import isolated_settings, staged_with_a_bad_batch
 
 pytestmark = pytest.mark.slow
 
@@ -359,18 +359,11 @@ def test_a_retried_validate_keeps_what_the_killed_try_published(tmp_path) -> Non
     of the published ones are gone; they are reported as published (nothing changed), not lost,
     and a quarantined one still fails, naming its quarantine report."""
     from ml.data.store import PriceStore
-    from ml.steps.data import ingest_all, validate_all
+    from ml.steps.data import validate_all
 
     tickers = {"TKA": "Published", "TKB": "Quarantined"}
-    settings = isolated_settings(tmp_path, "http://127.0.0.1:9", "unused", tickers)
-    ingest_all(list(tickers), FRIDAY, settings)
+    settings = staged_with_a_bad_batch(tmp_path, tickers, "TKB", FRIDAY)
     store = PriceStore(settings.data_dir)
-    slug_b = store.staging_path(_instrument("TKB", settings), FRIDAY)
-    import pandas as pd
-
-    bad = pd.read_parquet(slug_b)
-    bad.loc[bad.index[-1], "High"] = bad["Low"].iloc[-1] / 2  # High < Low on the last bar
-    bad.to_parquet(slug_b, index=False)
     first = validate_all(list(tickers), FRIDAY, settings, check_registry=False)
     assert list(first["tickers"]) == ["TKA"] and list(first["failed"]) == ["TKB"]
     prices = store.history_path(_instrument("TKA", settings)).read_bytes()

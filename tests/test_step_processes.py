@@ -22,7 +22,7 @@ import pytest
 from ml.quality.validation import PriceValidationError
 from ml.steps import common
 from ml.steps.common import WorkerDied, in_processes
-from tests.conftest import isolated_settings
+from tests.conftest import staged_with_a_bad_batch
 
 log = logging.getLogger("tests.step_processes")
 
@@ -142,11 +142,7 @@ def test_validate_with_workers_leaves_the_store_a_serial_validate_leaves(
 ) -> None:
     """Five tickers, one with a bad batch: the validation over two processes publishes,
     quarantines and reports exactly what one process does."""
-    import pandas as pd
-
-    from ml.data.store import PriceStore
-    from ml.steps.common import instrument_for
-    from ml.steps.data import ingest_all, validate_all
+    from ml.steps.data import validate_all
 
     as_of = date(2023, 12, 29)
     tickers = {f"TK{c}": f"Ticker {c}" for c in "ABCDE"}
@@ -154,13 +150,7 @@ def test_validate_with_workers_leaves_the_store_a_serial_validate_leaves(
     for mode, min_items in (("serial", 10**6), ("workers", 4)):
         monkeypatch.setattr(common, "FORK_MIN_ITEMS", min_items)
         (tmp_path / mode).mkdir()
-        settings = isolated_settings(tmp_path / mode, "http://127.0.0.1:9", "unused", tickers)
-        ingest_all(list(tickers), as_of, settings)
-        store = PriceStore(settings.data_dir)
-        staged = store.staging_path(instrument_for("TKC", settings), as_of)
-        bad = pd.read_parquet(staged)
-        bad.loc[bad.index[-1], "High"] = bad["Low"].iloc[-1] / 2  # High < Low on the last bar
-        bad.to_parquet(staged, index=False)
+        settings = staged_with_a_bad_batch(tmp_path / mode, tickers, "TKC", as_of)
         result = validate_all(list(tickers), as_of, settings, check_registry=False)
         outcomes[mode] = (result, _digests(settings.data_dir))
 
