@@ -99,6 +99,28 @@ def test_a_killed_worker_fails_the_step_after_the_others_finished(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2", "4"]
 
 
+def _in_a_daemon(queue) -> None:
+    out = in_processes(_work, [0, 1, 4, 5, 6], workers=2)
+    queue.put((os.getpid(), [r for _, r, _ in out]))
+
+
+def test_the_workers_start_in_a_daemonic_process(forkable: None) -> None:
+    """A Celery worker runs each task in a daemonic process, which `multiprocessing` forbids to
+    have children ("daemonic processes are not allowed to have children"); plain forks work."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    daemon = context.Process(target=_in_a_daemon, args=(queue,), daemon=True)
+    daemon.start()
+    parent, results = queue.get(timeout=120)
+    daemon.join(timeout=120)
+    assert daemon.exitcode == 0
+    assert [r[0] for r in results] == [0, 10, 40, 50, 60]
+    pids = {r[1] for r in results}
+    assert len(pids) == 2 and parent not in pids
+
+
 def test_few_items_or_a_started_tensorflow_keep_the_work_here(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

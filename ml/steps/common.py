@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -124,7 +125,9 @@ def tensorflow_started() -> bool:
         return False
     from tensorflow.python.eager import context
 
-    return bool(context.context()._initialized)
+    # A private flag: if a TensorFlow release renames it, take the runtime as started (the
+    # work then stays in this process, which is always safe).
+    return bool(getattr(context.context(), "_initialized", True))
 
 
 def in_processes(
@@ -140,48 +143,37 @@ def in_processes(
 
     The children inherit this process's modules, caches and state (nothing is pickled on the way
     in) and hand back their results and log records through a pipe; each takes every
-    `workers`-th item. The work stays in this process with fewer than `min_items` (default
-    `FORK_MIN_ITEMS`) items, one
-    worker, no `fork`, or when TensorFlow's runtime already runs here. A child that dies without
-    answering raises WorkerDied once the others finished: no result of the step is trusted then.
+    `workers`-th item. They are plain `os.fork` children, not `multiprocessing` ones: a Celery
+    worker's task runs in a daemonic process, which `multiprocessing` forbids to have children.
+    The work stays in this process with fewer than `min_items` (default `FORK_MIN_ITEMS`) items,
+    one worker, no `fork`, or when TensorFlow's runtime already runs here. A child that dies
+    without answering raises WorkerDied once the others finished: no result of the step is
+    trusted then.
     """
-    import multiprocessing
-
     items = list(items)
     workers = min(workers, len(items))
     if (
         workers <= 1
         or len(items) < (FORK_MIN_ITEMS if min_items is None else min_items)
-        or "fork" not in multiprocessing.get_all_start_methods()
+        or not hasattr(os, "fork")
         or tensorflow_started()
     ):
         return [capture(fn, item) for item in items]
-    context = multiprocessing.get_context("fork")
     sys.stdout.flush()  # a child would otherwise write this process's buffered output again
     sys.stderr.flush()
-    children = []
-    for k in range(workers):
-        receiver, sender = context.Pipe(duplex=False)
-        share = items[k::workers]
-        child = context.Process(
-            target=_worker, args=(fn, share, sender), name=f"{getattr(fn, '__name__', 'step')}-{k}"
-        )
-        child.start()
-        sender.close()
-        children.append((child, receiver, share))
+    children = [_fork_worker(fn, items[k::workers]) for k in range(workers)]
     by_index: dict[int, tuple[T, R | None, BaseException | None]] = {}
     died: list[str] = []
-    for k, (child, receiver, share) in enumerate(children):
-        try:
-            results, records = receiver.recv()
-        except EOFError:
-            results, records = None, []
-        child.join()
+    for k, (pid, pipe) in enumerate(children):
+        with os.fdopen(pipe, "rb") as answer:
+            data = answer.read()
+        exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if not data:
+            died.append(f"worker {k} (pid {pid}, exit code {exit_code}; items {items[k::workers]})")
+            continue
+        results, records = pickle.loads(data)
         for name, level, message in records:
             logging.getLogger(name).log(level, "%s", message)
-        if results is None:
-            died.append(f"{child.name} (exit code {child.exitcode}; items {share})")
-            continue
         for j, result in enumerate(results):
             by_index[k + j * workers] = result
     if died:
@@ -209,23 +201,35 @@ class _Collect(logging.Handler):
         self.records.append((record.name, record.levelno, record.getMessage()))
 
 
-def _worker(fn: Callable[[T], R], share: list[T], sender: Any) -> None:
-    import pickle
-
-    collect = _Collect()
-    root = logging.getLogger()
-    root.handlers = [collect]
-    results = [capture(fn, item) for item in share]
-    payload = []
-    for item, result, exc in results:
-        try:
-            pickle.dumps((result, exc))
-        except Exception as unpicklable:  # an exception or result that cannot cross processes
-            result, exc = None, exc or unpicklable
-            exc = RuntimeError(error_text(exc))
-        payload.append((item, result, exc))
-    sender.send((payload, collect.records))
-    sender.close()
+def _fork_worker(fn: Callable[[T], R], share: list[T]) -> tuple[int, int]:
+    """Fork a child that runs `fn` over `share` and writes its pickled (results, log records) to
+    a pipe; returns (its pid, the pipe's read end). The child never returns: it leaves with
+    os._exit (no atexit handler or `finally` of this process runs in it); with nothing written,
+    the parent knows it failed."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write)
+        return pid, read
+    code = 1
+    try:
+        os.close(read)
+        collect = _Collect()
+        logging.getLogger().handlers = [collect]
+        payload = []
+        for item, result, exc in (capture(fn, item) for item in share):
+            try:
+                pickle.dumps((result, exc))
+            except Exception as unpicklable:  # a result or exception that cannot cross over
+                result, exc = None, RuntimeError(error_text(exc or unpicklable))
+            payload.append((item, result, exc))
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(pickle.dumps((payload, collect.records)))
+        code = 0
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def settings_with_overrides(
