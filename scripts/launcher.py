@@ -56,7 +56,9 @@ TUNABLE = {
     "AIRFLOW__CORE__PARALLELISM": "4",
     # A run is a chain of a few tasks: an idle scheduler loop of 1 s (the default) adds up to a
     # second to every hand-off. A tenth of a second: a day without new bars is seven hand-offs
-    # (bench: 4.0 s against 5.2 s at 0.25), and the full day did not get slower.
+    # (bench: 4.0 s against 5.2 s at 0.25), and the full day did not get slower. The scheduler
+    # then uses more CPU (up to 40 % of a core in py-spy), but four bench runs alternating 0.1
+    # and 0.25 gave daily/notebook 1.04, 0.96 against 1.09, 1.02: no gain from the slower loop.
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.1",
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
     "PRICE_SOURCE": "synthetic",
