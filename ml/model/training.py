@@ -102,10 +102,6 @@ def _layer_sizes(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _as_list(outputs: Any) -> list[Any]:
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-
-
 def _compile(kinds: tuple[str, ...], config: ModelConfig, n_features: int, n_targets: int):
     """Build `build_branches(kinds)` and its two graph functions, the train step and the
     validation forward pass.
@@ -212,7 +208,7 @@ def _score_epoch(
 
     from ml.model.networks import branch_weights
 
-    outputs = _as_list(compiled.val_outputs(x_val))
+    outputs = compiled.val_outputs(x_val)  # one array per branch (`branch_forward`)
     for branch, predicted, train_loss in zip(branches, outputs, train_losses, strict=True):
         if branch.stopped:
             continue
