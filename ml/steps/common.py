@@ -134,8 +134,6 @@ def in_processes(
     fn: Callable[[T], R],
     items: Iterable[T],
     workers: int = PROCESS_WORKERS,
-    *,
-    min_items: int | None = None,
 ) -> list[tuple[T, R | None, BaseException | None]]:
     """`fn` over `items` spread over up to `workers` processes forked from this one (for
     CPU-bound Python); (item, result, None) or (item, None, the exception) per item, in the
@@ -145,8 +143,8 @@ def in_processes(
     in) and hand back their results and log records through a pipe; each takes every
     `workers`-th item. They are plain `os.fork` children, not `multiprocessing` ones: a Celery
     worker's task runs in a daemonic process, which `multiprocessing` forbids to have children.
-    The work stays in this process with fewer than `min_items` (default `FORK_MIN_ITEMS`) items,
-    one worker, no `fork`, or when TensorFlow's runtime already runs here. A child that dies
+    The work stays in this process with fewer than `FORK_MIN_ITEMS` items, one worker, no
+    `fork`, or when TensorFlow's runtime already runs here. A child that dies
     without answering raises WorkerDied once the others finished: no result of the step is
     trusted then.
     """
@@ -154,7 +152,7 @@ def in_processes(
     workers = min(workers, len(items))
     if (
         workers <= 1
-        or len(items) < (FORK_MIN_ITEMS if min_items is None else min_items)
+        or len(items) < FORK_MIN_ITEMS
         or not hasattr(os, "fork")
         or tensorflow_started()
     ):
@@ -201,6 +199,16 @@ class _Collect(logging.Handler):
         self.records.append((record.name, record.levelno, record.getMessage()))
 
 
+def _picklable(entry: tuple[T, Any, BaseException | None]) -> tuple[T, Any, Any]:
+    """`entry` as it is, or with a RuntimeError naming what could not be pickled."""
+    item, result, exc = entry
+    try:
+        pickle.dumps((result, exc))
+    except Exception as unpicklable:
+        return item, None, RuntimeError(error_text(exc or unpicklable))
+    return entry
+
+
 def _fork_worker(fn: Callable[[T], R], share: list[T]) -> tuple[int, int]:
     """Fork a child that runs `fn` over `share` and writes its pickled (results, log records) to
     a pipe; returns (its pid, the pipe's read end). The child never returns: it leaves with
@@ -216,15 +224,13 @@ def _fork_worker(fn: Callable[[T], R], share: list[T]) -> tuple[int, int]:
         os.close(read)
         collect = _Collect()
         logging.getLogger().handlers = [collect]
-        payload = []
-        for item, result, exc in (capture(fn, item) for item in share):
-            try:
-                pickle.dumps((result, exc))
-            except Exception as unpicklable:  # a result or exception that cannot cross over
-                result, exc = None, RuntimeError(error_text(exc or unpicklable))
-            payload.append((item, result, exc))
+        payload = [capture(fn, item) for item in share]
+        try:
+            data = pickle.dumps((payload, collect.records))
+        except Exception:  # some result or exception cannot cross over: that item's error
+            data = pickle.dumps(([_picklable(entry) for entry in payload], collect.records))
         with os.fdopen(write, "wb") as pipe:
-            pipe.write(pickle.dumps((payload, collect.records)))
+            pipe.write(data)
         code = 0
     finally:
         sys.stdout.flush()

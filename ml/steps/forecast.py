@@ -74,9 +74,10 @@ def forecast_all(
             )
 
         # Keras loads and predictions are CPU-bound: the downloaded champions are spread over
-        # the cores; the rest (a kept row, no champion) is a lookup in this process.
-        done = {t: (found, exc) for t, found, exc in in_processes(one, list(files))}
-        rest = (capture(one, t) for t in states if t not in files)
+        # the cores; the rest (a kept row, no champion, a failed download) is handled here.
+        loads = [t for t, f in files.items() if not isinstance(f, BaseException)]
+        done = {t: (found, exc) for t, found, exc in in_processes(one, loads)}
+        rest = (capture(one, t) for t in states if t not in done)
         done.update({t: (found, exc) for t, found, exc in rest})
         for ticker in states:
             found, exc = done[ticker]
