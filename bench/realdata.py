@@ -21,7 +21,10 @@ then, per ticker and model config, fits and scores:
   it (train/validation 7:2, early stopping on validation), never seeing its test block;
 - on the same test blocks, a HAR-style least-squares reference (High/Low log-ratios on the mean
   log range over 1, 5, 22 and 66 bars, fitted on train+validation), the bar the networks must
-  clear.
+  clear;
+- the ceiling: that least squares given also the realized mean log range of the 22 bars after
+  the target bar. It uses the future, so it is not a forecast: it shows how much even a perfect
+  forecast of the coming month's volatility would add.
 
 Every figure is U2 (RMSE ratio) of the forecast against persistence and against the range-aware
 naive (last Close x the trailing 20-bar mean High/Low-to-previous-Close ratio); below 1 is better
@@ -57,6 +60,8 @@ SOURCES = {
 TARGETS = ("High", "Low", "Close")
 # What the report compares: the notebook's inputs with persistence as the fallback (the model
 # before issue 13) and the default config (volatility memory, range-aware naive fallback).
+# The ceiling's look-ahead: the realized volatility of the month after the target bar.
+CEILING_BARS = 22
 CONFIGS = {
     "notebook inputs": {"vol_horizons": (), "hl_baseline": "persistence"},
     "default": {},
@@ -143,25 +148,39 @@ def ingest(tickers: list[str]) -> tuple[dict, dict]:
     return notes, histories
 
 
-def har_reference(split) -> dict[str, dict[str, float]]:
+def har_reference(split, future=None) -> dict[str, dict[str, float]]:
     """HAR-style least squares on the test block: High/Low log-ratios on the mean log range over
-    1, 5, 22 and 66 bars (point in time), fitted on train+validation; Close = persistence."""
+    1, 5, 22 and 66 bars (point in time), fitted on train+validation; Close = persistence.
+
+    With `future` (one value per window of train, validation and test, as `future_ranges`), the
+    same least squares also sees the realized volatility still to come: not a forecast (it uses
+    bars after the forecast is made) but a ceiling on what any model of volatility can reach.
+    """
     import numpy as np
 
     from ml.model.evaluation import persistence_forecast, range_naive_forecast, theil_u2
 
-    def design(part):
+    parts = (split.train, split.val, split.test)
+    extra = {}
+    if future is not None:
+        ends = np.cumsum([len(p) for p in parts])
+        extra = dict(zip(("train", "val", "test"), np.split(future, ends[:-1]), strict=True))
+
+    def design(part, name):
         # Range<k> of the window's last bar are the memory features at [:, -1, 8:12] (log means).
         x = part.x[:, -1, 8:12]
-        return np.column_stack([np.ones(len(x)), np.exp(x)])
+        columns = [np.ones(len(x)), *np.exp(x).T]
+        if extra:
+            columns.append(extra[name])
+        return np.column_stack(columns)
 
-    fit_x = np.vstack([design(split.train), design(split.val)])
+    fit_x = np.vstack([design(split.train, "train"), design(split.val, "val")])
     test = split.test
     predicted = persistence_forecast(test.last_close, test.last_adj_close).copy()
     for j in (0, 1):
         fit_y = np.concatenate([split.train.y[:, j], split.val.y[:, j]])
         coef, *_ = np.linalg.lstsq(fit_x, fit_y, rcond=None)
-        predicted[:, j] = test.last_close * np.exp(design(test) @ coef)
+        predicted[:, j] = test.last_close * np.exp(design(test, "test") @ coef)
     persistence = persistence_forecast(test.last_close, test.last_adj_close)
     naive = range_naive_forecast(
         test.last_close, test.last_adj_close, test.high_ratio, test.low_ratio
@@ -172,6 +191,22 @@ def har_reference(split) -> dict[str, dict[str, float]]:
         "u2": {t: float(u2[i]) for i, t in enumerate(TARGETS)},
         "u2_range_naive": {t: float(u2rn[i]) for i, t in enumerate(TARGETS)},
     }
+
+
+def future_ranges(history, windows, bars: int = CEILING_BARS):
+    """Per window, the realized mean log range log(High/Low) of the `bars` bars AFTER its target
+    bar (the target bar itself excluded): the volatility still to come when the target bar is
+    known. Fewer bars at the end of the history; the last window, with none, repeats the one
+    before. Future information: only for `har_reference`'s ceiling."""
+    import numpy as np
+    import pandas as pd
+
+    log_range = np.log(history["High"].to_numpy(float) / history["Low"].to_numpy(float))
+    after = pd.Series(np.append(log_range[1:], np.nan))  # bar i -> range of bar i + 1
+    # mean over bars i+1 .. i+bars: a trailing mean over the reversed series
+    ahead = after[::-1].rolling(bars, min_periods=1).mean()[::-1].ffill().to_numpy()
+    position = pd.Series(np.arange(len(history)), index=pd.DatetimeIndex(history["Date"]))
+    return ahead[position.loc[pd.DatetimeIndex(windows.target_dates)].to_numpy()]
 
 
 def score(result) -> dict[str, dict[str, float]]:
@@ -197,6 +232,7 @@ def evaluate_ticker(ticker: str, history, config, n_origins: int) -> dict:
     out = {"default_block": score(train_on_history(ticker, as_of, history, config))}
     windows = make_windows(history, config.window, config.naive_lookback, (1, 5, 22, 66))
     ref_windows = windows
+    future = future_ranges(history, ref_windows)
     if tuple(config.vol_horizons) != (1, 5, 22, 66):
         windows = make_windows(history, config.window, config.naive_lookback, config.vol_horizons)
     origins = []
@@ -204,7 +240,10 @@ def evaluate_ticker(ticker: str, history, config, n_origins: int) -> dict:
         split = split_at(windows, val_start, test_start, test_stop)
         result = fit_and_evaluate(ticker, as_of, history, split, config)
         row = score(result)
-        row["har"] = har_reference(split_at(ref_windows, val_start, test_start, test_stop))
+        ref_split = split_at(ref_windows, val_start, test_start, test_stop)
+        row["har"] = har_reference(ref_split)
+        # train starts at the first window: windows [0, test_stop) are train, validation, test
+        row["ceiling"] = har_reference(ref_split, future[:test_stop])
         origins.append(row)
         print(f"  {ticker} origin {len(origins)}: {json.dumps(row)}", flush=True)
     out["origins"] = origins
@@ -239,7 +278,10 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
         f"**origins** = {n_origins} consecutive test blocks tiling the last 30 % of the "
         "windows, the model refit at each origin on the windows before it (train/validation "
         "7:2); HAR-LS = least squares of the High/Low log-ratios on the mean log range over "
-        "1/5/22/66 bars, fitted on train+validation of the same origin. Close: the one-sided "
+        "1/5/22/66 bars, fitted on train+validation of the same origin; **ceiling** = the "
+        f"same least squares given also the realized mean log range of the {CEILING_BARS} "
+        "bars after the target bar (information no forecast has: what a perfect forecast of "
+        "the coming month's volatility would add). Close: the one-sided "
         "Diebold-Mariano test (small-sample corrected) of the model's squared errors against "
         "persistence's; p < 0.05 would mean significantly worse.",
         "",
@@ -249,21 +291,24 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
         lines += [
             "| ticker | block | test bars | U2 vs persistence H / L / C "
             "| U2 vs range-aware naive H / L | HAR-LS vs range-aware naive H / L "
+            "| ceiling vs range-aware naive H / L "
             "| Close worse than persistence? DM p | skill weights H / L / C |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for ticker, res in per_ticker.items():
             rows = [("default block", res["default_block"])]
             rows += [(f"origin {i + 1}", o) for i, o in enumerate(res["origins"])]
             for label, r in rows:
-                har = r.get("har", {}).get("u2_range_naive")
-                har_text = f"{har['High']:.3f} / {har['Low']:.3f}" if har else ""
+                har_text, ceiling_text = (
+                    f"{ref['High']:.3f} / {ref['Low']:.3f}" if ref else ""
+                    for ref in (r.get(k, {}).get("u2_range_naive") for k in ("har", "ceiling"))
+                )
                 span = f"{label} ({r['test_from']}..{r['test_to']})"
                 lines.append(
                     f"| {ticker} | {span} | {r['n_test']} | "
                     + " / ".join(f"{r['u2'][t]:.3f}" for t in TARGETS)
                     + f" | {r['u2_range_naive']['High']:.3f} / {r['u2_range_naive']['Low']:.3f}"
-                    + f" | {har_text} | {_p_text(r['close_p_worse'])} | "
+                    + f" | {har_text} | {ceiling_text} | {_p_text(r['close_p_worse'])} | "
                     + " / ".join(f"{w:.2f}" for w in r["skill_weights"])
                     + " |"
                 )
@@ -277,7 +322,8 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
                     values = [o[key][t] for o in origins]
                     spread.append(f"{t} {_mean(values):.3f} ({min(values):.3f}..{max(values):.3f})")
                 lines.append(
-                    f"| {ticker} | origins: mean (min..max) {label} | | {'; '.join(spread)} | | | | |"
+                    f"| {ticker} | origins: mean (min..max) {label} | | {'; '.join(spread)} "
+                    "| | | | | |"
                 )
         lines.append("")
         blocks = [r["default_block"] for r in per_ticker.values()]
@@ -290,10 +336,16 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
             o["u2_range_naive"][t] for r in per_ticker.values() for o in r["origins"]
             for t in ("High", "Low")
         ]  # fmt: skip
-        lines += [
-            f"Origins, same figure: max {max(origin_hl):.3f}, mean {_mean(origin_hl):.3f}.",
-            "",
-        ]
+        lines.append(
+            f"Origins, same figure: max {max(origin_hl):.3f}, mean {_mean(origin_hl):.3f}."
+        )
+        for key, label in (("har", "HAR-LS"), ("ceiling", "the ceiling")):
+            values = [
+                o[key]["u2_range_naive"][t] for r in per_ticker.values() for o in r["origins"]
+                for t in ("High", "Low")
+            ]  # fmt: skip
+            lines.append(f"Origins, {label}: max {max(values):.3f}, mean {_mean(values):.3f}.")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -78,3 +78,59 @@ def test_real_files_ingest_unedited_through_the_cli(files: dict[str, Path], tmp_
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "history 2148 bars to 2013-03-01" in proc.stdout
+
+
+def _bars(n: int = 400, seed: int = 3) -> pd.DataFrame:
+    """Made-up daily OHLCV bars whose range varies, enough for 66 bars of volatility memory."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+    spread = np.abs(rng.normal(0, 0.01, n)) * (1 + np.sin(np.arange(n) / 30))
+    return pd.DataFrame(
+        {
+            "Date": pd.bdate_range("2020-01-01", periods=n),
+            "Open": close,
+            "High": close * (1 + spread + 0.001),
+            "Low": close / (1 + spread + 0.001),
+            "Close": close,
+            "Adj Close": close,
+            "Volume": 1e6,
+        }
+    )
+
+
+def test_future_ranges_are_the_bars_after_each_target_bar() -> None:
+    import numpy as np
+
+    from ml.model.windows import make_windows
+
+    bars = _bars()
+    windows = make_windows(bars, 6, 20, (1, 5, 22, 66))
+    future = realdata.future_ranges(bars, windows, bars=22)
+    log_range = np.log(bars["High"] / bars["Low"]).to_numpy()
+    assert len(future) == len(windows)
+    for i in (0, 100, len(windows) - 30, len(windows) - 2):
+        target = bars.index[bars["Date"] == windows.target_dates[i]][0]
+        expected = log_range[target + 1 : target + 23].mean()  # fewer bars near the end
+        assert future[i] == pytest.approx(expected)
+    # the last window's target bar is the last bar: nothing after it, the one before is repeated
+    assert future[-1] == pytest.approx(future[-2])
+
+
+def test_the_ceiling_uses_its_look_ahead_and_the_reference_does_not() -> None:
+    """Given a look-ahead that is the High target itself, the least squares forecasts High
+    exactly (U2 ~ 0); without it, the HAR reference is a real forecast (U2 well above 0)."""
+    import numpy as np
+
+    from ml.model.windows import make_windows, rolling_origins, split_at
+
+    bars = _bars()
+    windows = make_windows(bars, 6, 20, (1, 5, 22, 66))
+    val_start, test_start, test_stop = rolling_origins(len(windows), 2)[0]
+    split = split_at(windows, val_start, test_start, test_stop)
+    cheat = windows.y[:test_stop, 0]  # log(High_next / Close): what the High forecast needs
+    ceiling = realdata.har_reference(split, cheat)["u2_range_naive"]
+    har = realdata.har_reference(split)["u2_range_naive"]
+    assert ceiling["High"] < 1e-6
+    assert har["High"] > 0.3 and np.isfinite(har["Low"])
