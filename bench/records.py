@@ -72,12 +72,16 @@ def _mlflow(uri: str, path: str, body: dict | None = None) -> dict[str, Any]:
         return json.loads(resp.read().decode() or "{}")
 
 
-def _fit_seconds(artifacts: Path) -> float | None:
-    """The Keras fit seconds of a train run, from its training_summary.json artifact."""
+def _fit_seconds(artifacts: Path) -> tuple[float | None, float | None]:
+    """The Keras fit seconds of a train run and, of them, its first step and validation pass
+    (the graph traces: `CandidateResult.trace_seconds`), from its training_summary.json."""
     with contextlib.suppress(OSError, ValueError, KeyError):
-        payload = json.loads((artifacts / "training_summary.json").read_text())
-        return sum(float(c["seconds"]) for c in payload["candidates"])
-    return None
+        candidates = json.loads((artifacts / "training_summary.json").read_text())["candidates"]
+        return (
+            sum(float(c["seconds"]) for c in candidates),
+            sum(float(c.get("trace_seconds", 0.0)) for c in candidates),
+        )
+    return None, None
 
 
 def _stamp(ms: Any) -> datetime | None:
@@ -85,7 +89,8 @@ def _stamp(ms: Any) -> datetime | None:
 
 
 def mlflow_runs(uri: str, artifacts_dir: Path, experiment: str = "price-forecast") -> list[dict]:
-    """Every run of the experiment: id, ticker, logical date, start, end and the fit seconds."""
+    """Every run of the experiment: id, ticker, logical date, start, end, the fit seconds and
+    the traces' share of them."""
     try:
         found = _mlflow(uri, f"experiments/get-by-name?experiment_name={experiment}")
         exp_id = found["experiment"]["experiment_id"]
@@ -98,6 +103,7 @@ def mlflow_runs(uri: str, artifacts_dir: Path, experiment: str = "price-forecast
         for run in page.get("runs", []):
             info = run["info"]
             tags = {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}
+            fit, trace = _fit_seconds(artifacts_dir / exp_id / info["run_id"] / "artifacts")
             runs.append(
                 {
                     "run_id": info["run_id"],
@@ -105,9 +111,8 @@ def mlflow_runs(uri: str, artifacts_dir: Path, experiment: str = "price-forecast
                     "logical_date": tags.get("logical_date"),
                     "start": _stamp(info["start_time"]),
                     "end": _stamp(info.get("end_time")),
-                    "fit_seconds": _fit_seconds(
-                        artifacts_dir / exp_id / info["run_id"] / "artifacts"
-                    ),
+                    "fit_seconds": fit,
+                    "trace_seconds": trace,
                 }
             )
         body["page_token"] = page.get("next_page_token")

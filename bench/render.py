@@ -23,6 +23,7 @@ TARGET_DAILY = 1.0  # whole daily run / notebook loop
 TARGET_NO_NEW_DATA = 0.05  # no-new-data day / full day, with zero train instances
 TARGET_TASK_INSTANCES = 40  # task instances of a day with TARGET_TASK_TICKERS tickers
 TARGET_TASK_TICKERS = 31
+TARGET_TRAIN_FIXED = 1.5  # s: a train task's wall time outside its epochs (traces included)
 FLAT_TOLERANCE = 0.10  # growth: wall per ticker each within +10 % of the previous size
 MEMORY_STEPS = ("ingest", "validate", "train", "promote", "forecast")
 
@@ -361,6 +362,7 @@ def environment() -> jinja2.Environment:
         TARGET_NO_NEW_DATA=TARGET_NO_NEW_DATA,
         TARGET_TASK_INSTANCES=TARGET_TASK_INSTANCES,
         TARGET_TASK_TICKERS=TARGET_TASK_TICKERS,
+        TARGET_TRAIN_FIXED=TARGET_TRAIN_FIXED,
         FLAT_PERCENT=int(FLAT_TOLERANCE * 100),
     )
     return env

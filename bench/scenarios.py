@@ -16,6 +16,9 @@ the run report (`DATA_DIR/reports/<D>.json`), the MLflow runs it created and the
   Components: the data phase (ingest, validate), training (the train instances minus the MLflow
   run inside them; of which the Keras fits), the MLflow run inside train (start_time to end_time:
   params, metrics, plot, model, registration), promote, forecast, and resolve_tickers + report;
+- a train task's fixed cost: the mean train instance's wall time minus its epochs, where the
+  epochs are the Keras fit minus its first step and validation pass (which trace the graphs):
+  the traces, the MLflow run, the registration, look-ups, data, evaluation and the task's start;
 - task instances: every task-instance row of the run (a day without new bars keeps `train`'s one
   unexpanded row, skipped); train instances: the mapped ones (map_index >= 0), none on such a day.
 """
@@ -218,14 +221,18 @@ def _task_figures(tis: list[dict], group: list[dict], memory: dict) -> dict[str,
     }
 
 
-def _components(per_task: dict[str, Any], mlflow_runs: list[dict]) -> tuple[dict, float, float]:
-    """Task-seconds per component, the MLflow run seconds and the Keras fit seconds."""
+def _components(
+    per_task: dict[str, Any], mlflow_runs: list[dict]
+) -> tuple[dict, float, float, float]:
+    """Task-seconds per component, the MLflow run seconds, the Keras fit seconds and, of them,
+    the first step and validation pass of each fit (the traces)."""
 
     def dur(short: str) -> float:
         return per_task.get(short, {}).get("duration", {}).get("sum", 0.0)
 
     mlflow_span = sum((r["end"] - r["start"]).total_seconds() for r in mlflow_runs if r["end"])
     fit = sum(r["fit_seconds"] or 0.0 for r in mlflow_runs)
+    trace = sum(r.get("trace_seconds") or 0.0 for r in mlflow_runs)
     components = {
         "data phase (ingest+validate)": dur("ingest") + dur("validate"),
         "training": dur("train") - mlflow_span,
@@ -234,7 +241,7 @@ def _components(per_task: dict[str, Any], mlflow_runs: list[dict]) -> tuple[dict
         "forecast": dur("forecast"),
         "resolve+report": dur("resolve_tickers") + dur("report"),
     }
-    return components, mlflow_span, fit
+    return components, mlflow_span, fit, trace
 
 
 def _tickers(raw: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +292,16 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
         )
         for name in names
     }
-    components, mlflow_span, fit = _components(per_task, raw["mlflow_runs"])
+    components, mlflow_span, fit, trace = _components(per_task, raw["mlflow_runs"])
+    train = per_task.get("train", {}).get("duration", {})
+    # A train task's fixed cost: its wall time minus its epochs (the fit without the traces),
+    # when every train instance of the run has its MLflow run (none reused a version).
+    n_train = train.get("n") or 0
+    fixed = (
+        (train["sum"] - (fit - trace)) / n_train
+        if n_train and n_train == len(raw["mlflow_runs"])
+        else None
+    )
     tickers = _tickers(raw)
     n, workers = tickers["tickers"], raw["workers"]
     latency = (first_start - queued).total_seconds() if first_start and queued else None
@@ -309,6 +325,8 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
             for k, v in components.items()
         },
         "fit_seconds": round(fit, 2),
+        "trace_seconds": round(trace, 2),
+        "train_fixed_seconds": round(fixed, 3) if fixed is not None else None,
         "mlflow_run_seconds": round(mlflow_span, 2),
         "mlflow_runs": len(raw["mlflow_runs"]),
         "per_task": per_task,

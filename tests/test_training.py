@@ -108,6 +108,8 @@ def test_trains_both_kinds_and_keeps_the_lower_validation_loss(trained: TrainRes
         assert c.best_val_loss == min(c.val_loss)
         assert c.best_val_loss == c.val_loss[c.best_epoch - 1]
         assert np.isfinite(c.loss).all() and np.isfinite(c.val_loss).all()
+        # the first step and validation pass are part of the fit, and timed apart
+        assert 0 < c.trace_seconds <= c.seconds
     chosen = trained.chosen
     assert chosen.kind == trained.forecaster.kind
     assert chosen.best_val_loss == min(c.best_val_loss for c in trained.candidates)
