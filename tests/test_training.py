@@ -211,7 +211,7 @@ def test_train_step_returns_each_branch_mse_and_takes_one_adam_step() -> None:
     # The next fit of the same shapes starts again from the seed's weights and a fresh optimizer.
     again = seeded_branches(("gru", "lstm"), config, 5, 2)
     assert again is compiled and int(again.optimizer.iterations.numpy()) == 0
-    assert all(not m.numpy().any() and not v.numpy().any() for m, v in again.optimizer.moments)
+    assert all(not moment.numpy().any() for moment in again.optimizer.moments)
     for a, b in zip(before, again.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
