@@ -403,6 +403,8 @@ def test_the_registered_model_loads_and_predicts_without_the_project(
     assert not out["ml"].startswith(str(PROJECT_ROOT)), out["ml"]
     assert "/code/ml/" in out["ml"], out["ml"]
     assert "ml.registry.pyfunc" in out["modules"] and "ml.steps.model" not in out["modules"]
+    # the price schema comes from its own module: no data source or Yahoo client in the model
+    assert "ml.data.schema" in out["modules"] and "ml.data.yahoo" not in out["modules"]
     forecaster, _ = load_forecaster(instrument_for(TICKER, fc_settings), fc_settings)
     expected = forecaster.predict_frame(bars).iloc[-1]
     for target, value in out["row"].items():

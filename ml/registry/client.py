@@ -81,6 +81,9 @@ def warm_caches() -> None:
 def get_client(settings: Settings) -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Ending a run, MLflow prints its URL, which costs a request for the run; the train step
+    # logs that URL itself (`ml.registry.tracking`).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
     uri = settings.mlflow_tracking_uri

@@ -13,7 +13,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow.pyfunc
 import pandas as pd
 
-from ml.data.sources import PRICE_COLUMNS
+from ml.data.schema import PRICE_COLUMNS
 from ml.model.forecaster import PriceForecaster
 
 
@@ -77,7 +77,7 @@ def serving_code(destination: Path) -> Path:
     packages' `__init__.py` (`ml.codebase.closure`), about a third of the package.
 
     The model then loads where the project is not installed (`mlflow models serve`), and each
-    model's upload is 15 files instead of the whole package's 43; every artifact file is one
+    model's upload is 12 files instead of the whole package's 43; every artifact file is one
     request to the tracking server, when logging and again when a champion is downloaded.
     """
     from ml.codebase import ROOT, closure

@@ -7,6 +7,7 @@ import json
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +61,7 @@ def _plot_test_block(result: TrainResult) -> Any:
 
 
 def _input_example(result: TrainResult):
-    from ml.data.sources import PRICE_COLUMNS
+    from ml.data.schema import PRICE_COLUMNS
 
     # Enough bars for the volatility memory, so the example's last row is the real forecast.
     bars = result.history[PRICE_COLUMNS].iloc[-result.forecaster.context_bars :]
@@ -187,19 +188,31 @@ def _log_run(
                 code_paths=[str(serving_code(Path(tmp) / "code"))],
                 validate_serving_input=False,
             )
+            # The metrics go to the server from a second thread while this one draws the plot
+            # and uploads the files (the server stores a few hundred metric rows meanwhile);
+            # the run is not ended before they are all stored (`result` raises if one failed).
+            # Not MLflow's async logging: ending a run waits up to a second for its thread.
             run_metrics = _run_metrics(result, metrics, info.model_id, run_id)
-            for i in range(0, len(run_metrics), 900):
-                client.log_batch(run_id, metrics=run_metrics[i : i + 900])
-            plot = Path(tmp) / "plots" / "test_predictions.png"
-            plot.parent.mkdir()
-            _plot_test_block(result).savefig(plot)
-            mlflow.log_artifact(str(plot), artifact_path="plots")
-        if validation_report is not None and validation_report.exists():
-            mlflow.log_artifact(str(validation_report), artifact_path="validation")
-        mlflow.log_dict(
-            {"candidates": [asdict(c) for c in result.candidates], "test": metrics},
-            "training_summary.json",
-        )
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics") as sender:
+                pending = [
+                    sender.submit(client.log_batch, run_id, metrics=run_metrics[i : i + 900])
+                    for i in range(0, len(run_metrics), 900)
+                ]
+                plot = Path(tmp) / "plots" / "test_predictions.png"
+                plot.parent.mkdir()
+                _plot_test_block(result).savefig(plot)
+                mlflow.log_artifact(str(plot), artifact_path="plots")
+                if validation_report is not None and validation_report.exists():
+                    mlflow.log_artifact(str(validation_report), artifact_path="validation")
+                mlflow.log_dict(
+                    {"candidates": [asdict(c) for c in result.candidates], "test": metrics},
+                    "training_summary.json",
+                )
+                for sent in pending:
+                    sent.result()
+    uri = settings.mlflow_tracking_uri.rstrip("/")
+    if uri.startswith(("http://", "https://")):
+        log.info("run %s: %s/#/experiments/%s/runs/%s", run_id, uri, experiment_id, run_id)
     return run_id, info.model_uri
 
 
