@@ -682,3 +682,37 @@ def test_a_run_left_running_by_a_killed_try_is_marked_failed(reg_settings: Setti
     assert client.get_run(other_day.info.run_id).info.status == "RUNNING"
     assert fail_orphan_runs(client, experiment_id, tags) == []
     client.set_terminated(other_day.info.run_id)
+
+
+@pytest.mark.slow
+def test_metrics_the_server_refuses_fail_the_run_and_register_nothing(
+    first_run: dict[str, Any], reg_settings: Settings, monkeypatch
+) -> None:
+    """The metrics are sent from a second thread while the plot is drawn; a batch the tracking
+    server refuses (here a metric name it does not accept) still fails `log_candidate`: the run
+    ends FAILED and no version is registered."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    import ml.registry.tracking as tracking
+    from ml.steps.common import instrument_for
+
+    real = tracking._run_metrics
+
+    def with_a_bad_name(*args: Any) -> list[Any]:
+        return [*real(*args), Metric("no good!", 1.0, int(time.time() * 1000), 0)]
+
+    monkeypatch.setattr(tracking, "_run_metrics", with_a_bad_name)
+    result = _sabotaged_result(reg_settings, MAIN, AS_OF)
+    before = {v.version for v in _versions(reg_settings, MAIN)}
+    with pytest.raises(MlflowException, match="no good!"):
+        log_candidate(result, instrument_for(MAIN, reg_settings), reg_settings)
+    assert {v.version for v in _versions(reg_settings, MAIN)} == before
+    client = get_client(reg_settings)
+    experiment = client.get_experiment_by_name(reg_settings.experiment_name)
+    [last] = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )
+    assert last.info.status == "FAILED" and last.data.tags["ticker"] == MAIN
