@@ -155,9 +155,10 @@ def branch_forward(model: keras.Model, kinds: Sequence[str]) -> Callable[[Any], 
     layer's step function) was about a third of building a fresh process's train step; these
     operations trace in a fraction of it. The input half of each cell (x_t @ kernel + bias)
     does not depend on the state, so it is one product over all steps, and each variable is
-    read once, not once per step: fewer operations to trace (and to run). The layers are Keras' LSTM (gates i, f, c, o) and
-    GRU (gates z, r, h; reset after the recurrent product) cells with their default
-    activations; any other configuration raises here instead of computing something else.
+    read once, not once per step: fewer operations to trace (and to run). The layers are
+    Keras' LSTM (gates i, f, c, o) and GRU (gates z, r, h; reset after the recurrent product)
+    cells with their default activations; any other configuration raises here instead of
+    computing something else.
     """
     import tensorflow as tf
 
