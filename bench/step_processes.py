@@ -1,13 +1,20 @@
-"""Validate over two processes against one, side by side (`ml.steps.common.in_processes`).
+"""Validate (or ingest) over two processes against one, side by side
+(`ml.steps.common.in_processes`).
 
-    python bench/step_processes.py [--repeat 3] [--tickers N] [--as-of 2024-06-28]
+    python bench/step_processes.py [--step validate|ingest] [--repeat 3] [--tickers N]
+        [--as-of 2024-06-28]
 
 In one parent process that has imported what the preloading executor's workers import (like a
-task's parent): the universe's synthetic bars are staged once per trial on a fresh store
-(`ingest_all`, not timed), then `validate_all` (every suite, publish; no registry) runs in a
-child forked from the parent, as a task is, once with the work kept in the child (`serial`) and
-once spread over its worker processes (`workers`), alternating, `--repeat` times each. Prints
-each trial's seconds, the medians and their ratio.
+task's parent), on a fresh store per trial, in a child forked from the parent as a task is, once
+with the work kept in the child (`serial`) and once spread over its worker processes
+(`workers`), alternating, `--repeat` times each:
+
+- `validate`: the universe's synthetic bars are staged (`ingest_all`, not timed), then
+  `validate_all` (every suite, publish; no registry) is timed;
+- `ingest`: `ingest_all` from the synthetic source (a local, CPU-bound source: it generates each
+  series) into an empty store (the first day: the whole history) is timed.
+
+Prints each trial's seconds, the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ def _timed_in_child(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step", choices=("validate", "ingest"), default="validate")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tickers", type=int, default=0, help="first N of the universe (0: all)")
     parser.add_argument("--as-of", default="2024-06-28")
@@ -74,18 +82,24 @@ def main() -> None:
             for mode in ("serial", "workers"):
                 settings = replace(base, data_dir=Path(tmp) / f"{mode}-{trial}")
                 settings.data_dir.mkdir()
-                ingest_all(tickers, as_of, settings)
+                if args.step == "validate":
+                    ingest_all(tickers, as_of, settings)
                 common.FORK_MIN_ITEMS = 10**9 if mode == "serial" else default_min
 
                 def validate(s=settings) -> None:
                     out = validate_all(tickers, as_of, s, check_registry=False)
                     assert not out["failed"] and len(out["tickers"]) == len(tickers), out
 
-                seconds[mode].append(_timed_in_child(validate))
+                def ingest(s=settings) -> None:
+                    out = ingest_all(tickers, as_of, s)
+                    assert not out["failed"] and len(out["staged"]) == len(tickers), out
+
+                step = validate if args.step == "validate" else ingest
+                seconds[mode].append(_timed_in_child(step))
                 print(f"trial {trial + 1} {mode:8s} {seconds[mode][-1]:.2f} s", flush=True)
     serial, workers = (statistics.median(seconds[m]) for m in ("serial", "workers"))
     print(
-        f"validate_all, {len(tickers)} tickers, {os.cpu_count()} cores, workers "
+        f"{args.step}_all, {len(tickers)} tickers, {os.cpu_count()} cores, workers "
         f"{common.PROCESS_WORKERS}: median serial {serial:.2f} s, over processes {workers:.2f} s, "
         f"ratio {workers / serial:.2f}"
     )

@@ -280,6 +280,69 @@ def test_ingest_is_concurrent_bounded_and_isolates_failures(tmp_path) -> None:
     assert ingest_all(["TC3"], FRIDAY, settings, source=source)["staged"] == {}
 
 
+class _LocalSource:
+    """The synthetic source as a local (CPU-bound) one, noting the process that fetched each
+    batch; one ticker refused."""
+
+    name = "local-probe"
+    local = True
+
+    def __init__(self, refused: str) -> None:
+        from ml.data.sources import SyntheticSource
+
+        self.inner = SyntheticSource()
+        self.refused = refused
+
+    def fetch(self, instrument, start, end):
+        import os
+
+        from ml.data.sources import PriceSourceError
+
+        if instrument.ticker == self.refused:
+            raise PriceSourceError(f"{instrument.ticker}: refused by the source")
+        batch = self.inner.fetch(instrument, start, end)
+        batch.attrs["notes"] = [f"pid {os.getpid()}"]
+        return batch
+
+
+def test_a_local_source_is_ingested_over_processes_and_isolates_failures(
+    tmp_path, monkeypatch
+) -> None:
+    """A local source (synthetic, files: CPU-bound) is spread over processes forked from the
+    step; what they stage is what a serial ingest stages, and one ticker's failure comes back
+    as that ticker's error."""
+    import os
+
+    from ml.data.store import PriceStore
+    from ml.steps import common
+
+    # An earlier test may have started TensorFlow here (then `in_processes` stays in this
+    # process on purpose); these children never touch it, so fork anyway.
+    monkeypatch.setattr(common, "tensorflow_started", lambda: False)
+    from ml.steps.common import PROCESS_WORKERS, instrument_for
+    from ml.steps.data import ingest_all
+
+    tickers = {f"LP{i}": f"Ticker {i}" for i in range(6)}
+    settings = isolated_settings(tmp_path, "http://127.0.0.1:9", "unused", tickers)
+    result = ingest_all(list(tickers), FRIDAY, settings, source=_LocalSource(refused="LP2"))
+    assert list(result["staged"]) == [t for t in tickers if t != "LP2"]
+    assert result["failed"] == {"LP2": "PriceSourceError: LP2: refused by the source"}
+    pids = {batch["notes"][0] for batch in result["staged"].values()}
+    if PROCESS_WORKERS < 2:  # one core: the work stays in this process
+        assert pids == {f"pid {os.getpid()}"}
+    else:
+        assert f"pid {os.getpid()}" not in pids and len(pids) == PROCESS_WORKERS
+    store = PriceStore(settings.data_dir)
+    for ticker in result["staged"]:
+        staged = store.read_staged(instrument_for(ticker, settings), FRIDAY)
+        expected = _LocalSource("").inner.fetch(
+            instrument_for(ticker, settings), settings.history_start, FRIDAY
+        )
+        assert staged.drop(columns="Ticker").equals(
+            expected.drop(columns="Ticker").reset_index(drop=True)
+        )
+
+
 # --- the run summary -------------------------------------------------------------------------------
 
 

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 class PriceSource(Protocol):
     name: str
+    # True when the bars are computed or read on this machine (CPU-bound: `ingest_all` spreads
+    # such a source over processes); False for a network source (threads, a bounded few at a
+    # time). A source without the attribute counts as a network source.
+    local: bool
 
     def fetch(self, instrument: Instrument, start: date, end: date) -> pd.DataFrame:
         """Bars of `instrument` with start <= Date <= end, in the standard columns."""
@@ -214,6 +218,7 @@ class SyntheticSource:
     """
 
     name: str = "synthetic"
+    local: bool = True
 
     def fetch(self, instrument: Instrument, start: date, end: date) -> pd.DataFrame:
         if start > end:
@@ -322,6 +327,7 @@ class FileSource:
 
     directory: Path
     name: str = "files"
+    local: bool = True
 
     def _path_for(self, instrument: Instrument) -> Path:
         stems = list(dict.fromkeys((instrument.ticker, instrument.slug)))
@@ -364,6 +370,7 @@ class YahooSource:
     max_retries: int = 5
     backoff_seconds: float = 2.0
     name: str = "yahoo"
+    local: bool = False
     # A curl_cffi Session for yfinance (tests pass a replaying one); None = yfinance's own.
     session: object | None = None
 

@@ -49,12 +49,13 @@ def ingest_all(
     source: PriceSource | None = None,
     strict: bool = False,
 ) -> dict[str, Any]:
-    """Fetch every ticker's due bars into staging, `settings.fetch_concurrency` at a time.
+    """Fetch every ticker's due bars into staging: from a network source (Yahoo)
+    `settings.fetch_concurrency` at a time in threads, from a local one (synthetic, files: the
+    bars are computed or parsed here, CPU-bound) over the cores (`in_processes`).
 
     Returns {"staged": {ticker: batch summary}, "failed": {ticker: error}}; each download keeps
     the source's own retries and backoff.
     """
-    from concurrent.futures import ThreadPoolExecutor
     from dataclasses import asdict
 
     from ml.data.ingest import stage_ticker
@@ -67,16 +68,18 @@ def ingest_all(
     def stage(ticker: str) -> dict[str, Any]:
         return asdict(stage_ticker(universe.get(ticker), as_of, settings, source))
 
+    if getattr(source, "local", False):
+        outcomes = in_processes(stage, tickers)
+    else:
+        outcomes = concurrently(stage, tickers, workers=settings.fetch_concurrency)
     staged: dict[str, Any] = {}
     failed: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, settings.fetch_concurrency)) as pool:
-        futures = {ticker: pool.submit(stage, ticker) for ticker in tickers}
-        for ticker, future in futures.items():
-            try:
-                staged[ticker] = future.result()
-            except Exception as exc:
-                failed[ticker] = error_text(exc)
-                log.warning("%s: ingest failed: %s", ticker, failed[ticker])
+    for ticker, summary, exc in outcomes:
+        if exc is None:
+            staged[ticker] = summary
+        else:
+            failed[ticker] = error_text(exc)
+            log.warning("%s: ingest failed: %s", ticker, failed[ticker])
     raise_if_all_failed("ingest", len(tickers), failed, strict)
     return {"staged": staged, "failed": failed}
 
