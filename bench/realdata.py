@@ -23,8 +23,9 @@ then, per ticker and model config, fits and scores:
   log range over 1, 5, 22 and 66 bars, fitted on train+validation), the bar the networks must
   clear;
 - the ceiling: that least squares given also the realized mean log range of the 22 bars after
-  the target bar. It uses the future, so it is not a forecast: it shows how much even a perfect
-  forecast of the coming month's volatility would add.
+  the target bar. It uses the future, so it is not a forecast: it estimates how much even a
+  perfect forecast of the coming month's volatility would add to that model (an estimate, not
+  a proven bound: on a single block it can score a little worse than HAR-LS).
 
 Every figure is U2 (RMSE ratio) of the forecast against persistence and against the range-aware
 naive (last Close x the trailing 20-bar mean High/Low-to-previous-Close ratio); below 1 is better
@@ -154,7 +155,9 @@ def har_reference(split, future=None) -> dict[str, dict[str, float]]:
 
     With `future` (one value per window of train, validation and test, as `future_ranges`), the
     same least squares also sees the realized volatility still to come: not a forecast (it uses
-    bars after the forecast is made) but a ceiling on what any model of volatility can reach.
+    bars after the forecast is made) but an estimate of what knowing that volatility adds to
+    this model. It is no proven bound: on a single block its extra fitted coefficient can also
+    score a little worse than HAR-LS.
     """
     import numpy as np
 
@@ -280,8 +283,9 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
         "7:2); HAR-LS = least squares of the High/Low log-ratios on the mean log range over "
         "1/5/22/66 bars, fitted on train+validation of the same origin; **ceiling** = the "
         f"same least squares given also the realized mean log range of the {CEILING_BARS} "
-        "bars after the target bar (information no forecast has: what a perfect forecast of "
-        "the coming month's volatility would add). Close: the one-sided "
+        "bars after the target bar (information no forecast has: an estimate, not a bound, of "
+        "what a perfect forecast of the coming month's volatility would add). Close: the "
+        "one-sided "
         "Diebold-Mariano test (small-sample corrected) of the model's squared errors against "
         "persistence's; p < 0.05 would mean significantly worse.",
         "",
