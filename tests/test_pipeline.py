@@ -313,14 +313,15 @@ def test_a_local_source_is_ingested_over_processes_and_isolates_failures(
     as that ticker's error."""
     import os
 
+    from ml.data.sources import SyntheticSource
     from ml.data.store import PriceStore
     from ml.steps import common
+    from ml.steps.common import PROCESS_WORKERS, instrument_for
+    from ml.steps.data import ingest_all
 
     # An earlier test may have started TensorFlow here (then `in_processes` stays in this
     # process on purpose); these children never touch it, so fork anyway.
     monkeypatch.setattr(common, "tensorflow_started", lambda: False)
-    from ml.steps.common import PROCESS_WORKERS, instrument_for
-    from ml.steps.data import ingest_all
 
     tickers = {f"LP{i}": f"Ticker {i}" for i in range(6)}
     settings = isolated_settings(tmp_path, "http://127.0.0.1:9", "unused", tickers)
@@ -335,7 +336,7 @@ def test_a_local_source_is_ingested_over_processes_and_isolates_failures(
     store = PriceStore(settings.data_dir)
     for ticker in result["staged"]:
         staged = store.read_staged(instrument_for(ticker, settings), FRIDAY)
-        expected = _LocalSource("").inner.fetch(
+        expected = SyntheticSource().fetch(
             instrument_for(ticker, settings), settings.history_start, FRIDAY
         )
         assert staged.drop(columns="Ticker").equals(
