@@ -36,7 +36,6 @@ IMPORTS = [
     ("great_expectations", "import great_expectations"),
     ("mlflow", "import mlflow"),
     ("mlflow.pyfunc + models", "import mlflow.pyfunc, mlflow.models"),
-    ("matplotlib.pyplot", "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot"),
     ("pandas + pyarrow", "import pandas, pyarrow"),
     ("sklearn.preprocessing", "import sklearn.preprocessing"),
     ("airflow.sdk", "import airflow.sdk"),
@@ -45,9 +44,8 @@ IMPORTS = [
         f"import runpy; runpy.run_path({str(ROOT / 'dags' / 'price_forecast.py')!r})",
     ),
     (
-        "a train task's libraries (mlflow, tensorflow, matplotlib, ml.*)",
-        "import mlflow, mlflow.pyfunc, tensorflow, keras, matplotlib; matplotlib.use('Agg'); "
-        "import matplotlib.pyplot, ml.registry.tracking, ml.model.training, "
+        "a train task's libraries (mlflow, tensorflow, ml.*)",
+        "import mlflow, mlflow.pyfunc, tensorflow, keras, ml.registry.tracking, ml.model.training, "
         "ml.model.evaluation, ml.model.forecaster",
     ),
 ]

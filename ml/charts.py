@@ -2,8 +2,9 @@
 
 `price_band_chart` draws the last bars (a High-Low line and a Close tick per bar), the range each
 past forecast predicted for its bar (a band behind that bar), and the next bar's forecast after
-the last one; `line_chart` draws a few series over dates (the live U2 of the ledger's monitor).
-Both return SVG markup with every text escaped.
+the last one; `line_chart` draws a few series over dates (the live U2 of the ledger's monitor,
+a model's test-block forecasts); `stacked` puts charts one above the other in one SVG document
+(the test-block plot of each MLflow run). All return SVG markup with every text escaped.
 """
 
 from __future__ import annotations
@@ -90,25 +91,45 @@ def price_band_chart(
 
 
 def line_chart(
-    dates: Sequence[str], series: Mapping[str, Sequence[float | None]], title: str, ref: float = 1.0
+    dates: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    title: str,
+    ref: float | None = 1.0,
+    colours: Sequence[str] = ("#3b82f6", "#f97316", "#16a34a"),
 ) -> str:
-    """Lines over `dates` (one per series name, None = a gap) and a dashed reference line."""
+    """Lines over `dates` (one per series name, None = a gap) and a dashed reference line at
+    `ref`; without one (`ref=None`) the y axis is labelled with the lowest and highest value."""
     finite = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
     if not dates or not finite:
         return ""
-    lo, hi = min([*finite, ref]), max([*finite, ref])
+    lo, hi = min(finite), max(finite)
+    if ref is not None:
+        lo, hi = min(lo, ref), max(hi, ref)
+        margin = 0.05
+    else:
+        margin = (hi - lo) * 0.05 or abs(hi) * 0.01 or 1.0
     height = HEIGHT // 2
-    y = _scale(lo - 0.05, hi + 0.05, 20, height - 24)
+    y = _scale(lo - margin, hi + margin, 20, height - 24)
     step = (WIDTH - 2 * PAD) / max(len(dates) - 1, 1)
-    colours = ("#3b82f6", "#f97316", "#16a34a")
     parts = [
         f'<svg class="chart" role="img" viewBox="0 0 {WIDTH} {height}" '
         f'xmlns="http://www.w3.org/2000/svg" aria-label="{escape(title)}">',
         f"<title>{escape(title)}</title>",
-        f'<line x1="{PAD}" x2="{WIDTH - PAD}" y1="{y(ref)}" y2="{y(ref)}" stroke="#999" '
-        'stroke-dasharray="4 4"/>',
     ]
+    if ref is not None:
+        parts.append(
+            f'<line x1="{PAD}" x2="{WIDTH - PAD}" y1="{y(ref)}" y2="{y(ref)}" stroke="#999" '
+            'stroke-dasharray="4 4"/>'
+            f'<text x="4" y="{y(ref) + 4}" font-size="11" fill="#666">{ref:g}</text>'
+        )
+    else:
+        parts.append(
+            f'<text x="4" y="{y(hi) + 4}" font-size="11" fill="#666">{hi:.4g}</text>'
+            f'<text x="4" y="{y(lo) + 4}" font-size="11" fill="#666">{lo:.4g}</text>'
+            f'<text x="{PAD}" y="14" font-size="12" fill="#333">{escape(title)}</text>'
+        )
     for k, (name, values) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
         points = [
             f"{PAD + i * step:.2f},{y(v)}"
             for i, v in enumerate(values)
@@ -116,15 +137,41 @@ def line_chart(
         ]
         parts.append(
             f'<polyline class="series" points="{" ".join(points)}" fill="none" '
-            f'stroke="{colours[k % len(colours)]}" stroke-width="2"><title>{escape(name)}</title>'
-            "</polyline>"
-            f'<text x="{WIDTH - PAD}" y="{16 + 14 * k}" font-size="11" text-anchor="end" '
-            f'fill="{colours[k % len(colours)]}">{escape(name)}</text>'
+            f'stroke="{colour}" stroke-width="{2 if ref is not None else 1}">'
+            f"<title>{escape(name)}</title></polyline>"
+            # The legend: a column at the top right, or one row above the plot without `ref`.
+            f'<text x="{WIDTH - PAD - (0 if ref is not None else 100 * (len(series) - 1 - k))}" '
+            f'y="{16 + 14 * k if ref is not None else 14}" font-size="11" text-anchor="end" '
+            f'fill="{colour}">{escape(name)}</text>'
         )
     parts.append(
-        f'<text x="4" y="{y(ref) + 4}" font-size="11" fill="#666">{ref:g}</text>'
         f'<text x="{PAD}" y="{height - 6}" font-size="11" fill="#666">{escape(dates[0])}</text>'
         f'<text x="{WIDTH - PAD}" y="{height - 6}" font-size="11" fill="#666" '
         f'text-anchor="end">{escape(dates[-1])}</text></svg>'
     )
+    return "".join(parts)
+
+
+def stacked(charts: Sequence[str], title: str) -> str:
+    """`charts` (this module's SVG charts) one above the other under `title`, as one standalone
+    SVG document (what a browser or MLflow's artifact view shows as an image)."""
+    charts = [c for c in charts if c]
+    top = 28
+    heights = [HEIGHT // 2] * len(charts)
+    parts = [
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {top + sum(heights)}" '
+        f'width="{WIDTH}" height="{top + sum(heights)}" font-family="sans-serif">',
+        f"<title>{escape(title)}</title>",
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{PAD}" y="20" font-size="14" fill="#111">{escape(title)}</text>',
+    ]
+    y = top
+    for chart, height in zip(charts, heights, strict=True):
+        # A nested <svg> placed at (0, y); its own viewBox scales its content.
+        parts.append(
+            chart.replace("<svg ", f'<svg x="0" y="{y}" width="{WIDTH}" height="{height}" ', 1)
+        )
+        y += height
+    parts.append("</svg>\n")
     return "".join(parts)

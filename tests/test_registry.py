@@ -14,6 +14,7 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ SATURDAY = date(2023, 12, 30)
 MAIN = "TREG"  # the main flow: first train, reuse, skip, a worse candidate
 RACE = "TRACE"  # two good versions racing to promote
 PIT = "TPIT"  # point in time: a later date first, then a backfill of an earlier one
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SVG_NS = "http://www.w3.org/2000/svg"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,15 +310,26 @@ def test_run_artifacts_plot_and_validation_report(
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"plots", "validation", "training_summary.json"} <= top
 
-    png = mlflow.artifacts.download_artifacts(
+    svg = mlflow.artifacts.download_artifacts(
         run_id=run_id,
-        artifact_path="plots/test_predictions.png",
-        dst_path=str(tmp_path / "png"),
+        artifact_path="plots/test_predictions.svg",
+        dst_path=str(tmp_path / "svg"),
         tracking_uri=reg_settings.mlflow_tracking_uri,
     )
-    data = Path(png).read_bytes()
-    assert data[:8] == PNG_MAGIC
-    assert len(data) > 5_000
+    # A standalone SVG document: one chart per judged target, each with the three series drawn
+    # over the test block's dates.
+    root = ElementTree.parse(svg).getroot()
+    assert root.tag == f"{{{SVG_NS}}}svg"
+    charts = root.findall(f"{{{SVG_NS}}}svg")
+    assert [c.get("aria-label") for c in charts] == ["High", "Low", "Close"]
+    for chart in charts:
+        lines = chart.findall(f"{{{SVG_NS}}}polyline")
+        assert [line.findtext(f"{{{SVG_NS}}}title") for line in lines] == [
+            "actual",
+            "model",
+            "persistence",
+        ]
+        assert all(len(line.get("points").split()) > 10 for line in lines)
 
     reports = [a.path for a in client.list_artifacts(run_id, "validation")]
     assert reports == [f"validation/{AS_OF.isoformat()}.json"]

@@ -36,15 +36,13 @@ FORK_MIN_ITEMS = 4
 # What the steps import inside their functions besides the package's own modules: found by
 # listing the modules a train, validate and forecast call adds to `sys.modules` in a process
 # forked from one that had imported `ml.steps.*`, TensorFlow, MLflow and GX (Parquet's dataset
-# reader, the plot's PNG backend, GitPython for MLflow's run tags, MLflow's tracing processor
-# and request headers). Each is an import every task process would make again.
+# reader, GitPython for MLflow's run tags, MLflow's tracing processor and request headers). Each
+# is an import every task process would make again.
 LAZY_IMPORTS = (
     "pyarrow.parquet",
     "pyarrow.dataset",
     "pandas.core.arrays.arrow.extension_types",
     "pandas.core.methods.to_dict",
-    "matplotlib.backends.backend_agg",
-    *(f"PIL.{f}ImagePlugin" for f in ("Bmp", "Gif", "Jpeg", "Png", "Ppm")),  # PIL's preinit()
     "git",
     "netrc",
     "mlflow.models.display_utils",
