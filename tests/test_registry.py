@@ -728,3 +728,84 @@ def test_metrics_the_server_refuses_fail_the_run_and_register_nothing(
         [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
     )
     assert last.info.status == "FAILED" and last.data.tags["ticker"] == MAIN
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch reads: one request for many models, the same answers as one read per model
+# --------------------------------------------------------------------------------------------------
+
+
+def _version(client: Any, name: str, **tags: str) -> str:
+    return client.create_model_version(
+        name, f"s3://bucket/{name}/{len(tags)}", tags=tags, await_creation_for=0
+    ).version
+
+
+def test_batch_registry_reads_give_the_per_model_answers(reg_settings: Settings) -> None:
+    from ml.registry.client import newest_versions
+    from ml.registry.versions import (
+        champion_and_alias,
+        champions_as_of,
+        trained_version,
+        trained_versions,
+    )
+    from ml.universe import MODEL_NAME_PREFIX, Instrument
+
+    client = get_client(reg_settings)
+    run = uuid.uuid4().hex[:6].upper()
+    a, b, c, d = (f"{MODEL_NAME_PREFIX}B{run}{k}" for k in "ABCD")
+    for name in (a, b, c, d):
+        client.create_registered_model(name)
+    day1, day2, later = "2024-01-02", "2024-01-03", "2024-02-01"
+    # a: two versions on this config; the newer is the champion.
+    _version(client, a, data_fingerprint="fa1", config_fingerprint="cfg", logical_date=day1)
+    a2 = _version(client, a, data_fingerprint="fa2", config_fingerprint="cfg", logical_date=day2)
+    client.set_registered_model_alias(a, CHAMPION, a2)
+    # b: the champion is not the latest version (the gate refused the newer one).
+    b1 = _version(client, b, data_fingerprint="fb1", config_fingerprint="cfg", logical_date=day1)
+    b2 = _version(client, b, data_fingerprint="fb2", config_fingerprint="cfg", logical_date=day2)
+    client.set_registered_model_alias(b, CHAMPION, b1)
+    # c: trained on another config only, never promoted.
+    _version(client, c, data_fingerprint="fc1", config_fingerprint="other", logical_date=day1)
+    # d: the champion was trained for a later date; a backfill must use the older promoted one.
+    d1 = _version(client, d, config_fingerprint="cfg", logical_date=day1, gate_status="promoted")
+    d2 = _version(client, d, config_fingerprint="cfg", logical_date=later, gate_status="promoted")
+    client.set_registered_model_alias(d, CHAMPION, d2)
+
+    newest, complete = newest_versions(client, [a, b, c, d], 10, config_fingerprint="cfg")
+    assert [(v.name, v.version) for v in newest] == [
+        (d, d2),
+        (d, d1),
+        (b, b2),
+        (b, b1),
+        (a, a2),
+        (a, "1"),
+    ]
+    assert complete
+    cut, complete = newest_versions(client, [a, b], 3, config_fingerprint="cfg")
+    assert [(v.name, v.version) for v in cut] == [(b, b2), (b, b1), (a, a2)] and not complete
+
+    wanted = {a: "fa1", b: "fb2", c: "fc1", d: "none"}
+    settled, rest = trained_versions(client, wanted, "cfg")
+    assert rest == []
+    assert {n: v.version if v else None for n, v in settled.items()} == {
+        a: "1",
+        b: b2,
+        c: None,  # trained on another config
+        d: None,
+    }
+    for name, fingerprint in wanted.items():
+        one = trained_version(
+            client, Instrument(name.removeprefix(MODEL_NAME_PREFIX), "stock"), fingerprint, "cfg"
+        )
+        assert (one.version if one else None) == (settled[name].version if settled[name] else None)
+
+    for day in (date(2024, 1, 10), date(2024, 3, 1), date(2023, 12, 1)):
+        batch = champions_as_of(client, [a, b, c, d], day)
+        for name in (a, b, c, d):
+            expected = champion_and_alias(client, name, day)
+            assert [v.version if v else None for v in batch[name]] == [
+                v.version if v else None for v in expected
+            ], (name, day)
+    assert champions_as_of(client, [d], date(2024, 1, 10))[d][0].version == d1
+    assert champions_as_of(client, [b], date(2024, 1, 10))[b][0].version == b1

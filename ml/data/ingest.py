@@ -91,22 +91,25 @@ def publish_with_history(
     if not store.staging_path(instrument, as_of).exists():
         return _published_earlier(instrument, as_of, store)
     batch = store.read_staged(instrument, as_of)
-    history = store.load(instrument)
-    # A batch that only repeats published bars (a no-new-data day) skips the GX suite.
-    report = recheck_published(batch, history, instrument, as_of)
-    if report is None:
-        previous = history.loc[history["Date"] < batch["Date"].min()] if len(batch) else history
-        previous = previous if len(previous) else None
-        try:
-            report = validate_prices(batch, instrument, as_of, previous=previous)
-        except PriceValidationError as exc:
-            if batch.attrs.get("notes"):
-                exc.report.setdefault("meta", {})["source_notes"] = list(batch.attrs["notes"])
-            store.quarantine(instrument, as_of, _report_json(exc.report))
-            raise
-    if batch.attrs.get("notes"):  # the source's assumptions (Adj Close = Close, ...) on record
-        report.meta["source_notes"] = list(batch.attrs["notes"])
-    result = store.publish(instrument, batch, as_of, report.to_json())
+    # The history is read once, under the ticker's lock, for the check and the upsert.
+    with store.lock(instrument.slug):
+        history = store.load(instrument)
+        # A batch that only repeats published bars (a no-new-data day) skips the GX suite.
+        report = recheck_published(batch, history, instrument, as_of)
+        changes = None if report is None else (0, 0)  # the recheck found nothing new
+        if report is None:
+            previous = history.loc[history["Date"] < batch["Date"].min()] if len(batch) else history
+            previous = previous if len(previous) else None
+            try:
+                report = validate_prices(batch, instrument, as_of, previous=previous)
+            except PriceValidationError as exc:
+                if batch.attrs.get("notes"):
+                    exc.report.setdefault("meta", {})["source_notes"] = list(batch.attrs["notes"])
+                store.quarantine(instrument, as_of, _report_json(exc.report))
+                raise
+        if batch.attrs.get("notes"):  # the source's assumptions (Adj Close = Close, ...) on record
+            report.meta["source_notes"] = list(batch.attrs["notes"])
+        result = store.publish_locked(instrument, batch, as_of, report.to_json(), history, changes)
     summary = {
         "rows_added": result.rows_added,
         "rows_updated": result.rows_updated,

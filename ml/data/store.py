@@ -335,30 +335,43 @@ class PriceStore:
         self, instrument: Instrument, batch: pd.DataFrame, as_of: date, report_json: str
     ) -> PublishResult:
         """Upsert a validated batch into the published history, atomically and idempotently."""
+        with self.lock(instrument.slug):
+            return self.publish_locked(instrument, batch, as_of, report_json, self.load(instrument))
+
+    def publish_locked(
+        self,
+        instrument: Instrument,
+        batch: pd.DataFrame,
+        as_of: date,
+        report_json: str,
+        history: pd.DataFrame,
+        changes: tuple[int, int] | None = None,
+    ) -> PublishResult:
+        """`publish`, for a caller that holds the ticker's lock (`lock(instrument.slug)`) and
+        has read `history` under it; `changes` are the batch's (rows added, rows updated) when
+        the caller counted them already (`count_changes`)."""
         import pandas as pd
 
         from ml.faults import checkpoint
 
-        with self.lock(instrument.slug):
-            history = self.load(instrument)
-            batch = batch[OUTPUT_COLUMNS].reset_index(drop=True)
-            rows_added, rows_updated = count_changes(history, batch)
-            merged = history  # a batch of published bars (a day without new data) changes nothing
-            if rows_added or rows_updated:
-                kept = history.loc[~history["Date"].isin(batch["Date"])]
-                merged = pd.concat([kept, batch], ignore_index=True) if not kept.empty else batch
-                merged = merged.sort_values("Date", kind="stable").reset_index(drop=True)
-            # The report of the batch that last changed this date's data stays: a re-run that
-            # changes nothing writes nothing, so every file stays byte-identical. It is written
-            # before the history, and staging removed last: a process killed in between leaves
-            # the staged batch, and the retry publishes it again to the same files.
-            report_path = self.report_path(instrument, as_of)
-            if rows_added or rows_updated or not report_path.exists():
-                atomic_write_text(report_path, report_json)
-            checkpoint("publish:report")
-            if rows_added or rows_updated:
-                _write_parquet(merged[OUTPUT_COLUMNS], self.history_path(instrument))
-            checkpoint("published")
-            self.staging_path(instrument, as_of).unlink(missing_ok=True)
-            last = merged["Date"].iloc[-1].date() if len(merged) else None
-            return PublishResult(rows_added, rows_updated, len(merged), last, merged)
+        batch = batch[OUTPUT_COLUMNS].reset_index(drop=True)
+        rows_added, rows_updated = changes or count_changes(history, batch)
+        merged = history  # a batch of published bars (a day without new data) changes nothing
+        if rows_added or rows_updated:
+            kept = history.loc[~history["Date"].isin(batch["Date"])]
+            merged = pd.concat([kept, batch], ignore_index=True) if not kept.empty else batch
+            merged = merged.sort_values("Date", kind="stable").reset_index(drop=True)
+        # The report of the batch that last changed this date's data stays: a re-run that
+        # changes nothing writes nothing, so every file stays byte-identical. It is written
+        # before the history, and staging removed last: a process killed in between leaves
+        # the staged batch, and the retry publishes it again to the same files.
+        report_path = self.report_path(instrument, as_of)
+        if rows_added or rows_updated or not report_path.exists():
+            atomic_write_text(report_path, report_json)
+        checkpoint("publish:report")
+        if rows_added or rows_updated:
+            _write_parquet(merged[OUTPUT_COLUMNS], self.history_path(instrument))
+        checkpoint("published")
+        self.staging_path(instrument, as_of).unlink(missing_ok=True)
+        last = merged["Date"].iloc[-1].date() if len(merged) else None
+        return PublishResult(rows_added, rows_updated, len(merged), last, merged)

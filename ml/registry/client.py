@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ml.config import PROJECT_ROOT, Settings
 
@@ -118,19 +119,25 @@ def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | Non
         raise
 
 
+_SAFE = r"[A-Za-z0-9_.:=+-]*"
+
+
+def _tag_terms(tags: dict[str, str]) -> list[str]:
+    import re
+
+    for key, value in tags.items():
+        if not re.fullmatch(_SAFE, f"{key}{value}"):
+            raise ValueError(f"unsafe tag filter {key}={value!r}")
+    return [f"tags.{key} = '{value}'" for key, value in tags.items()]
+
+
 def find_versions(client: MlflowClient, name: str, **tags: str) -> list[ModelVersion]:
     """Versions of `name` whose tags match all of `tags`, newest first.
 
     The tags are filtered by the tracking server (one query, whatever the number of versions);
     names and values are our own slugs, hashes and dates, checked here before they are quoted.
     """
-    import re
-
-    terms = [f"name = '{name}'"]
-    for key, value in tags.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.:=+-]*", f"{key}{value}"):
-            raise ValueError(f"unsafe tag filter {key}={value!r}")
-        terms.append(f"tags.{key} = '{value}'")
+    terms = [f"name = '{name}'", *_tag_terms(tags)]
     versions, token = [], None
     while True:
         page = client.search_model_versions(" AND ".join(terms), max_results=1000, page_token=token)
@@ -140,3 +147,50 @@ def find_versions(client: MlflowClient, name: str, **tags: str) -> list[ModelVer
             break
     matching = [v for v in versions if all(v.tags.get(k) == val for k, val in tags.items())]
     return sorted(matching, key=lambda v: int(v.version), reverse=True)
+
+
+def newest_versions(
+    client: MlflowClient, names: Sequence[str], limit: int, **tags: str
+) -> tuple[list[ModelVersion], bool]:
+    """The `limit` most recently created versions of any of the models `names` whose tags match
+    `tags`, newest first, in one request; and whether they are all there are.
+
+    For each model, the versions returned are its newest matching ones (a model's versions are
+    numbered in the order they are created): whoever looks for a model's newest version with
+    some property finds it here when any version of that model here has it. Not when none
+    does and the answer is cut at `limit`: then ask that model alone (`find_versions`).
+    """
+    import re
+
+    if not names:
+        return [], True
+    for name in names:
+        if not re.fullmatch(_SAFE, name):
+            raise ValueError(f"unsafe model name {name!r}")
+    terms = ["name IN (" + ", ".join(f"'{n}'" for n in names) + ")", *_tag_terms(tags)]
+    page = client.search_model_versions(
+        " AND ".join(terms),
+        max_results=limit,
+        order_by=["creation_timestamp DESC", "version_number DESC"],
+    )
+    matching = [v for v in page if all(v.tags.get(k) == val for k, val in tags.items())]
+    return matching, not page.token
+
+
+def registered_models(client: MlflowClient, prefix: str) -> dict[str, Any]:
+    """Every registered model whose name starts with `prefix` (RegisteredModel, with its aliases
+    and its latest version), by name: one request per thousand models."""
+    import re
+
+    if not re.fullmatch(_SAFE, prefix):
+        raise ValueError(f"unsafe model name prefix {prefix!r}")
+    models: dict[str, Any] = {}
+    token = None
+    while True:
+        page = client.search_registered_models(
+            filter_string=f"name LIKE '{prefix}%'", max_results=1000, page_token=token
+        )
+        models.update({m.name: m for m in page if m.name.startswith(prefix)})
+        token = page.token
+        if not token:
+            return models

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
-from ml.registry.client import CHALLENGER, CHAMPION, find_versions, get_alias, get_client
-from ml.universe import Instrument
+from ml.registry.client import (
+    CHALLENGER,
+    CHAMPION,
+    find_versions,
+    get_alias,
+    get_client,
+    newest_versions,
+    registered_models,
+)
+from ml.universe import MODEL_NAME_PREFIX, Instrument
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -49,6 +58,28 @@ def trained_version(
         client, instrument.model_name, data_fingerprint=data_fp, config_fingerprint=config_fp
     )
     return matches[0] if matches else None
+
+
+def trained_versions(
+    client: MlflowClient, wanted: Mapping[str, str], config_fp: str
+) -> tuple[dict[str, ModelVersion | None], list[str]]:
+    """`trained_version` for many models at once: `wanted` maps a model name to the data
+    fingerprint of its bars. One request for the newest versions of all of them trained on this
+    config; returns (what it settled: model -> the newest version on those bars, or None when
+    there is none), and the models it could not settle (the answer was cut before reaching any
+    of their versions on those bars: ask them one at a time)."""
+    batch, complete = newest_versions(
+        client, sorted(wanted), 2 * len(wanted) + 8, config_fingerprint=config_fp
+    )
+    settled: dict[str, ModelVersion | None] = {}
+    for version in batch:  # newest first
+        if version.tags.get("data_fingerprint") == wanted.get(version.name):
+            settled.setdefault(version.name, version)
+    rest = [name for name in wanted if name not in settled]
+    if complete:
+        settled.update(dict.fromkeys(rest))
+        rest = []
+    return settled, rest
 
 
 def outcome_of(instrument: Instrument, as_of: date, version: ModelVersion) -> TrainingOutcome:
@@ -151,6 +182,31 @@ def champion_and_alias(
         promoted, key=lambda v: (v.tags.get("logical_date", ""), int(v.version)), default=None
     )
     return best, current
+
+
+def champions_as_of(
+    client: MlflowClient, names: Sequence[str], as_of: date
+) -> dict[str, tuple[ModelVersion | None, ModelVersion | None]]:
+    """`champion_and_alias` for many models, in one request for all of them where it can: the
+    registered models (their aliases and latest versions). A model whose champion is not its
+    latest version costs one read of that version; one without a `champion` alias, or whose
+    champion was trained for a date after `as_of` (a backfill), the per-model search."""
+    day = as_of.isoformat()
+    models = registered_models(client, MODEL_NAME_PREFIX)
+    out: dict[str, tuple[ModelVersion | None, ModelVersion | None]] = {}
+    for name in names:
+        model = models.get(name)
+        number = (model.aliases or {}).get(CHAMPION) if model is not None else None
+        if number is None:
+            out[name] = champion_and_alias(client, name, as_of)
+            continue
+        latest = {str(v.version): v for v in model.latest_versions or ()}
+        current = latest.get(str(number)) or client.get_model_version(name, str(number))
+        if current.tags.get("logical_date", "") <= day:
+            out[name] = (current, current)
+        else:
+            out[name] = champion_and_alias(client, name, as_of)
+    return out
 
 
 def load_forecaster(

@@ -153,15 +153,29 @@ def _trained_versions(
     tickers: list[str], universe: Any, summaries: dict[str, dict[str, Any]], settings: Settings
 ) -> dict[str, Any]:
     """ticker -> the version trained on exactly its published bars and this config (or None),
-    or the exception of a failed lookup; a few lookups at a time (`concurrently`). After one
-    failed lookup the ones not started yet are not tried: with the registry down, each would
-    wait out the client's retries."""
+    or the exception of a failed lookup. One request for all of them (`trained_versions`), then
+    those it could not settle a few at a time (`concurrently`). After one failed lookup the ones
+    not started yet are not tried: with the registry down, each would wait out the client's
+    retries."""
     from ml.registry.client import get_client
-    from ml.registry.versions import trained_version
+    from ml.registry.versions import trained_version, trained_versions
 
     config_fp = settings.model.fingerprint()
     client = get_client(settings)
     first_error: list[str] = []
+    names = {universe.get(t).model_name: t for t in tickers}
+    found: dict[str, Any] = {}
+    rest = list(tickers)
+    if tickers:
+        try:
+            settled, unsettled = trained_versions(
+                client, {n: summaries[t]["data_fingerprint"] for n, t in names.items()}, config_fp
+            )
+        except Exception as exc:  # the check only saves work: train, which checks again
+            first_error.append(error_text(exc))
+        else:
+            found = {names[n]: v for n, v in settled.items()}
+            rest = [names[n] for n in unsettled]
 
     def lookup(ticker: str) -> Any:
         if first_error:
@@ -177,8 +191,7 @@ def _trained_versions(
             first_error.append(error_text(exc))
             raise
 
-    found: dict[str, Any] = {}
-    for ticker, version, exc in concurrently(lookup, tickers):
+    for ticker, version, exc in concurrently(lookup, rest):
         if exc is not None:
             log.warning("%s: registry lookup failed (%s); training", ticker, first_error[0])
             found[ticker] = RuntimeError(first_error[0])

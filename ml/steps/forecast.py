@@ -54,12 +54,15 @@ def forecast_all(
     new_rows: list[dict[str, Any]] = []
     states = _states(tickers, as_of, settings, client, failed)
     monitored = monitor_all(states, as_of, settings, client)
+    kept_rows = _kept_rows(table, states, as_of)
     with tempfile.TemporaryDirectory(prefix="champions-") as tmp:
         # The champions' files, a few downloads at a time.
-        files = _download_champions(states, table, as_of, settings, Path(tmp))
+        files = _download_champions(states, kept_rows, settings, Path(tmp))
 
         def one(ticker: str) -> tuple[str, dict[str, Any] | None]:
             instrument, history, champion = states[ticker]
+            if ticker in kept_rows:
+                return "kept", kept_rows[ticker]
             if isinstance(files.get(ticker), BaseException):
                 raise files[ticker]
             return _forecast_one(
@@ -166,21 +169,42 @@ def monitor_all(
 def _states(
     tickers: list[str], as_of: date, settings: Settings, client: Any, failed: dict[str, str]
 ) -> dict[str, tuple[Instrument, Any, Any]]:
-    """ticker -> (instrument, bars up to as_of, champion as of as_of or None), read a few
-    tickers at a time (registry reads); a ticker whose reads fail goes to `failed`."""
+    """ticker -> (instrument, bars up to as_of, champion as of as_of or None). The champions
+    come from one registry read for all tickers (`champions_as_of`); should that fail, each
+    ticker asks for its own. The bars are read a few tickers at a time; a ticker whose reads
+    fail goes to `failed`."""
     from ml.data.store import PriceStore
-    from ml.registry.versions import champion_as_of
+    from ml.registry.versions import champion_as_of, champions_as_of
 
     universe = load_universe(settings.universe_file)
     store = PriceStore(settings.data_dir)
+    instruments: dict[str, Instrument] = {}
+    for ticker, instrument, exc in (capture(universe.get, t) for t in tickers):
+        if exc is None:
+            instruments[ticker] = instrument
+        else:
+            failed[ticker] = error_text(exc)
+            log.warning("%s: forecast failed: %s", ticker, failed[ticker])
+    try:
+        champions = {
+            name: pair[0]
+            for name, pair in champions_as_of(
+                client, [i.model_name for i in instruments.values()], as_of
+            ).items()
+        }
+    except Exception as exc:
+        log.warning("champions not read in one request (%s); one ticker at a time", error_text(exc))
+        champions = None
 
     def state(ticker: str) -> tuple[Instrument, Any, Any]:
-        instrument = universe.get(ticker)
+        instrument = instruments[ticker]
         history = store.load(instrument, until=as_of)
-        return instrument, history, champion_as_of(client, instrument.model_name, as_of)
+        if champions is None:
+            return instrument, history, champion_as_of(client, instrument.model_name, as_of)
+        return instrument, history, champions[instrument.model_name]
 
     states: dict[str, tuple[Instrument, Any, Any]] = {}
-    for ticker, found, exc in concurrently(state, tickers):
+    for ticker, found, exc in concurrently(state, list(instruments)):
         if exc is None:
             states[ticker] = found
         else:
@@ -191,8 +215,7 @@ def _states(
 
 def _download_champions(
     states: Mapping[str, tuple[Instrument, Any, Any]],
-    table: Any,
-    as_of: date,
+    kept_rows: Mapping[str, dict[str, Any]],
     settings: Settings,
     dest: Path,
 ) -> dict[str, Any]:
@@ -202,10 +225,8 @@ def _download_champions(
 
     due = [
         ticker
-        for ticker, (instrument, history, champion) in states.items()
-        if champion is not None
-        and len(history)
-        and _kept_row(table, instrument, history, champion, as_of) is None
+        for ticker, (_, history, champion) in states.items()
+        if champion is not None and len(history) and ticker not in kept_rows
     ]
 
     def fetch(ticker: str) -> tuple[str, str]:
@@ -213,6 +234,23 @@ def _download_champions(
         return download_forecaster(instrument, settings, str(champion.version), dest)
 
     return {t: files if exc is None else exc for t, files, exc in concurrently(fetch, due)}
+
+
+def _kept_rows(
+    table: Any, states: Mapping[str, tuple[Instrument, Any, Any]], as_of: date
+) -> dict[str, dict[str, Any]]:
+    """ticker -> `_kept_row` for every ticker with a champion and bars (the ledger is split by
+    ticker once, not scanned once per ticker)."""
+    by_ticker = dict(tuple(table.groupby("ticker", sort=False))) if len(table) else {}
+    out: dict[str, dict[str, Any]] = {}
+    for ticker, (instrument, history, champion) in states.items():
+        rows = by_ticker.get(ticker)
+        if champion is None or not len(history) or rows is None:
+            continue
+        row = _kept_row(rows, instrument, history, champion, as_of)
+        if row is not None:
+            out[ticker] = row
+    return out
 
 
 def _kept_row(
