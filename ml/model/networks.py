@@ -198,17 +198,38 @@ def _input_projections(x: Any, kernel: Any, bias: Any) -> list[Any]:
 
 
 def _lstm_last(x: Any, cell: Any) -> Any:
-    """Keras' LSTMCell over the steps of `x`, from zero states: the last output."""
+    """Keras' LSTMCell over the steps of `x`, from zero states: the last output.
+
+    One fused operation for all the steps (TensorFlow's `BlockLSTM`, forward and gradient), not
+    a graph of a dozen operations per step: a fresh process traces and instantiates the train
+    step in less time. `BlockLSTM` orders the gates i, c, f, o (Keras: i, f, c, o), so the
+    kernel's and bias's gate blocks are swapped to match; no forget bias is added, no clipping,
+    no peepholes: the same computation as the Keras cell (tests/test_models.py compares the
+    outputs and the gradients). Not `BlockLSTMV2`, whose gate order is Keras' own: TensorFlow
+    registers the gradient of the first version for it, which assumes the other order.
+    """
     import tensorflow as tf
 
-    recurrent = tf.convert_to_tensor(cell.recurrent_kernel)  # read once, not once per step
-    h = c = tf.zeros((tf.shape(x)[0], cell.units), x.dtype)
-    for projected in _input_projections(x, cell.kernel, cell.bias):
-        z = projected + tf.matmul(h, recurrent)
-        i, f, g, o = tf.split(z, 4, axis=1)
-        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-        h = tf.sigmoid(o) * tf.tanh(c)
-    return h
+    kernel = tf.concat([cell.kernel, cell.recurrent_kernel], axis=0)
+    i, f, c, o = tf.split(kernel, 4, axis=1)
+    b_i, b_f, b_c, b_o = tf.split(cell.bias, 4)
+    zeros = tf.zeros((tf.shape(x)[0], cell.units), x.dtype)
+    no_peephole = tf.zeros((cell.units,), x.dtype)
+    out = tf.raw_ops.BlockLSTM(
+        seq_len_max=tf.constant(x.shape[1], tf.int64),
+        x=tf.transpose(x, (1, 0, 2)),  # time major
+        cs_prev=zeros,
+        h_prev=zeros,
+        w=tf.concat([i, c, f, o], axis=1),
+        wci=no_peephole,
+        wcf=no_peephole,
+        wco=no_peephole,
+        b=tf.concat([b_i, b_c, b_f, b_o], axis=0),
+        forget_bias=0.0,
+        cell_clip=-1.0,  # <= 0: no clipping
+        use_peephole=False,
+    )
+    return out.h[-1]
 
 
 def _gru_last(x: Any, cell: Any) -> Any:
