@@ -12,7 +12,8 @@ is created before the fork. Use it with
 plugins folder, which Airflow puts on sys.path); `PRELOAD_MODULES` lists the
 modules (comma-separated) and `PRELOAD_WARMUP` the functions (`module:function`) each worker then
 calls once to fill caches that every task would otherwise fill again (each must be safe before a
-fork: no threads). When `PRELOAD_REPORT_DIR` names a folder, each worker writes `<pid>.json`
+fork: no threads); by default the steps' lazy imports, MLflow's caches and a first run of the DAG
+files (`run_dag_files`). When `PRELOAD_REPORT_DIR` names a folder, each worker writes `<pid>.json`
 there once its imports are done (the modules asked for, those now in its `sys.modules`, the
 warm-ups run, those that failed and why): how tests/test_preloading_executor.py sees it.
 
@@ -45,7 +46,10 @@ DEFAULT_PRELOAD = (
 # Called once after the imports, as `module:function`, comma-separated: the modules the steps
 # import inside their functions, and caches every task would otherwise fill again in its own
 # process. Each must be safe before a fork (no threads).
-DEFAULT_WARMUP = "ml.steps.common:import_step_modules,ml.registry.client:warm_caches"
+DEFAULT_WARMUP = (
+    "ml.steps.common:import_step_modules,ml.registry.client:warm_caches,"
+    "preloading_executor:run_dag_files"
+)
 REPORT_DIR_ENV = "PRELOAD_REPORT_DIR"
 # The parameters of local_executor._run_worker, all passed by name by _spawn_worker (Airflow 3.3).
 RUN_WORKER_PARAMETERS = ("logger_name", "input", "output", "unread_messages", "team_conf")
@@ -131,6 +135,25 @@ def _preload(modules: str, warmup: str = "") -> None:
         with open(path + ".tmp", "w") as fh:
             json.dump(report, fh)
         os.replace(path + ".tmp", path)
+
+
+def run_dag_files() -> list[str]:
+    """Run each DAG file of the DAGs folder once, as every task process does first (it parses
+    its DAG file before it runs the task). The modules the files import (Airflow's decorators,
+    operators, timetables) and the caches their DAG definitions fill are then in the worker,
+    and each task forked from it parses its DAG file in a fraction of the time. A DAG file only
+    defines DAGs: nothing started, no threads. Returns the files run."""
+    import runpy
+    from pathlib import Path
+
+    from airflow.configuration import conf
+
+    folder = Path(conf.get("core", "dags_folder"))
+    ran: list[str] = []
+    for path in sorted(folder.glob("*.py")) if folder.is_dir() else ():
+        runpy.run_path(str(path), run_name=f"preloaded_{path.stem}")
+        ran.append(str(path))
+    return ran
 
 
 def _run_preloaded_worker(**kwargs) -> None:

@@ -238,3 +238,36 @@ def test_the_warm_up_fills_the_map_mlflow_checks_requirements_with(monkeypatch) 
 
     monkeypatch.setattr(importlib_metadata, "packages_distributions", read_again)
     assert requirements_utils._check_requirement_satisfied("mlflow") is None
+
+
+def test_the_warm_up_runs_each_dag_file_of_the_dags_folder_once(tmp_path: Path) -> None:
+    """`run_dag_files` (in the default PRELOAD_WARMUP) runs every `*.py` of the DAGs folder in
+    the worker, so the tasks forked from it find the DAG file's imports loaded; the project's
+    DAG file runs there without error. A missing folder is no error."""
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "one.py").write_text("open(__file__ + '.ran', 'a').write('x')\n")
+    (dags / "notes.txt").write_text("not a DAG file")
+    code = (
+        "import json, sys; sys.path.insert(0, 'plugins'); import preloading_executor as p; "
+        "print(json.dumps(p.run_dag_files()))"
+    )
+    ran = {}
+    for folder in (dags, REPO / "dags", tmp_path / "missing"):
+        env = without_pipeline_env(os.environ)
+        env.update(
+            AIRFLOW_HOME=str(tmp_path / "airflow"),
+            AIRFLOW__CORE__DAGS_FOLDER=str(folder),
+            AIRFLOW__CORE__LOAD_EXAMPLES="false",
+            GIT_PYTHON_REFRESH="quiet",
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+            timeout=240, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ran[folder] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ran[dags] == [str(dags / "one.py")]
+    assert (dags / "one.py.ran").read_text() == "x"  # once
+    assert ran[REPO / "dags"] == [str(REPO / "dags" / "price_forecast.py")]
+    assert ran[tmp_path / "missing"] == []
