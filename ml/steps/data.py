@@ -163,11 +163,11 @@ def _trained_versions(
     config_fp = settings.model.fingerprint()
     client = get_client(settings)
     first_error: list[str] = []
-    names = {universe.get(t).model_name: t for t in tickers}
     found: dict[str, Any] = {}
     rest = list(tickers)
     if tickers:
         try:
+            names = {universe.get(t).model_name: t for t in tickers}
             settled, unsettled = trained_versions(
                 client, {n: summaries[t]["data_fingerprint"] for n, t in names.items()}, config_fp
             )
