@@ -741,7 +741,10 @@ def _version(client: Any, name: str, **tags: str) -> str:
     ).version
 
 
-def test_batch_registry_reads_give_the_per_model_answers(reg_settings: Settings) -> None:
+def test_batch_registry_reads_give_the_per_model_answers(
+    reg_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ml.registry import versions
     from ml.registry.client import newest_versions
     from ml.registry.versions import (
         champion_and_alias,
@@ -793,6 +796,13 @@ def test_batch_registry_reads_give_the_per_model_answers(reg_settings: Settings)
         b: b2,
         c: None,  # trained on another config
         d: None,
+    }
+    # The same answers when the models go in batches of one (each its own search).
+    monkeypatch.setattr(versions, "BATCH_NAMES", 1)
+    one_by_one, rest = versions.trained_versions(client, wanted, "cfg")
+    assert rest == []
+    assert {n: v.version if v else None for n, v in one_by_one.items()} == {
+        n: v.version if v else None for n, v in settled.items()
     }
     for name, fingerprint in wanted.items():
         one = trained_version(

@@ -60,25 +60,34 @@ def trained_version(
     return matches[0] if matches else None
 
 
+# Model names per batch search: the filter travels in a GET request's URL.
+BATCH_NAMES = 50
+
+
 def trained_versions(
     client: MlflowClient, wanted: Mapping[str, str], config_fp: str
 ) -> tuple[dict[str, ModelVersion | None], list[str]]:
     """`trained_version` for many models at once: `wanted` maps a model name to the data
-    fingerprint of its bars. One request for the newest versions of all of them trained on this
-    config; returns (what it settled: model -> the newest version on those bars, or None when
-    there is none), and the models it could not settle (the answer was cut before reaching any
-    of their versions on those bars: ask them one at a time)."""
-    batch, complete = newest_versions(
-        client, sorted(wanted), 2 * len(wanted) + 8, config_fingerprint=config_fp
-    )
+    fingerprint of its bars. One request per `BATCH_NAMES` models, for the newest versions of
+    all of them trained on this config; returns (what it settled: model -> the newest version on
+    those bars, or None when there is none), and the models it could not settle (the answer was
+    cut before reaching any of their versions on those bars: ask them one at a time)."""
+    names = sorted(wanted)
     settled: dict[str, ModelVersion | None] = {}
-    for version in batch:  # newest first
-        if version.tags.get("data_fingerprint") == wanted.get(version.name):
-            settled.setdefault(version.name, version)
-    rest = [name for name in wanted if name not in settled]
-    if complete:
-        settled.update(dict.fromkeys(rest))
-        rest = []
+    rest: list[str] = []
+    for start in range(0, len(names), BATCH_NAMES):
+        chunk = names[start : start + BATCH_NAMES]
+        batch, complete = newest_versions(
+            client, chunk, 2 * len(chunk) + 8, config_fingerprint=config_fp
+        )
+        for version in batch:  # newest first
+            if version.tags.get("data_fingerprint") == wanted.get(version.name):
+                settled.setdefault(version.name, version)
+        missing = [name for name in chunk if name not in settled]
+        if complete:
+            settled.update(dict.fromkeys(missing))
+        else:
+            rest += missing
     return settled, rest
 
 
