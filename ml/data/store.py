@@ -112,12 +112,12 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     )
 
 
-def _read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a store Parquet file (or only `columns` of it), verifying its page checksums (files
-    written before they existed have none, and read as before)."""
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """Read a store Parquet file, verifying its page checksums (files written before they
+    existed have none, and read as before)."""
     import pandas as pd
 
-    return pd.read_parquet(path, engine="pyarrow", columns=columns, page_checksum_verification=True)
+    return pd.read_parquet(path, engine="pyarrow", page_checksum_verification=True)
 
 
 def data_fingerprint(frame: pd.DataFrame) -> str:
@@ -273,20 +273,11 @@ class PriceStore:
         )
 
     def last_date(self, instrument: Instrument) -> date | None:
-        """The date of the newest published bar: only the file's Date column is read (and its
-        pages verified). A file that is not Parquet or is cut short fails here as in `load`
-        (quarantined, CorruptPriceFile); a page garbled in another column is found by the next
-        full read (`publish`), which quarantines the file and its staged window."""
-        path = self.history_path(instrument)
-        if not path.exists():
-            return None
-        try:
-            dates = _read_parquet(path, columns=["Date"])["Date"]
-        except _NOT_CORRUPT:
-            raise
-        except Exception as exc:  # truncated, overwritten, not Parquet at all
-            raise self._quarantine_corrupt(instrument, path, exc) from exc
-        return None if dates.empty else dates.iloc[-1].date()
+        """The date of the newest published bar. The whole file is read, every page verified:
+        a file garbled in any column is found here, before a trailing window is fetched over
+        it (reading the Date column alone would miss a garbled Close page until publish)."""
+        frame = self.load(instrument)
+        return None if frame.empty else frame["Date"].iloc[-1].date()
 
     def stage(self, instrument: Instrument, batch: pd.DataFrame, as_of: date) -> Path:
         path = self.staging_path(instrument, as_of)
