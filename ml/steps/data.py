@@ -153,7 +153,7 @@ def _trained_versions(
     tickers: list[str], universe: Any, summaries: dict[str, dict[str, Any]], settings: Settings
 ) -> dict[str, Any]:
     """ticker -> the version trained on exactly its published bars and this config (or None),
-    or the exception of a failed lookup. One request for all of them (`trained_versions`), then
+    or the exception of a failed lookup. One request per 50 of them (`trained_versions`), then
     those it could not settle a few at a time (`concurrently`). After one failed lookup the ones
     not started yet are not tried: with the registry down, each would wait out the client's
     retries."""
