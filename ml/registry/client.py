@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -122,13 +122,25 @@ def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | Non
 _SAFE = r"[A-Za-z0-9_.:=+-]*"
 
 
-def _tag_terms(tags: dict[str, str]) -> list[str]:
+def _checked(text: str, what: str) -> str:
+    """`text` as it is, if it is safe to quote in a search filter (our own slugs, hashes and
+    dates); else ValueError naming `what`."""
     import re
 
+    if not re.fullmatch(_SAFE, text):
+        raise ValueError(f"unsafe {what}")
+    return text
+
+
+def _tag_terms(tags: dict[str, str]) -> list[str]:
     for key, value in tags.items():
-        if not re.fullmatch(_SAFE, f"{key}{value}"):
-            raise ValueError(f"unsafe tag filter {key}={value!r}")
+        _checked(f"{key}{value}", f"tag filter {key}={value!r}")
     return [f"tags.{key} = '{value}'" for key, value in tags.items()]
+
+
+def _with_tags(versions: Iterable[ModelVersion], tags: dict[str, str]) -> list[ModelVersion]:
+    """The versions whose tags equal all of `tags` (the server's tag filter, checked again)."""
+    return [v for v in versions if all(v.tags.get(k) == val for k, val in tags.items())]
 
 
 def find_versions(client: MlflowClient, name: str, **tags: str) -> list[ModelVersion]:
@@ -145,8 +157,7 @@ def find_versions(client: MlflowClient, name: str, **tags: str) -> list[ModelVer
         token = page.token
         if not token:
             break
-    matching = [v for v in versions if all(v.tags.get(k) == val for k, val in tags.items())]
-    return sorted(matching, key=lambda v: int(v.version), reverse=True)
+    return sorted(_with_tags(versions, tags), key=lambda v: int(v.version), reverse=True)
 
 
 def newest_versions(
@@ -160,30 +171,22 @@ def newest_versions(
     some property finds it here when any version of that model here has it. Not when none
     does and the answer is cut at `limit`: then ask that model alone (`find_versions`).
     """
-    import re
-
     if not names:
         return [], True
-    for name in names:
-        if not re.fullmatch(_SAFE, name):
-            raise ValueError(f"unsafe model name {name!r}")
-    terms = ["name IN (" + ", ".join(f"'{n}'" for n in names) + ")", *_tag_terms(tags)]
+    quoted = ", ".join(f"'{_checked(n, f'model name {n!r}')}'" for n in names)
+    terms = [f"name IN ({quoted})", *_tag_terms(tags)]
     page = client.search_model_versions(
         " AND ".join(terms),
         max_results=limit,
         order_by=["creation_timestamp DESC", "version_number DESC"],
     )
-    matching = [v for v in page if all(v.tags.get(k) == val for k, val in tags.items())]
-    return matching, not page.token
+    return _with_tags(page, tags), not page.token
 
 
 def registered_models(client: MlflowClient, prefix: str) -> dict[str, Any]:
     """Every registered model whose name starts with `prefix` (RegisteredModel, with its aliases
     and its latest version), by name: one request per thousand models."""
-    import re
-
-    if not re.fullmatch(_SAFE, prefix):
-        raise ValueError(f"unsafe model name prefix {prefix!r}")
+    _checked(prefix, f"model name prefix {prefix!r}")
     models: dict[str, Any] = {}
     token = None
     while True:
