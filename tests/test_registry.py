@@ -810,9 +810,30 @@ def test_batch_registry_reads_give_the_per_model_answers(
         )
         assert (one.version if one else None) == (settled[name].version if settled[name] else None)
 
+    # e: the champion is an older promoted version (the newer candidate lost the gate): found
+    # by the batch search of promoted versions, not read on its own like b's (never promoted:
+    # an alias moved by hand).
+    e = f"{MODEL_NAME_PREFIX}B{run}E"
+    client.create_registered_model(e)
+    e1 = _version(client, e, config_fingerprint="cfg", logical_date=day1, gate_status="promoted")
+    _version(client, e, config_fingerprint="cfg", logical_date=day2, gate_status="rejected")
+    client.set_registered_model_alias(e, CHAMPION, e1)
+    read_alone: list[str] = []
+    get_model_version = client.get_model_version
+
+    def counted(name: str, version: str):
+        read_alone.append(name)
+        return get_model_version(name, version)
+
+    monkeypatch.setattr(client, "get_model_version", counted)
+    both = champions_as_of(client, [b, e], date(2024, 1, 10))
+    assert read_alone == [b]
+    assert {n: [v.version for v in pair] for n, pair in both.items()} == {b: [b1, b1], e: [e1, e1]}
+    monkeypatch.undo()
+    monkeypatch.setattr(versions, "BATCH_NAMES", 1)
     for day in (date(2024, 1, 10), date(2024, 3, 1), date(2023, 12, 1)):
-        batch = champions_as_of(client, [a, b, c, d], day)
-        for name in (a, b, c, d):
+        batch = champions_as_of(client, [a, b, c, d, e], day)
+        for name in (a, b, c, d, e):
             expected = champion_and_alias(client, name, day)
             assert [v.version if v else None for v in batch[name]] == [
                 v.version if v else None for v in expected
