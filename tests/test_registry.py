@@ -696,6 +696,49 @@ def test_a_run_left_running_by_a_killed_try_is_marked_failed(reg_settings: Setti
     client.set_terminated(other_day.info.run_id)
 
 
+def test_a_version_creates_its_registered_model_first_time_even_in_a_race(
+    reg_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_create_version` asks for the version at once; the first version of a model creates the
+    registered model, also when another process creates it between the two requests."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from ml.registry.client import ensure_experiment
+    from ml.registry.tracking import _create_version
+    from ml.universe import MODEL_NAME_PREFIX
+
+    client = get_client(reg_settings)
+    experiment_id = ensure_experiment(client, reg_settings.experiment_name)
+
+    def logged() -> SimpleNamespace:
+        model_id = client.create_logged_model(experiment_id).model_id
+        return SimpleNamespace(model_id=model_id, model_uri=f"models:/{model_id}")
+
+    fresh = f"{MODEL_NAME_PREFIX}NEW{uuid.uuid4().hex[:6].upper()}"
+    first = _create_version(client, fresh, logged(), {"logical_date": "2024-06-28"})
+    assert (first.name, first.version, first.tags["logical_date"]) == (fresh, "1", "2024-06-28")
+    second = _create_version(client, fresh, logged(), {"logical_date": "2024-07-01"})
+    assert second.version == "2"
+
+    raced = f"{MODEL_NAME_PREFIX}RACE{uuid.uuid4().hex[:6].upper()}"
+    create_model_version = client.create_model_version
+    calls: list[str] = []
+
+    def another_process_first(name: str, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:  # our request fails; before we create it, someone else does
+            get_client(reg_settings).create_registered_model(name)
+            raise MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST)
+        return create_model_version(name, *args, **kwargs)
+
+    monkeypatch.setattr(client, "create_model_version", another_process_first)
+    version = _create_version(client, raced, logged(), {"logical_date": "2024-06-28"})
+    assert (version.name, version.version, calls) == (raced, "1", [raced, raced])
+
+
 @pytest.mark.slow
 def test_metrics_the_server_refuses_fail_the_run_and_register_nothing(
     first_run: dict[str, Any], reg_settings: Settings, monkeypatch

@@ -22,6 +22,8 @@ from ml.universe import Instrument
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models.model import ModelInfo
 
     from ml.model.training import TrainResult
 
@@ -114,15 +116,16 @@ def log_candidate(
         "price_source": settings.price_source,
         "model_kind": result.forecaster.kind,
     }
-    run_id, model_uri = _log_run(
+    run_id, model = _log_run(
         client, experiment_id, result, instrument, settings, model_tags, validation_report
     )
     fail_orphan_runs(client, experiment_id, model_tags)
     u2 = {t: round(float(v), 6) for t, v in result.evaluation.u2().items()}
     u2_naive = {t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")}
-    version = mlflow.register_model(
-        model_uri,
+    version = _create_version(
+        client,
         instrument.model_name,
+        model,
         tags={
             **model_tags,
             "test_u2": json.dumps(u2, sort_keys=True),
@@ -147,6 +150,34 @@ def log_candidate(
     )
 
 
+def _create_version(
+    client: MlflowClient, name: str, model: ModelInfo, tags: dict[str, str]
+) -> ModelVersion:
+    """A new version of the registered model `name` from the logged `model`:
+    what `mlflow.register_model` does, without first asking the server to create the
+    registered model, which exists after a ticker's first version (the server answers that
+    request with a failed insert, one of the dearest requests of the registration). The first
+    version creates it."""
+    from mlflow.exceptions import MlflowException
+
+    def create() -> ModelVersion:
+        return client.create_model_version(
+            name, model.model_uri, tags=tags, model_id=model.model_id
+        )
+
+    try:
+        return create()
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # created meanwhile by another process
+            raise
+    return create()
+
+
 def _log_run(
     client: MlflowClient,
     experiment_id: str,
@@ -155,9 +186,9 @@ def _log_run(
     settings: Settings,
     tags: dict[str, str],
     validation_report: Path | None,
-) -> tuple[str, str]:
+) -> tuple[str, ModelInfo]:
     """The candidate's run: params, the pyfunc model, metrics, the test-block plot, the
-    validation report and a training summary. Returns (run id, model URI).
+    validation report and a training summary. Returns (run id, the logged model).
 
     Cheaper than `mlflow.pyfunc.log_model` on its defaults, same artifacts: the model is logged
     before the metrics, so MLflow does not fetch every metric's history back to link the step-0
@@ -217,7 +248,7 @@ def _log_run(
     uri = settings.mlflow_tracking_uri.rstrip("/")
     if uri.startswith(("http://", "https://")):
         log.info("run %s: %s/#/experiments/%s/runs/%s", run_id, uri, experiment_id, run_id)
-    return run_id, info.model_uri
+    return run_id, info
 
 
 def _params(result: TrainResult, settings: Settings) -> dict[str, Any]:
