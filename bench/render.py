@@ -104,12 +104,18 @@ def growth_summary(growth: list[dict]) -> dict[str, Any] | None:
     }
 
 
-def day_summary(r: dict[str, Any], daily: dict | None) -> dict[str, Any]:
+def day_summary(
+    r: dict[str, Any], daily: dict | None, repeats: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One row of the summary table; for the no-new-data day, `r` is the run with the median
+    wall of `repeats` (all its runs), and every one of them must have run no train instance."""
     fetched = rows_fetched(r)
     low, high = (min(fetched), max(fetched)) if fetched else (None, None)
     share = ratio(r["wall_seconds"], daily, "wall_seconds")
     no_new = r["label"] == "no-new-data"
-    n_train = r.get("train_instances")
+    runs = repeats or [r]
+    counts = [x.get("train_instances") for x in runs]
+    n_train = None if None in counts else max(counts)
     ok = share <= TARGET_NO_NEW_DATA and n_train == 0 if share is not None else None
     return {
         "r": r,
@@ -119,7 +125,19 @@ def day_summary(r: dict[str, Any], daily: dict | None) -> dict[str, Any]:
         "n_train": n_train,
         "ratio": f"{share:.3f} of (3)" if share is not None else "-",
         "verdict": verdict(ok) if no_new and ok is not None else "",
+        "runs": " / ".join(fmt(x["wall_seconds"], 2) for x in runs) if len(runs) > 1 else "",
     }
+
+
+def day_summaries(runs: list[dict[str, Any]], daily: dict | None) -> list[dict[str, Any]]:
+    """The summary rows of (6): each day once; the no-new-data day's runs as one row, their
+    median (the middle run by wall time; of an even number, the slower middle one)."""
+    repeats = [r for r in runs if r["label"] == "no-new-data"]
+    rows = [day_summary(r, daily) for r in runs if r["label"] != "no-new-data"]
+    if repeats:
+        middle = sorted(repeats, key=lambda r: r["wall_seconds"])[len(repeats) // 2]
+        rows.append(day_summary(middle, daily, repeats))
+    return rows
 
 
 # --- tables ------------------------------------------------------------------------------------
@@ -329,7 +347,7 @@ def context(results: dict[str, Any]) -> dict[str, Any]:
         "daily_ratio": ratio(daily["wall_seconds"], nb, "wall") if daily else None,
         "task_count": task_count(daily, growth),
         "incr": incr,
-        "days": [day_summary(r, daily) for r in incr],
+        "days": day_summaries(incr, daily),
         "day_rows": day_rows([daily, *incr] if daily else incr, daily),
         "growth": growth,
         "growth_summary": growth_summary(growth),

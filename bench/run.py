@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
         "is reported")  # fmt: skip
     add("--daily-max-epochs", type=int, help="override the seed max epochs in (3)/(6) (default: "
         "seed 40; --quick 1)")  # fmt: skip
+    add("--no-new-data-runs", type=int, default=3, help="runs of the no-new-data day in (6), "
+        "one after the other; the verdict takes their median (default 3)")  # fmt: skip
     add("--growth-sizes", type=_ints, help="default 31,124,500 (--quick 4,8)")
     add("--growth-history-start", type=date.fromisoformat, default=date(2022, 1, 3))
     add("--growth-epochs", type=int, help="max epochs in (5) (default 2; --quick 1)")

@@ -140,3 +140,28 @@ def test_render_only_writes_the_report(tmp_path: Path) -> None:
     assert out.read_text() == render.render(
         json.loads((FIXTURES / "results.json").read_text()), "> a note"
     )
+
+
+def test_the_no_new_data_day_is_judged_on_the_median_of_its_runs(results: dict[str, Any]) -> None:
+    """`--no-new-data-runs 3`: one summary row, the middle run by wall time, each run's wall
+    listed; a train instance in any of the runs fails it."""
+    runs = copy.deepcopy(results)
+    incr = runs["daily"]["incremental"]
+    (single,) = [r for r in incr if r["label"] == "no-new-data"]
+    daily_wall = runs["daily"]["daily"]["wall_seconds"]
+    walls = (0.10 * daily_wall, 0.02 * daily_wall, 0.04 * daily_wall)  # median: 0.04
+    repeats = [{**copy.deepcopy(single), "wall_seconds": round(w, 2)} for w in walls]
+    runs["daily"]["incremental"] = [r for r in incr if r["label"] != "no-new-data"] + repeats
+    rows = [d for d in render.context(runs)["days"] if d["no_new"]]
+    assert len(rows) == 1
+    (row,) = rows
+    assert row["r"] is runs["daily"]["incremental"][-1]  # the 0.04 run
+    assert row["ratio"] == f"{round(walls[2], 2) / daily_wall:.3f} of (3)"
+    assert row["runs"] == " / ".join(render.fmt(round(w, 2), 2) for w in walls)
+    assert row["verdict"] == render.verdict(True)
+    page = render.render(runs)
+    assert f"median of 3 runs: {row['runs']} s" in page
+
+    repeats[0]["train_instances"] = 1  # one of the runs trained: no longer a no-new-data day
+    (row,) = [d for d in render.context(runs)["days"] if d["no_new"]]
+    assert row["n_train"] == 1 and row["verdict"] == render.verdict(False)
