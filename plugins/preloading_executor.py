@@ -14,9 +14,10 @@ modules (comma-separated) and `PRELOAD_WARMUP` the functions (`module:function`)
 calls once to fill caches that every task would otherwise fill again (each must be safe before a
 fork: no threads); by default the steps' lazy imports, MLflow's caches and a first run of the DAG
 files (`run_dag_files`). What the preload made is then frozen out of the garbage collector's
-walks (`gc.freeze`), so a full collection in a task does not walk the inherited libraries. When `PRELOAD_REPORT_DIR` names a folder, each worker writes `<pid>.json`
-there once its imports are done (the modules asked for, those now in its `sys.modules`, the
-warm-ups run, those that failed and why): how tests/test_preloading_executor.py sees it.
+walks (`gc.freeze`), so a full collection in a task does not walk the inherited libraries. When
+`PRELOAD_REPORT_DIR` names a folder, each worker writes `<pid>.json` there once its imports are
+done (the modules asked for, those now in its `sys.modules`, the warm-ups run, those that failed
+and why, the objects frozen): how tests/test_preloading_executor.py sees it.
 
 It overrides a private method of Airflow's LocalExecutor, `_spawn_worker` (through which `start()`
 and `sync()` create every worker), and calls the private `local_executor._run_worker` with the
