@@ -101,8 +101,9 @@ def _freeze_heap() -> int:
     """Collect, then move every object the preload made to the collector's permanent generation
     (`gc.freeze`); returns how many there are.
 
-    The preload leaves about 640,000 objects (TensorFlow, MLflow, GX, pandas) in the worker, and
-    every task process forked from it inherits them. Without this, a full collection in a task
+    The preload leaves about 640,000 objects (TensorFlow, MLflow, GX, pandas) in the worker (an
+    embedded-stack worker reports about 820,000 frozen, with the scheduler's own that Airflow
+    froze before forking it), and every task process forked from it inherits them. Without this, a full collection in a task
     (the collector runs one once enough new objects have survived: a train task's graph trace
     or a batch step's frames are enough, now and then) walks all of them: 0.4-0.5 s of that
     task, measured in tasks forked from a preloaded process, and it writes to every page it
