@@ -278,7 +278,7 @@ def part_daily(args: argparse.Namespace, work: Path, registry: StackRegistry, pa
         out["startup_seconds"] = round(stack.startup_seconds, 1)
         log(f"  stack up in {stack.startup_seconds:.0f}s")
         mine: set[str] = set()
-        days = incremental_days(args.as_of, getattr(args, "no_new_data_runs", 1))
+        days = incremental_days(args.as_of, args.no_new_data_runs)
         dates = logical_dates(2 + len(days))
         warm_up(stack, dates[0], mine, args.run_timeout)
         conf: dict[str, Any] = {}

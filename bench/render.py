@@ -126,6 +126,7 @@ def day_summary(
         "ratio": f"{share:.3f} of (3)" if share is not None else "-",
         "verdict": verdict(ok) if no_new and ok is not None else "",
         "runs": " / ".join(fmt(x["wall_seconds"], 2) for x in runs) if len(runs) > 1 else "",
+        "n_runs": len(runs),
     }
 
 

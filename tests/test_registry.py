@@ -868,12 +868,11 @@ def test_batch_registry_reads_give_the_per_model_answers(
         read_alone.append(name)
         return get_model_version(name, version)
 
-    monkeypatch.setattr(client, "get_model_version", counted)
-    both = champions_as_of(client, [b, e], date(2024, 1, 10))
+    with monkeypatch.context() as patched:
+        patched.setattr(client, "get_model_version", counted)
+        both = champions_as_of(client, [b, e], date(2024, 1, 10))
     assert read_alone == [b]
     assert {n: [v.version for v in pair] for n, pair in both.items()} == {b: [b1, b1], e: [e1, e1]}
-    monkeypatch.undo()
-    monkeypatch.setattr(versions, "BATCH_NAMES", 1)
     for day in (date(2024, 1, 10), date(2024, 3, 1), date(2023, 12, 1)):
         batch = champions_as_of(client, [a, b, c, d, e], day)
         for name in (a, b, c, d, e):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
@@ -64,6 +64,18 @@ def trained_version(
 BATCH_NAMES = 50
 
 
+def _newest_in_batches(
+    client: MlflowClient, names: Sequence[str], **tags: str
+) -> Iterator[tuple[list[str], list[ModelVersion], bool]]:
+    """`newest_versions` of `names` with `tags`, one request per `BATCH_NAMES` of them, each
+    asking for twice as many versions as models and a few more: (the models asked, their
+    versions newest first, whether those are all there are)."""
+    for start in range(0, len(names), BATCH_NAMES):
+        chunk = list(names[start : start + BATCH_NAMES])
+        batch, complete = newest_versions(client, chunk, 2 * len(chunk) + 8, **tags)
+        yield chunk, batch, complete
+
+
 def trained_versions(
     client: MlflowClient, wanted: Mapping[str, str], config_fp: str
 ) -> tuple[dict[str, ModelVersion | None], list[str]]:
@@ -75,11 +87,7 @@ def trained_versions(
     names = sorted(wanted)
     settled: dict[str, ModelVersion | None] = {}
     rest: list[str] = []
-    for start in range(0, len(names), BATCH_NAMES):
-        chunk = names[start : start + BATCH_NAMES]
-        batch, complete = newest_versions(
-            client, chunk, 2 * len(chunk) + 8, config_fingerprint=config_fp
-        )
+    for chunk, batch, complete in _newest_in_batches(client, names, config_fingerprint=config_fp):
         for version in batch:  # newest first
             if version.tags.get("data_fingerprint") == wanted.get(version.name):
                 settled.setdefault(version.name, version)
@@ -217,9 +225,7 @@ def champions_as_of(
         if str(number) in latest:
             current[name] = latest[str(number)]
     older = sorted(n for n in numbers if n not in current)
-    for start in range(0, len(older), BATCH_NAMES):
-        chunk = older[start : start + BATCH_NAMES]
-        promoted, _ = newest_versions(client, chunk, 2 * len(chunk) + 8, gate_status="promoted")
+    for _, promoted, _ in _newest_in_batches(client, older, gate_status="promoted"):
         for version in promoted:
             if numbers[version.name] == str(version.version):
                 current.setdefault(version.name, version)
