@@ -214,3 +214,55 @@ def test_branch_forward_refuses_layers_it_does_not_compute() -> None:
     model = keras.Model(inputs, keras.layers.Dense(N_TARGETS, name="gru_targets")(h))
     with pytest.raises(ValueError, match="reset_after"):
         branch_forward(model, ("gru",))
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("window", [WINDOW, 40])  # unrolled, and a window Keras loops over
+def test_numpy_forward_computes_what_the_keras_model_computes(kind: str, window: int) -> None:
+    """A forecaster's predictions in NumPy (`numpy_forward`) equal the Keras network's own, with
+    weights away from their initial values (biases included), read at each call."""
+    import keras
+    import numpy as np
+
+    from ml.model.networks import numpy_forward
+
+    keras.utils.set_random_seed(6)
+    model = build_model(kind, window, N_FEATURES, N_TARGETS, units=9, dense_units=5)
+    rng = np.random.default_rng(7)
+    model.set_weights([w + rng.normal(scale=0.3, size=w.shape) for w in model.get_weights()])
+    x = rng.normal(size=(23, window, N_FEATURES)).astype("float32")
+    forward = numpy_forward(model)
+    assert forward is not None
+    np.testing.assert_allclose(forward(x), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    model.set_weights([w * 0.5 for w in model.get_weights()])
+    np.testing.assert_allclose(forward(x), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_forward_declines_a_network_it_does_not_compute() -> None:
+    """Other layers or cell settings: None, and the forecaster calls Keras instead (same
+    predictions as the network's own)."""
+    import keras
+    import numpy as np
+
+    from ml.model.forecaster import PriceForecaster
+    from ml.model.networks import numpy_forward
+    from ml.model.windows import Scaler
+
+    other = keras.Sequential(
+        [
+            keras.Input(shape=(WINDOW, N_FEATURES)),
+            keras.layers.GRU(4, reset_after=False),
+            keras.layers.Dense(3, activation="relu"),
+            keras.layers.Dense(N_TARGETS),
+        ]
+    )
+    tanh_head = build_model("lstm", WINDOW, N_FEATURES, N_TARGETS, units=4)
+    tanh_head.layers[1].activation = keras.activations.tanh
+    assert numpy_forward(other) is None
+    assert numpy_forward(tanh_head) is None
+    x = np.random.default_rng(8).normal(size=(5, WINDOW, N_FEATURES))
+    identity = Scaler(np.zeros(N_FEATURES), np.ones(N_FEATURES))
+    forecaster = PriceForecaster("gru", WINDOW, other, identity, Scaler(np.zeros(4), np.ones(4)))
+    np.testing.assert_allclose(
+        forecaster.raw_log_ratios(x), np.asarray(other(x.astype("float32"))), rtol=1e-6
+    )

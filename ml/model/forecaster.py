@@ -73,13 +73,17 @@ class PriceForecaster:
     def raw_log_ratios(self, x: np.ndarray) -> np.ndarray:
         """The network's log-ratio predictions for relative windows `x`, before shrinkage.
 
-        A direct (eager) call, not `model.predict`: the few thousand windows of one ticker fit in
-        one batch, and `predict` would trace a graph function for every new model (about 0.3 s
-        each, more than the prediction itself).
+        The network's arithmetic in NumPy (`ml.model.networks.numpy_forward`), or, for a network
+        of another shape, a direct (eager) Keras call; not `model.predict`, which would trace a
+        graph function for every new model (about 0.3 s each, more than the prediction itself).
         """
         import numpy as np
 
-        scaled = self.model(self.x_scaler.transform(x).astype("float32"), training=False)
+        from ml.model.networks import numpy_forward
+
+        inputs = self.x_scaler.transform(x).astype("float32")
+        forward = numpy_forward(self.model)
+        scaled = forward(inputs) if forward else self.model(inputs, training=False)
         return self.y_scaler.inverse(np.asarray(scaled, dtype="float64"))
 
     def network_offsets(self, x: np.ndarray, base: np.ndarray) -> np.ndarray:

@@ -165,11 +165,8 @@ def branch_forward(model: keras.Model, kinds: Sequence[str]) -> Callable[[Any], 
     branches = []
     for kind in kinds:
         recurrent, hidden, targets = (model.get_layer(n) for n in branch_layer_names(kind))
-        config = recurrent.cell.get_config()
-        wrong = {k: config.get(k) for k, v in _CELL_DEFAULTS.items() if config.get(k) != v}
-        if kind == "gru" and not config.get("reset_after"):
-            wrong["reset_after"] = config.get("reset_after")
-        if wrong or hidden.get_config()["activation"] != "relu":
+        wrong = _unlike_build_model(kind, recurrent, hidden, targets)
+        if wrong:
             raise ValueError(f"branch_forward: {kind} layers are not the ones it computes: {wrong}")
         branches.append(
             (_gru_last if kind == "gru" else _lstm_last, recurrent.cell, hidden, targets)
@@ -182,6 +179,82 @@ def branch_forward(model: keras.Model, kinds: Sequence[str]) -> Callable[[Any], 
             h = tf.nn.relu(tf.matmul(h, hidden.kernel) + hidden.bias)
             outputs.append(tf.matmul(h, targets.kernel) + targets.bias)
         return outputs
+
+    return forward
+
+
+def _unlike_build_model(kind: str, recurrent: Any, hidden: Any, targets: Any) -> dict[str, Any]:
+    """What in these layers differs from a `build_model(kind)` branch ({} when nothing): the
+    cell's activations, bias and dropout, the GRU's `reset_after`, the last output only, the
+    Dense activations."""
+    config = recurrent.cell.get_config()
+    wrong = {k: config.get(k) for k, v in _CELL_DEFAULTS.items() if config.get(k) != v}
+    if kind == "gru" and not config.get("reset_after"):
+        wrong["reset_after"] = config.get("reset_after")
+    layer = recurrent.get_config()
+    for key in ("return_sequences", "go_backwards", "stateful"):
+        if layer.get(key):
+            wrong[key] = layer[key]
+    for dense, activation in ((hidden, "relu"), (targets, "linear")):
+        dense_config = dense.get_config()
+        if dense_config["activation"] != activation or not dense_config["use_bias"]:
+            wrong[dense.name] = dense_config["activation"]
+    return wrong
+
+
+def numpy_forward(model: keras.Model) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`model(x)` for a `build_model` network, computed with NumPy from the model's current
+    weights (read at each call); None when `model` is not such a network (other layers or cell
+    settings), and its caller calls Keras instead.
+
+    A forecaster predicts a few hundred windows at a time (the validation and test blocks of a
+    train task, one ticker's recent bars in the forecast step); a direct Keras call spends most
+    of its time dispatching the unrolled cell's operations one by one, 10-40 ms a call in a
+    fresh process, where this arithmetic takes a few ms. The same gates, order and activations
+    as Keras' cells (see `_lstm_last` and `_gru_last`), in float32 as Keras computes:
+    tests/test_models.py compares the outputs.
+    """
+    import numpy as np
+
+    layers = list(model.layers)
+    kinds = {"LSTM": "lstm", "GRU": "gru"}
+    if len(layers) != 3 or type(layers[0]).__name__ not in kinds:
+        return None
+    recurrent, hidden, targets = layers
+    kind = kinds[type(recurrent).__name__]
+    if _unlike_build_model(kind, recurrent, hidden, targets):
+        return None
+    units = recurrent.cell.units
+
+    def sigmoid(z: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        kernel, recurrent_kernel, bias, w_hidden, b_hidden, w_out, b_out = (
+            np.asarray(w, dtype=np.float32) for w in model.get_weights()
+        )
+        x = np.asarray(x, dtype=np.float32)
+        n, window, n_features = x.shape
+        input_bias = bias if kind == "lstm" else bias[0]
+        # The input half of every step in one product (it does not depend on the state).
+        projected = (x.reshape(-1, n_features) @ kernel + input_bias).reshape(n, window, -1)
+        h = np.zeros((n, units), np.float32)
+        c = np.zeros((n, units), np.float32)
+        for t in range(window):
+            if kind == "lstm":  # gates i, f, c, o
+                z = projected[:, t] + h @ recurrent_kernel
+                i, f, g, o = (z[:, k * units : (k + 1) * units] for k in range(4))
+                c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+                h = sigmoid(o) * np.tanh(c)
+            else:  # gates z, r, h; the reset gate applies after the recurrent product
+                x_z, x_r, x_h = (projected[:, t, k * units : (k + 1) * units] for k in range(3))
+                inner = h @ recurrent_kernel + bias[1]
+                h_z, h_r, h_h = (inner[:, k * units : (k + 1) * units] for k in range(3))
+                update = sigmoid(x_z + h_z)
+                candidate = np.tanh(x_h + sigmoid(x_r + h_r) * h_h)
+                h = update * h + (1.0 - update) * candidate
+        hidden_out = np.maximum(h @ w_hidden + b_hidden, 0.0)
+        return hidden_out @ w_out + b_out
 
     return forward
 
