@@ -7,7 +7,8 @@ processes and executor workers only, the ones it is reported for, and less often
 see `PRIVATE_EVERY`). A task process is
 recognised by the title Airflow's task runner gives it, `airflow worker -- <task instance id>`;
 an executor worker by the title `airflow worker -- LocalExecutor` with a parent that is not one.
-Also the peak of the summed RSS of all stack processes.
+Also the peak of the summed RSS of all stack processes, and the CPU time each component of the
+stack has used (`cpu_by_component`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,23 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+# The stack's components by their processes' titles (the first match wins; a process no title
+# names belongs to its parent's component): the executor's workers and the task processes they
+# fork, then the services `airflow standalone` and the launcher start.
+COMPONENTS = (
+    ("executor workers and tasks", ("airflow worker -- ",)),
+    ("MLflow server", ("mlflow server", "mlflow.server")),
+    ("scheduler", ("airflow scheduler",)),
+    ("API server", ("airflow api-server", "airflow api_server")),
+    ("DAG processor", ("airflow dag-processor", "airflow dag_processor")),
+    ("triggerer", ("airflow triggerer",)),
+)
+
+
+def _component(title: str) -> str | None:
+    return next((name for name, needles in COMPONENTS if any(n in title for n in needles)), None)
 
 
 class MemorySampler(threading.Thread):
@@ -160,6 +178,42 @@ class MemorySampler(threading.Thread):
                 t = psutil.Process(pid).cpu_times()
                 total += t.user + t.system
         return total
+
+    def cpu_by_component(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each component of the stack (`COMPONENTS`;
+        `other` for the launcher's own `airflow standalone`): every live process's own time plus
+        that of the children it has waited for (a task process, once its worker reaps it). The
+        difference of two calls is what each component used in between: a child that ended in
+        between moved from its own count into its parent's."""
+        import psutil
+
+        named: dict[int, str] = {}
+
+        def component_of(pid: int) -> str:
+            # The first title up the process tree that names a component (up to a root).
+            path, current = [], pid
+            while current not in named:
+                found = _component(_cmdline(current))
+                if found is not None:
+                    named[current] = found
+                    break
+                path.append(current)
+                if current in self.roots or current <= 1:
+                    named[current] = "other"
+                    break
+                current = _ppid(current)
+            for seen in path:
+                named[seen] = named[current]
+            return named[current]
+
+        totals: dict[str, float] = {}
+        for pid in self._processes():
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                used = t.user + t.system + t.children_user + t.children_system
+                component = component_of(pid)
+                totals[component] = totals.get(component, 0.0) + used
+        return totals
 
     def reset_peak_total(self) -> None:
         with self.lock:

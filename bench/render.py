@@ -242,6 +242,36 @@ def growth_rows(growth: list[dict]) -> list[list[Any]]:
     return rows
 
 
+def cpu_line(run: dict | None) -> str:
+    """"component s, ..." for one run, largest first ("" for a run from before it was measured)."""
+    cpu = (run or {}).get("cpu_seconds") or {}
+    return ", ".join(f"{k} {fmt(v, 1)} s" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+
+
+def cpu_rows(runs: list[dict]) -> tuple[list[str], list[list[Any]]]:
+    """CPU seconds by component of the stack per run, and per ticker (runs from before the bench
+    measured it have none and are left out)."""
+    runs = [r for r in runs if r.get("cpu_seconds")]
+    components = sorted(
+        {k for r in runs for k in r["cpu_seconds"]},
+        key=lambda k: -max(r["cpu_seconds"].get(k, 0.0) for r in runs),
+    )
+    rows = []
+    for r in runs:
+        cpu, n = r["cpu_seconds"], r["tickers"] or 1
+        total = sum(cpu.values())
+        cells = [f"{fmt(cpu.get(k), 1)} ({fmt(cpu.get(k, 0.0) / n, 3)})" for k in components]
+        rows.append(
+            [
+                r.get("size", r["label"]),
+                r["wall_seconds"],
+                *cells,
+                f"{fmt(total, 1)} ({fmt(total / n, 3)})",
+            ]
+        )
+    return ["run", "wall s", *components, "all"], rows
+
+
 def import_rows(imports: list[dict]) -> list[list[str]]:
     def seconds(r: dict) -> str:
         if r["min"] is None:
@@ -353,6 +383,7 @@ def context(results: dict[str, Any]) -> dict[str, Any]:
         "growth": growth,
         "growth_summary": growth_summary(growth),
         "growth_rows": growth_rows(growth),
+        "growth_cpu": cpu_rows(growth),
         "imports": results.get("imports"),
         "prof": prof,
         "profile": profile_tables(prof) if prof else None,
@@ -369,7 +400,7 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    env.filters.update(fmt=fmt, fixed=fixed)
+    env.filters.update(fmt=fmt, fixed=fixed, cpu_line=cpu_line)
     env.globals.update(
         table=table,
         task_rows=task_rows,

@@ -20,7 +20,10 @@ the run report (`DATA_DIR/reports/<D>.json`), the MLflow runs it created and the
   epochs are the Keras fit minus its first step and validation pass (which trace the graphs):
   the traces, the MLflow run, the registration, look-ups, data, evaluation and the task's start;
 - task instances: every task-instance row of the run (a day without new bars keeps `train`'s one
-  unexpanded row, skipped); train instances: the mapped ones (map_index >= 0), none on such a day.
+  unexpanded row, skipped); train instances: the mapped ones (map_index >= 0), none on such a day;
+- CPU seconds per component of the stack (`memory.MemorySampler.cpu_by_component`: the executor's
+  workers with their task processes, the scheduler, the API server, the DAG processor, the
+  triggerer, the MLflow server), from the trigger until the bench saw the run end.
 """
 
 from __future__ import annotations
@@ -107,17 +110,29 @@ def run_dag(stack: Stack, label: str, as_of: date, logical_date: datetime, conf:
     fail_foreign_runs(stack, mine, log)
     run_id = f"bench__{label}__{as_of.isoformat()}__{int(time.time())}"
     mine.add(run_id)
+    cpu_before = {}
     if stack.sampler is not None:
         stack.sampler.reset_peak_total()
+        cpu_before = stack.sampler.cpu_by_component()
     full_conf = {**conf, "as_of": as_of.isoformat()}
     log(f"  trigger {run_id} conf={json.dumps(full_conf)}")
     started = time.perf_counter()
     stack.trigger(run_id, logical_date, full_conf)
     state = stack.wait(run_id, timeout)
     observed = time.perf_counter() - started
+    cpu_after = stack.sampler.cpu_by_component() if stack.sampler is not None else {}
     log(f"  {run_id}: {state} (observed by polling after {observed:.0f}s)")
     raw = {"label": label, "run_id": run_id, "as_of": as_of.isoformat(), "conf": full_conf}
-    return {**raw, "state": state, "observed_seconds": observed, **collect(stack, run_id, as_of)}
+    # CPU seconds of each component from the trigger until the bench saw the run end (polling
+    # every 2 s: up to 2 s of the stack idling after the run, and the polls themselves).
+    cpu = {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items()}
+    return {
+        **raw,
+        "state": state,
+        "observed_seconds": observed,
+        "cpu_seconds": cpu,
+        **collect(stack, run_id, as_of),
+    }
 
 
 def collect(stack: Stack, run_id: str, as_of: date) -> dict[str, Any]:
@@ -333,6 +348,7 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
         "training": tickers["training"],
         "fetched": tickers["fetched"],
         "peak_total_rss_mb": raw["peak_total_rss_mb"],
+        "cpu_seconds": raw.get("cpu_seconds") or {},
         "executor": raw["executor"],
         "executor_workers": len(workers),
         "worker_peak_rss_mb": round(max((w["hwm_kb"] for w in workers), default=0) / 1024, 1),

@@ -165,3 +165,28 @@ def test_the_no_new_data_day_is_judged_on_the_median_of_its_runs(results: dict[s
     repeats[0]["train_instances"] = 1  # one of the runs trained: no longer a no-new-data day
     (row,) = [d for d in render.context(runs)["days"] if d["no_new"]]
     assert row["n_train"] == 1 and row["verdict"] == render.verdict(False)
+
+
+def test_cpu_by_component_is_listed_per_run_and_per_ticker(results: dict[str, Any]) -> None:
+    """Runs that carry CPU seconds by component get them in (3)'s paragraph and in a growth
+    table, per run and per ticker, largest component first; runs without them (older results)
+    render as before."""
+    results = copy.deepcopy(results)
+    results["daily"]["daily"]["cpu_seconds"] = {"scheduler": 3.5, "MLflow server": 12.25}
+    for run, scheduler in zip(results["growth"], (4.0, 30.0, 400.0), strict=False):
+        run["cpu_seconds"] = {"scheduler": scheduler, "MLflow server": 10.0 * run["tickers"]}
+    text = render.render(results)
+    assert "the executor's workers): MLflow server 12.2 s, scheduler 3.5 s." in text
+    table = text.split("CPU seconds used by each component", 1)[1]
+    assert "| run | wall s | MLflow server | scheduler | all |" in table
+    first = results["growth"][0]
+    n = first["tickers"]
+    row = (
+        f"| {first['size']} | {fmt(first['wall_seconds'])} | {fmt(10.0 * n)} (10.000) "
+        f"| 4.0 ({4.0 / n:.3f}) | {fmt(10.0 * n + 4.0)} ({(10.0 * n + 4.0) / n:.3f}) |"
+    )
+    assert row in table
+
+
+def fmt(value: float) -> str:
+    return render.fmt(value, 1)

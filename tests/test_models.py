@@ -266,3 +266,33 @@ def test_numpy_forward_declines_a_network_it_does_not_compute() -> None:
     np.testing.assert_allclose(
         forecaster.raw_log_ratios(x), np.asarray(other(x.astype("float32"))), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("window", [WINDOW, 40])
+def test_gru_branch_gradient_equals_the_one_through_kerass_layer(window: int) -> None:
+    """The gradient through the GRU branch's plain operations (`branch_forward`, what the train
+    step differentiates) is the one through Keras' own GRU layer, for every weight of the branch,
+    with weights away from their initial values, a loss that weighs the outputs unevenly, and a
+    window Keras loops over as well as the unrolled one."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from ml.model.networks import branch_forward
+
+    keras.utils.set_random_seed(9)
+    model = build_branches(("gru",), window, N_FEATURES, N_TARGETS, units=7, dense_units=5)
+    rng = np.random.default_rng(10)
+    model.set_weights([w + rng.normal(scale=0.2, size=w.shape) for w in model.get_weights()])
+    x = rng.normal(size=(13, window, N_FEATURES)).astype("float32")
+    y = rng.normal(size=(13, N_TARGETS)).astype("float32")
+    weights = tf.constant(rng.uniform(0.5, 2.0, size=N_TARGETS).astype("float32"))
+    variables = model.trainable_variables
+    gradients = []
+    for forward in (lambda v: [model(v, training=True)], branch_forward(model, ("gru",))):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(weights * tf.square(y - forward(x)[0]))
+        gradients.append(tape.gradient(loss, variables))
+    for variable, theirs, ours in zip(variables, *gradients, strict=True):
+        assert ours is not None, variable.path
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6, err_msg=variable.path)
