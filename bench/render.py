@@ -243,7 +243,7 @@ def growth_rows(growth: list[dict]) -> list[list[Any]]:
 
 
 def cpu_line(run: dict | None) -> str:
-    """"component s, ..." for one run, largest first ("" for a run from before it was measured)."""
+    """ "component s, ..." for one run, largest first ("" for a run from before it was measured)."""
     cpu = (run or {}).get("cpu_seconds") or {}
     return ", ".join(f"{k} {fmt(v, 1)} s" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
 
