@@ -59,6 +59,10 @@ TUNABLE = {
     # (bench: 4.0 s against 5.2 s at 0.25), and the full day did not get slower. The scheduler
     # then uses more CPU (up to 40 % of a core in py-spy), but four bench runs alternating 0.1
     # and 0.25 gave daily/notebook 1.04, 0.96 against 1.09, 1.02: no gain from the slower loop.
+    # With 1.0 (2026-12-07, bench/results/2026-12-07-*.json): the 31-ticker day's scheduler used
+    # 8.9 s of CPU against 11.1 s, its no-new-data day took about as long (median 2.55 s against
+    # 2.42 s), and at 500 tickers the scheduler still used 0.66 s of CPU per ticker (0.72 s at
+    # 0.1): there its loop is rarely idle, and each loop loads every task instance of the run.
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.1",
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
     "PRICE_SOURCE": "synthetic",
