@@ -296,3 +296,25 @@ def test_gru_branch_gradient_equals_the_one_through_kerass_layer(window: int) ->
     for variable, theirs, ours in zip(variables, *gradients, strict=True):
         assert ours is not None, variable.path
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6, err_msg=variable.path)
+
+
+def test_numpy_forward_saturates_without_warnings() -> None:
+    """Gate inputs far out on either side (large weights): the NumPy sigmoid saturates to 0 and 1
+    as Keras' does, with no overflow warning and no NaN."""
+    import warnings
+
+    import keras
+    import numpy as np
+
+    from ml.model.networks import numpy_forward
+
+    keras.utils.set_random_seed(11)
+    for kind in MODEL_KINDS:
+        model = build_model(kind, WINDOW, N_FEATURES, N_TARGETS, units=5, dense_units=4)
+        model.set_weights([w * 400.0 for w in model.get_weights()])
+        x = np.random.default_rng(12).normal(size=(9, WINDOW, N_FEATURES)).astype("float32")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ours = numpy_forward(model)(x)
+        assert np.isfinite(ours).all()
+        np.testing.assert_allclose(ours, np.asarray(model(x)), rtol=1e-4, atol=1e-3)

@@ -26,7 +26,7 @@ def configure_tensorflow(threads: int | None = None) -> None:
     two processes side by side (the DAG's two training slots) finish 10 % sooner with one each.
     NumPy's BLAS (OpenBLAS, which runs the forecaster's `numpy_forward`) gets the same number:
     with its default of one spinning thread per core, the forecast step's two worker processes
-    on 2 cores took 3.5-3.8 s for 31 champions against 2.3-2.4 s with one thread each (forked
+    on 2 cores took 3.5-3.8 s for 31 champions against 2.2-2.5 s with one thread each (forked
     from a preloaded parent, alternating).
     """
     import os
@@ -239,7 +239,7 @@ def numpy_forward(model: keras.Model) -> Callable[[np.ndarray], np.ndarray] | No
     units = recurrent.cell.units
 
     def sigmoid(z: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-z))
+        return 0.5 + 0.5 * np.tanh(0.5 * z)  # = 1 / (1 + exp(-z)), without overflowing exp
 
     def forward(x: np.ndarray) -> np.ndarray:
         kernel, recurrent_kernel, bias, w_hidden, b_hidden, w_out, b_out = (
