@@ -20,8 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-_TASK_TITLE = re.compile(r"airflow worker -- ([0-9a-fA-F-]{32,36})\b")
-_WORKER_TITLE = "airflow worker -- LocalExecutor"  # the executor's long-lived worker processes
+# What Airflow's executor titles its processes: a task process `<prefix><task instance id>`, a
+# long-lived worker (the parent tasks fork from) `<prefix>LocalExecutor`.
+_EXECUTOR_TITLE_PREFIX = "airflow worker -- "
+_TASK_TITLE = re.compile(re.escape(_EXECUTOR_TITLE_PREFIX) + r"([0-9a-fA-F-]{32,36})\b")
+_WORKER_TITLE = _EXECUTOR_TITLE_PREFIX + "LocalExecutor"
 # Seconds between two reads of one process's smaps_rollup: the kernel walks the page tables of
 # these 0.5-1 GB processes for it, about 20 ms each. Read every second for every task and worker,
 # it took 15 % of a core from the stack it measures (py-spy on the bench process: 92 % of its
@@ -70,7 +73,7 @@ def _cmdline(pid: int) -> str:
 # names belongs to its parent's component): the executor's workers and the task processes they
 # fork, then the services `airflow standalone` and the launcher start.
 COMPONENTS = (
-    ("executor workers and tasks", ("airflow worker -- ",)),
+    ("executor workers and tasks", (_EXECUTOR_TITLE_PREFIX,)),
     ("MLflow server", ("mlflow server", "mlflow.server")),
     ("scheduler", ("airflow scheduler",)),
     ("API server", ("airflow api-server", "airflow api_server")),

@@ -254,14 +254,12 @@ def numpy_forward(model: keras.Model) -> Callable[[np.ndarray], np.ndarray] | No
         c = np.zeros((n, units), np.float32)
         for t in range(window):
             if kind == "lstm":  # gates i, f, c, o
-                z = projected[:, t] + h @ recurrent_kernel
-                i, f, g, o = (z[:, k * units : (k + 1) * units] for k in range(4))
+                i, f, g, o = np.split(projected[:, t] + h @ recurrent_kernel, 4, axis=1)
                 c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
                 h = sigmoid(o) * np.tanh(c)
             else:  # gates z, r, h; the reset gate applies after the recurrent product
-                x_z, x_r, x_h = (projected[:, t, k * units : (k + 1) * units] for k in range(3))
-                inner = h @ recurrent_kernel + bias[1]
-                h_z, h_r, h_h = (inner[:, k * units : (k + 1) * units] for k in range(3))
+                x_z, x_r, x_h = np.split(projected[:, t], 3, axis=1)
+                h_z, h_r, h_h = np.split(h @ recurrent_kernel + bias[1], 3, axis=1)
                 update = sigmoid(x_z + h_z)
                 candidate = np.tanh(x_h + sigmoid(x_r + h_r) * h_h)
                 h = update * h + (1.0 - update) * candidate
