@@ -142,6 +142,14 @@ def _run_key() -> str:
             title="Force retrain",
             description="Train even if the ticker's data did not change since its last model.",
         ),
+        "full_refresh": Param(
+            False,
+            type="boolean",
+            title="Full refresh",
+            description="Fetch each ticker's whole history again, validate it whole and replace "
+            "the published one (a vendor's correction of old bars; splits and dividends are "
+            "detected and healed without it).",
+        ),
         "as_of": Param(
             None,
             type=["null", "string"],
@@ -174,8 +182,13 @@ def price_forecast():
         """Fetch every ticker's due bars into staging (concurrent downloads, bounded)."""
         from ml.steps.data import ingest_all
 
+        params = get_current_context()["params"]
         return ingest_all(
-            tickers, _as_of(), _settings(get_current_context()["params"]), strict=_retries_left()
+            tickers,
+            _as_of(),
+            _settings(params),
+            strict=_retries_left(),
+            full_refresh=bool(params.get("full_refresh")),
         )
 
     @task

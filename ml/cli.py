@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--force", action="store_true", help="retrain even if the data did not change"
             )
+        if name in ("ingest", "run"):
+            cmd.add_argument(
+                "--full-refresh",
+                action="store_true",
+                help="fetch each ticker's whole history again, validate it whole and replace the "
+                "published one (a vendor's correction of old bars); the file it replaces is kept "
+                "under quarantine/<slug>/superseded-*",
+            )
     sub.add_parser("export", help="write the forecasts CSV again from the ledger (every forecast)")
     sub.add_parser("universe", help="list the tickers, asset classes and slugs")
     sub.add_parser("config", help="print the effective settings")
@@ -81,7 +89,14 @@ def _run_per_ticker(tickers: Sequence[str], step: Callable[[str], str]) -> int:
     return 1 if failed else 0
 
 
-def run_day(tickers: Sequence[str], as_of: date, settings: Settings, *, force: bool) -> int:
+def run_day(
+    tickers: Sequence[str],
+    as_of: date,
+    settings: Settings,
+    *,
+    force: bool,
+    full_refresh: bool = False,
+) -> int:
     """One day in the DAG's shape (`dags/price_forecast.py`) without Airflow: the same steps,
     one after another in this process, each ticker's failure recorded and the others carried on;
     the run report is written and printed. Exits 1 if any ticker failed."""
@@ -90,7 +105,7 @@ def run_day(tickers: Sequence[str], as_of: date, settings: Settings, *, force: b
     from ml.steps.model import promote_all, train_step
     from ml.steps.report import format_table, summarize_tickers, write_run_report
 
-    ingested = ingest_all(tickers, as_of, settings)
+    ingested = ingest_all(tickers, as_of, settings, full_refresh=full_refresh)
     validated = validate_all(list(ingested["staged"]), as_of, settings, force=force)
     trained, errors = [], []
     for ticker in validated["train"]:
@@ -168,9 +183,9 @@ def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) 
 
     as_of: date = args.date
     if args.command == "run":
-        return run_day(tickers, as_of, settings, force=args.force)
+        return run_day(tickers, as_of, settings, force=args.force, full_refresh=args.full_refresh)
     if args.command == "ingest":
-        ingested = ingest_all(tickers, as_of, settings)
+        ingested = ingest_all(tickers, as_of, settings, full_refresh=args.full_refresh)
         validated = validate_all(list(ingested["staged"]), as_of, settings, check_registry=False)
         failed = {**ingested["failed"], **validated["failed"]}
 
@@ -180,6 +195,8 @@ def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) 
             staged, published = ingested["staged"][ticker], validated["tickers"][ticker]
             mode = "incremental" if staged["incremental"] else "full history"
             notes = "".join(f"\n    note: {note}" for note in staged.get("notes") or ())
+            if published.get("revision"):
+                notes += f"\n    revision: {published['revision']}"
             return (
                 f"fetched {staged['rows_fetched']:>5} ({mode}, {staged['source']})  "
                 f"added {published['rows_added']:>5}  updated {published['rows_updated']:>3}  "

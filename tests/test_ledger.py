@@ -107,6 +107,28 @@ def test_scoring_is_point_in_time_and_idempotent(settings) -> None:
     assert len(read_table(settings, "forecasts")) == len(rows)
 
 
+def test_a_split_after_the_forecast_is_scored_in_the_forecasts_units(settings) -> None:
+    """Forecasts made before a 2:1 split, scored after the history was re-adjusted (every
+    earlier bar halved): the same errors as before the split, no fake miss."""
+    history = bars(30)
+    rows = [forecast("AAA", history, i) for i in range(20, 29)]
+    record_forecasts(settings, rows)
+    as_of = history["Date"].iloc[29].date()
+    score_outcomes(settings, {"AAA": history}, as_of)
+    before = read_table(settings, "outcomes")
+
+    adjusted = history.copy()
+    prices = ["Open", "High", "Low", "Close", "Adj Close"]
+    adjusted[prices] = adjusted[prices] / 2
+    adjusted["Volume"] = adjusted["Volume"] * 2
+    assert score_outcomes(settings, {"AAA": adjusted}, as_of) == {"AAA": 9}
+    after = read_table(settings, "outcomes")
+    errors = [c for c in after.columns if c.startswith(("err_", "persistence_err_", "actual_"))]
+    np.testing.assert_allclose(after[errors].to_numpy(), before[errors].to_numpy(), rtol=1e-12)
+    assert after["inside_range"].tolist() == before["inside_range"].tolist()
+    assert after["direction_hit"].tolist() == before["direction_hit"].tolist()
+
+
 @pytest.mark.parametrize("ticker", ["NA", "NULL", "0700.HK", "EURUSD=X"])
 def test_tickers_round_trip_unchanged(settings, ticker: str) -> None:
     history = bars(5)

@@ -198,7 +198,8 @@ def test_a_100x_bar_is_rejected_by_the_jump_check():
     prices = ["Open", "High", "Low", "Close", "Adj Close"]
     batch.loc[150, prices] = batch.loc[150, prices] * 100
     err = rejected(batch)
-    assert failed_checks(err) == {"close_jump"}
+    # Every price column jumps, Close and the others alike.
+    assert failed_checks(err) == {"close_jump", "price_jump"}
     assert_names(err, "close_jump", "expect_column_values_to_be_between", day(batch, 150))
     assert day(batch, 151) in str(err)  # and the way back down
 
@@ -219,7 +220,7 @@ def test_a_100x_jump_across_the_boundary_with_the_history_is_rejected():
     batch[prices] = batch[prices] * 100  # a consistent batch, in cents instead of dollars
     assert validate_prices(batch, STOCK, END).success  # alone it looks fine
     err = rejected(batch, previous=history)
-    assert failed_checks(err) == {"close_jump"}
+    assert failed_checks(err) == {"close_jump", "price_jump"}
     assert_names(err, "close_jump", "expect_column_values_to_be_between", day(batch, 0))
 
 

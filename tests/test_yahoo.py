@@ -80,8 +80,8 @@ def replay():
     """Factory of replay sessions; fails the test if yfinance asked for anything unrecorded."""
     sessions: list[ReplaySession] = []
 
-    def make(*fixtures: str) -> ReplaySession:
-        session = ReplaySession("session.json", *fixtures)
+    def make(*fixtures: str, interactions: tuple | list = ()) -> ReplaySession:
+        session = ReplaySession("session.json", *fixtures, interactions=interactions)
         sessions.append(session)
         return session
 
@@ -537,3 +537,114 @@ def test_a_truncated_body_is_retried(replay):
 
     assert sleeps and sleeps[0] == 2.0
     assert [d.date() for d in df["Date"]] == SESSIONS
+
+
+# --- corporate actions through yfinance ----------------------------------------------------------
+
+
+def _chart_answer(bars: pd.DataFrame, start: date, end: date, events: dict) -> dict:
+    """A v8 chart exchange for GOOGL's [start, end]: the bars of `bars` in that span (float32,
+    as Yahoo sends them) and the split/dividend `events` ({date: {...}}) dated in it."""
+    from tests.fixtures.yahoo.build_fixtures import CHART as CHART_URL
+    from tests.fixtures.yahoo.build_fixtures import get, googl_meta, period_params, ts
+
+    ny = "America/New_York"
+    span = bars.loc[(bars["Date"] >= pd.Timestamp(start)) & (bars["Date"] <= pd.Timestamp(end))]
+    stamps = [ts(d.date(), time(9, 30), ny) for d in span["Date"]]
+    quote = {c.lower(): [float(np.float32(v)) for v in span[c]] for c in PRICE_COLUMNS[1:5]}
+    quote["volume"] = [int(v) for v in span["Volume"]]
+    found: dict = {}
+    for day, event in events.items():
+        if start.isoformat() <= day <= end.isoformat():
+            stamp = ts(day, time(9, 30), ny)
+            kind = "splits" if "numerator" in event else "dividends"
+            found.setdefault(kind, {})[str(stamp)] = {**event, "date": stamp}
+    result = {
+        "meta": googl_meta("", float(np.float32(span["Close"].iloc[0]))),
+        "timestamp": stamps,
+        **({"events": found} if found else {}),
+        "indicators": {
+            "quote": [quote],
+            "adjclose": [{"adjclose": [float(np.float32(v)) for v in span["Adj Close"]]}],
+        },
+    }
+    body = {"chart": {"result": [result], "error": None}}
+    return get(CHART_URL + "GOOGL", period_params(start, end, ny), 200, body)
+
+
+YAHOO_EVENTS = {  # name: (d0, d1, the event, the vendor's series before and after, described)
+    "split-2-1": ("2024-06-21", "2024-06-24", {"2024-06-24": {"numerator": 2, "denominator": 1,
+                  "splitRatio": "2:1"}}, 2.0, None, "split 2:1 on 2024-06-24"),
+    "reverse-split-1-10": ("2024-06-21", "2024-06-24", {"2024-06-24": {"numerator": 1,
+                           "denominator": 10, "splitRatio": "1:10"}}, 0.1, None,
+                           "split 1:10 on 2024-06-24"),
+    "dividend-1pct": ("2024-06-21", "2024-06-24", {"2024-06-24": {"amount": 1.8}}, None, 0.99,
+                      "dividend on 2024-06-24"),
+    "split-on-a-holiday": ("2024-07-03", "2024-07-05", {"2024-07-04": {"numerator": 2,
+                           "denominator": 1, "splitRatio": "2:1"}}, 2.0, None,
+                           "split 2:1 on 2024-07-05"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(YAHOO_EVENTS))
+def test_a_corporate_action_through_yfinance_is_healed(name, replay, tmp_path):
+    """The real yfinance client and source, replayed chart answers (written offline, in Yahoo's
+    format) of a vendor before and after the event: the store ends equal to a full fetch."""
+    from dataclasses import replace as replace_settings
+    from datetime import timedelta
+
+    from ml.config import get_settings
+    from ml.data.ingest import publish_staged, stage_ticker
+    from ml.data.revisions import max_relative_difference
+    from ml.data.sources import SyntheticSource
+    from ml.data.store import PriceStore
+
+    d0_text, d1_text, events, split, dividend, described = YAHOO_EVENTS[name]
+    d0, d1, start = date.fromisoformat(d0_text), date.fromisoformat(d1_text), date(2024, 5, 1)
+    googl = Instrument("GOOGL", "stock")
+    bars = SyntheticSource().fetch(googl, start, d1).drop(columns="Ticker")
+    bars = bars.loc[bars["Date"] != pd.Timestamp("2024-07-04")].reset_index(drop=True)
+    prices = ["Open", "High", "Low", "Close", "Adj Close"]
+    bars[prices] = bars[prices].astype("float32").astype("float64")
+    before, after = bars.copy(), bars.copy()
+    if split:  # the vendor served every earlier bar `split` times higher before the event
+        before[prices] *= split
+        before["Volume"] = (before["Volume"] / split).round()
+    if dividend:
+        event_day = pd.Timestamp(next(iter(events)))
+        after.loc[after["Date"] < event_day, "Adj Close"] *= dividend
+    settings = replace_settings(
+        get_settings({}), data_dir=tmp_path / "data", history_start=start, price_source="yahoo"
+    )
+    window = lambda day: day - timedelta(days=settings.trailing_days)  # noqa: E731
+    old_vendor = replay(
+        "GOOGL.json", interactions=[_chart_answer(before, start, d0, {})]
+    )  # before the event: no event yet
+    new_vendor = replay(
+        "GOOGL.json",
+        interactions=[_chart_answer(after, s, d1, events) for s in (window(d0), start, window(d1))],
+    )
+    store = PriceStore(settings.data_dir)
+
+    def day(session, as_of):
+        source = YahooSource(max_retries=0, backoff_seconds=0.0, session=session)
+        staged = stage_ticker(googl, as_of, settings, source)
+        return staged, publish_staged(googl, as_of, settings)
+
+    day(old_vendor, d0)
+    staged, published = day(new_vendor, d1)
+    assert staged.revision["replace"] and staged.revision["kind"] != "correction", staged
+    assert published["revision"].startswith(described), published
+    if split:
+        assert staged.revision["vendor_event"].endswith(
+            f"split {events[next(iter(events))]['splitRatio']}"
+        )
+    fresh = YahooSource(max_retries=0, session=new_vendor).fetch(googl, start, d1)
+    history = store.load(googl)
+    assert max_relative_difference(fresh, history) < 1e-6
+    assert np.abs(np.diff(np.log(history["Close"]))).max() < 0.3  # no fake crash or jump
+
+    files_before = {p: p.read_bytes() for p in sorted(settings.data_dir.rglob("*")) if p.is_file()}
+    _, again = day(new_vendor, d1)  # a re-run of the date: nothing changes
+    files_after = {p: p.read_bytes() for p in sorted(settings.data_dir.rglob("*")) if p.is_file()}
+    assert files_after == files_before and again["revision"] == published["revision"]

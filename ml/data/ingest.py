@@ -34,6 +34,9 @@ class StagedBatch:
     source: str
     # What the source assumed about its input (e.g. a file without Adj Close), for the output.
     notes: tuple[str, ...] = ()
+    # What the fetch said about the published bars it overlaps, when they were revised
+    # (`ml.data.revisions`): a corporate action, a vendor correction, a full refresh.
+    revision: dict | None = None
 
 
 def fetch_window(
@@ -41,13 +44,24 @@ def fetch_window(
 ) -> tuple[date, bool]:
     """The first date to fetch: full history on the first load, a short trailing window after
     (and the full history again when the published file turned out corrupt: it is quarantined)."""
+    return _window(_published(store, instrument), as_of, settings)
+
+
+def _published(store: PriceStore, instrument: Instrument) -> pd.DataFrame | None:
+    """The published history, read (and verified) once; None when there is none or it was
+    corrupt (quarantined: the full history is fetched again)."""
     from ml.data.store import CorruptPriceFile
 
     try:
-        last = store.last_date(instrument)
+        history = store.load(instrument)
     except CorruptPriceFile as exc:
         log.warning("%s", exc)
-        last = None
+        return None
+    return history if len(history) else None
+
+
+def _window(history: pd.DataFrame | None, as_of: date, settings: Settings) -> tuple[date, bool]:
+    last = None if history is None else history["Date"].iloc[-1].date()
     if last is None or last < settings.history_start:
         return settings.history_start, False
     anchor = min(last, as_of)
@@ -56,13 +70,40 @@ def fetch_window(
 
 
 def stage_ticker(
-    instrument: Instrument, as_of: date, settings: Settings, source: PriceSource | None = None
+    instrument: Instrument,
+    as_of: date,
+    settings: Settings,
+    source: PriceSource | None = None,
+    *,
+    full_refresh: bool = False,
 ) -> StagedBatch:
-    """Fetch the bars due for `as_of` and write them to staging (nothing is published here)."""
+    """Fetch the bars due for `as_of` and write them to staging (nothing is published here).
+
+    The fetched bars are compared with the published ones they overlap (`classify_revision`):
+    when the vendor re-scaled them (a split, a dividend) or corrected them, the whole history is
+    fetched again and staged to replace the published file, so the store never mixes two scales.
+    `full_refresh` does that unasked (a vendor correction of bars older than the window).
+    """
+    from ml.data.revisions import classify_revision
+
     source = source or get_source(settings)
     store = PriceStore(settings.data_dir)
-    start, incremental = fetch_window(store, instrument, as_of, settings)
+    history = _published(store, instrument)
+    start, incremental = _window(history, as_of, settings)
+    if full_refresh:
+        start, incremental = settings.history_start, False
     batch = source.fetch(instrument, start, as_of)
+    revision: dict | None = None
+    if history is not None:
+        found = classify_revision(history, batch, batch.attrs.get("events"))
+        if full_refresh:
+            revision = {**found.to_dict(), "replace": True, "full_refresh": True}
+        elif found.needs_refetch:
+            batch, revision = _refetch_history(source, instrument, as_of, settings, history, batch)
+        elif found.kind != "identical":
+            revision = found.to_dict()
+    if revision is not None:
+        batch.attrs["revision"] = {**revision, "superseded_bars": len(history)}
     store.stage(instrument, batch, as_of)
     checkpoint("staged")
     return StagedBatch(
@@ -74,7 +115,52 @@ def stage_ticker(
         incremental,
         source.name,
         tuple(batch.attrs.get("notes") or ()),
+        batch.attrs.get("revision"),
     )
+
+
+def _refetch_history(
+    source: PriceSource,
+    instrument: Instrument,
+    as_of: date,
+    settings: Settings,
+    history: pd.DataFrame,
+    window: pd.DataFrame,
+) -> tuple[pd.DataFrame, dict]:
+    """The whole history fetched again after the trailing `window` showed re-scaled or corrected
+    bars, and what it revised (staged with `replace`: publishing validates it whole and replaces
+    the published file). Up to the newest published bar when that is later than `as_of` (a
+    backfill), so no published bar is dropped. A full history that disagrees with the window, or
+    whose vendor reports a split its earlier bars do not show, is marked `inconsistent`:
+    publishing quarantines it and leaves the published file as it is."""
+    from ml.data.revisions import classify_revision, vendor_disagreement
+
+    end = max(as_of, history["Date"].iloc[-1].date())
+    full = source.fetch(instrument, settings.history_start, end)
+    seen = classify_revision(history, window, window.attrs.get("events"))
+    found = classify_revision(history, full, full.attrs.get("events"))
+    inconsistent = vendor_disagreement(window, full)
+    if inconsistent or not found.needs_refetch:  # say what the window showed
+        found = seen
+    if inconsistent is None and found.kind == "correction" and not found.changed:
+        inconsistent = (
+            f"the vendor reports {found.vendor_event}, but its bars before that date are not "
+            "re-adjusted"
+        )
+    log.warning(
+        "%s: %s: fetched the full history again (%d bars)",
+        instrument.ticker,
+        found.describe(),
+        len(full),
+    )
+    revision = {
+        **found.to_dict(),
+        "replace": True,
+        "window_start": str(window["Date"].iloc[0].date()) if len(window) else None,
+        "validated_as_of": end.isoformat(),
+        "inconsistent": inconsistent,
+    }
+    return full, revision
 
 
 def publish_staged(instrument: Instrument, as_of: date, settings: Settings) -> dict:
@@ -91,6 +177,9 @@ def publish_with_history(
     if not store.staging_path(instrument, as_of).exists():
         return _published_earlier(instrument, as_of, store)
     batch = store.read_staged(instrument, as_of)
+    revision = batch.attrs.get("revision") or None
+    if revision and revision.get("replace"):
+        return _replace_history(instrument, as_of, store, batch, revision)
     # The history is read once, under the ticker's lock, for the check and the upsert.
     with store.lock(instrument.slug):
         history = store.load(instrument)
@@ -98,27 +187,127 @@ def publish_with_history(
         report = recheck_published(batch, history, instrument, as_of)
         changes = None if report is None else (0, 0)  # the recheck found nothing new
         if report is None:
-            previous = history.loc[history["Date"] < batch["Date"].min()] if len(batch) else history
-            previous = previous if len(previous) else None
             try:
-                report = validate_prices(batch, instrument, as_of, previous=previous)
+                report = validate_prices(batch, instrument, as_of, previous=history)
             except PriceValidationError as exc:
-                if batch.attrs.get("notes"):
-                    exc.report.setdefault("meta", {})["source_notes"] = list(batch.attrs["notes"])
+                _annotate(exc.report, batch, revision)
                 store.quarantine(instrument, as_of, _report_json(exc.report))
                 raise
-        if batch.attrs.get("notes"):  # the source's assumptions (Adj Close = Close, ...) on record
-            report.meta["source_notes"] = list(batch.attrs["notes"])
+        _annotate(report.meta, batch, revision)
         result = store.publish_locked(instrument, batch, as_of, report.to_json(), history, changes)
-    summary = {
-        "rows_added": result.rows_added,
-        "rows_updated": result.rows_updated,
-        "total_rows": result.total_rows,
-        "last_date": result.last_date.isoformat() if result.last_date else None,
-        "validation": "passed",
-        "checks": len(report.results),
-    }
+    summary = _summary(result.rows_added, result.rows_updated, result.history, len(report.results))
+    event = revision if result.changed else _stored_revision(store, instrument, as_of)
+    if event and event.get("kind") not in (None, "identical", "newest", "unchecked"):
+        summary["revision"] = event.get("message") or event.get("description")
     return summary, result.history
+
+
+def _replace_history(
+    instrument: Instrument, as_of: date, store: PriceStore, batch: pd.DataFrame, revision: dict
+) -> tuple[dict, pd.DataFrame]:
+    """Publish a staged full history in place of the published one: the whole suite on it, then
+    one atomic write, the superseded file kept under quarantine for audit. A history that fails,
+    or that the vendor contradicted while it was fetched, is quarantined instead (raising
+    HistoryRevisionError) and the published file is left as it is."""
+    from ml.quality.validation import PriceValidationError, validate_prices
+
+    what = revision.get("description") or "full refresh"
+    checked_as_of = date.fromisoformat(revision.get("validated_as_of") or as_of.isoformat())
+    with store.lock(instrument.slug):
+        history = store.load(instrument)
+        if revision.get("inconsistent"):
+            report = _revision_report(instrument, as_of, batch, revision)
+            target = store.quarantine(instrument, as_of, _report_json(report))
+            raise HistoryRevisionError(
+                f"{instrument.ticker}: {what}: the full history fetched to re-adjust the "
+                f"published one is not consistent ({revision['inconsistent']}); it was "
+                f"quarantined to {target} and the published history is unchanged"
+                f"{_way_out(instrument, as_of)}"
+            )
+        try:
+            report = validate_prices(batch, instrument, checked_as_of)
+        except PriceValidationError as exc:
+            _annotate(exc.report, batch, revision)
+            target = store.quarantine(instrument, as_of, _report_json(exc.report))
+            raise HistoryRevisionError(
+                f"{instrument.ticker}: {what}: the full history fetched to re-adjust the "
+                f"published one failed validation; it was quarantined to {target} and the "
+                f"published history is unchanged{_way_out(instrument, as_of)}\n{exc}"
+            ) from exc
+        message = f"{what}: history re-adjusted, {len(batch):,} bars"
+        if revision.get("full_refresh") and revision.get("kind") == "identical":
+            message = f"full refresh: {len(batch):,} bars fetched, the published bars unchanged"
+        revision = {**revision, "message": message}
+        _annotate(report.meta, batch, revision)
+        result = store.replace_locked(instrument, batch, as_of, report.to_json(), history)
+    if result.superseded is not None:
+        log.warning(
+            "%s: %s (the superseded file: %s)", instrument.ticker, message, result.superseded
+        )
+    summary = _summary(result.rows_added, result.rows_updated, result.history, len(report.results))
+    if result.changed or not revision.get("full_refresh"):
+        summary["revision"] = message
+    return summary, result.history
+
+
+class HistoryRevisionError(ValueError):
+    """A revised history (a corporate action, a vendor correction, a full refresh) could not be
+    published: quarantined with its report, the published history left as it was."""
+
+
+def _way_out(instrument: Instrument, as_of: date) -> str:
+    return (
+        ". Once the vendor serves a consistent series (or the file is fixed), run "
+        f"`python -m ml ingest --full-refresh --tickers {instrument.ticker} --date "
+        f"{as_of.isoformat()}` (or the DAG with full_refresh)"
+    )
+
+
+def _revision_report(
+    instrument: Instrument, as_of: date, batch: pd.DataFrame, revision: dict
+) -> dict:
+    """The quarantine report of a full history the vendor contradicted (no suite ran on it)."""
+    return {
+        "success": False,
+        "ticker": instrument.ticker,
+        "as_of": as_of.isoformat(),
+        "results": [],
+        "meta": {"rows": len(batch), "revision": revision},
+    }
+
+
+def _annotate(meta: dict, batch: pd.DataFrame, revision: dict | None) -> None:
+    """What a report must say besides GX's verdicts: the source's assumptions (Adj Close =
+    Close, ...) and the revision this batch brings."""
+    if "results" in meta:  # a whole report dict (a failed batch's)
+        meta = meta.setdefault("meta", {})
+    if batch.attrs.get("notes"):
+        meta["source_notes"] = list(batch.attrs["notes"])
+    if revision:
+        meta["revision"] = revision
+
+
+def _summary(added: int, updated: int, history: pd.DataFrame, checks: int) -> dict:
+    return {
+        "rows_added": added,
+        "rows_updated": updated,
+        "total_rows": len(history),
+        "last_date": history["Date"].iloc[-1].date().isoformat() if len(history) else None,
+        "validation": "passed",
+        "checks": checks,
+    }
+
+
+def _stored_revision(store: PriceStore, instrument: Instrument, as_of: date) -> dict | None:
+    """The revision recorded in the report of the run that last changed `as_of`'s data, so a
+    re-run of the date reports the same event."""
+    import json
+
+    path = store.report_path(instrument, as_of)
+    try:
+        return json.loads(path.read_text()).get("meta", {}).get("revision")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _published_earlier(
@@ -131,14 +320,10 @@ def _published_earlier(
     report = store.report_path(instrument, as_of)
     if report.exists():
         history = store.load(instrument)
-        summary = {
-            "rows_added": 0,
-            "rows_updated": 0,
-            "total_rows": len(history),
-            "last_date": history["Date"].iloc[-1].date().isoformat() if len(history) else None,
-            "validation": "passed",
-            "checks": len(json.loads(report.read_text()).get("results", [])),
-        }
+        summary = _summary(0, 0, history, len(json.loads(report.read_text()).get("results", [])))
+        event = _stored_revision(store, instrument, as_of)
+        if event and event.get("message"):
+            summary["revision"] = event["message"]
         return summary, history
     quarantined = store.quarantine_dir(instrument, as_of)
     if quarantined.exists():

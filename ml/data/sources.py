@@ -385,7 +385,9 @@ class YahooSource:
             backoff_seconds=self.backoff_seconds,
             session=self.session,
         )
-        return normalize_frame(raw, instrument.ticker, start, end)
+        frame = normalize_frame(raw, instrument.ticker, start, end)
+        frame.attrs["events"] = list(raw.attrs.get("events") or ())
+        return frame
 
 
 def get_source(settings: Settings) -> PriceSource:

@@ -5,6 +5,8 @@ Layout (all names are ticker slugs, never raw input):
     prices/<slug>.parquet                 published history, only validated bars
     staging/<slug>/<as_of>.parquet        a fetched batch waiting for validation
     quarantine/<slug>/<as_of>/            a batch that failed: batch.parquet + validation.json
+    quarantine/<slug>/superseded-<as_of>-<fingerprint>/
+                                          a published history replaced by a re-adjusted one
     validation/<slug>/<as_of>.json        the report of a batch that passed
 
 Every write goes to a temp file in the same folder and is renamed into place, so a killed process
@@ -187,6 +189,8 @@ class PublishResult:
     last_date: date | None
     # The whole published history after the upsert, so the caller need not read it back.
     history: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    # Where a replaced history file was kept (`replace_locked`), None when nothing was replaced.
+    superseded: Path | None = None
 
     @property
     def changed(self) -> bool:
@@ -378,3 +382,43 @@ class PriceStore:
         self.staging_path(instrument, as_of).unlink(missing_ok=True)
         last = merged["Date"].iloc[-1].date() if len(merged) else None
         return PublishResult(rows_added, rows_updated, len(merged), last, merged)
+
+    def replace_locked(
+        self,
+        instrument: Instrument,
+        batch: pd.DataFrame,
+        as_of: date,
+        report_json: str,
+        history: pd.DataFrame,
+    ) -> PublishResult:
+        """Replace the published history with a validated full history (a corporate action
+        re-scaled the vendor's earlier bars), for a caller holding the ticker's lock.
+
+        The file being replaced is first kept under
+        `quarantine/<slug>/superseded-<as_of>-<its fingerprint>/` for audit; then the new
+        history is written in one atomic rename. A history equal to the published one writes
+        nothing, so a re-run is byte-identical."""
+        from ml.faults import checkpoint
+
+        batch = batch[OUTPUT_COLUMNS].sort_values("Date", kind="stable").reset_index(drop=True)
+        path = self.history_path(instrument)
+        added, updated = count_changes(history, batch)
+        removed = int((~history["Date"].isin(batch["Date"])).sum())
+        updated += removed
+        superseded = None
+        report_path = self.report_path(instrument, as_of)
+        if added or updated:
+            if path.exists():
+                folder = f"superseded-{as_of.isoformat()}-{data_fingerprint(history)}"
+                superseded = self._dir("quarantine", instrument) / folder / path.name
+                data = path.read_bytes()
+                atomic_write(superseded, lambda tmp: tmp.write_bytes(data))
+            atomic_write_text(report_path, report_json)
+            checkpoint("publish:report")
+            _write_parquet(batch, path)
+        elif not report_path.exists():
+            atomic_write_text(report_path, report_json)
+        checkpoint("published")
+        self.staging_path(instrument, as_of).unlink(missing_ok=True)
+        last = batch["Date"].iloc[-1].date() if len(batch) else None
+        return PublishResult(added, updated, len(batch), last, batch, superseded)

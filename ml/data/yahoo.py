@@ -229,11 +229,19 @@ def _classify(exc: BaseException, seen: list[_Exchange]) -> _Failure:
 
 
 def _to_price_frame(raw: pd.DataFrame | None, ticker: str, start: date, end: date) -> pd.DataFrame:
-    """yfinance's frame (tz-aware DatetimeIndex in the exchange time zone) -> standard columns."""
+    """yfinance's frame (tz-aware DatetimeIndex in the exchange time zone) -> standard columns,
+    with the vendor's split and dividend events of the span in `attrs["events"]` (see
+    `_events`)."""
     import pandas as pd
 
     if raw is None or raw.empty:
         return empty_prices(PRICE_COLUMNS)
+    events = _events(raw, start, end)
+    # yfinance adds a row without prices for an event outside the bars' span (a split on a
+    # holiday at the end of the range): the event is kept above, the row is no bar. The test
+    # is yfinance's own for dropping empty rows when events are not asked for.
+    values = raw[[c for c in PRICE_COLUMNS[1:] if c in raw.columns]]
+    raw = raw.loc[~(values.isna() | (values == 0)).all(axis=1)]
     missing = [c for c in PRICE_COLUMNS[1:] if c not in raw.columns]
     if missing:
         raise YahooError(
@@ -246,7 +254,29 @@ def _to_price_frame(raw: pd.DataFrame | None, ticker: str, start: date, end: dat
     for col in PRICE_COLUMNS[1:]:
         frame[col] = raw[col].to_numpy(dtype="float64")
     mask = (frame["Date"] >= pd.Timestamp(start)) & (frame["Date"] <= pd.Timestamp(end))
-    return frame.loc[mask].sort_values("Date").reset_index(drop=True)
+    frame = frame.loc[mask].sort_values("Date").reset_index(drop=True)
+    frame.attrs["events"] = events
+    return frame
+
+
+def _events(raw: pd.DataFrame, start: date, end: date) -> list[dict[str, Any]]:
+    """Yahoo's split and dividend events in [start, end]: {"date", "split": shares after per
+    share before} or {"date", "dividend": amount}, by session date (an event on a holiday is
+    reported on the session before it)."""
+    import pandas as pd
+
+    out: list[dict[str, Any]] = []
+    index = pd.DatetimeIndex(raw.index)
+    if index.tz is not None:
+        index = index.tz_localize(None)
+    for column, key in (("Stock Splits", "split"), ("Dividends", "dividend")):
+        if column not in raw.columns:
+            continue
+        values = pd.to_numeric(raw[column], errors="coerce").to_numpy(dtype="float64")
+        for day, value in zip(index.normalize(), values, strict=True):
+            if value and value == value and start <= day.date() <= end:
+                out.append({"date": day.date().isoformat(), key: float(value)})
+    return sorted(out, key=lambda e: (e["date"], sorted(e)))
 
 
 # --- fetch ---------------------------------------------------------------------------------------
@@ -286,7 +316,7 @@ def _attempt(ticker: str, start: date, end: date, session: Any) -> pd.DataFrame 
                 interval="1d",
                 auto_adjust=False,
                 back_adjust=False,
-                actions=False,
+                actions=True,  # the split and dividend events: `ml.data.revisions` reads them
                 repair=False,
                 keepna=False,
                 prepost=False,

@@ -12,7 +12,10 @@ Three tables in a SQL database through SQLAlchemy Core (`LEDGER_DB_URL`; default
                input drift against the champion's training block, and why to retrain (if so)
 
 Every write is an upsert of values that depend only on the forecast and the bar, in one
-transaction per run, so re-running a date changes nothing. Scoring and monitoring are in
+transaction per run, so re-running a date changes nothing. An outcome is in the units its
+forecast was made in: after a split or dividend re-adjusted the published history, the realized
+bar is scaled back by the forecast's last Close over the published Close of that date
+(`ml.forecasts.monitor.forecast_units`), so an event makes no fake miss or drift. Scoring and monitoring are in
 `ml.forecasts.monitor`.
 """
 

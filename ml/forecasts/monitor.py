@@ -69,6 +69,25 @@ def outcome_row(forecast: dict[str, Any], bar: dict[str, Any]) -> dict[str, Any]
     return row
 
 
+def forecast_units(forecast: Any, dates: Any, closes: Any, i: int) -> float:
+    """The factor that brings the published bar `i` into the units `forecast` was made in.
+
+    A split or dividend re-adjusts the published history after a forecast was made from it
+    (`ml.data.revisions`): the bar it forecast then arrives, or is re-read, at the new scale.
+    The forecast's last Close against the published Close of the same date gives the factor,
+    so the bar is scored as the return the forecast was about; 1.0 when nothing was re-adjusted
+    (the realized values are then used exactly as published)."""
+    import math
+
+    j = i - 1
+    if j < 0 or dates[j] != forecast["last_bar_date"]:
+        return 1.0
+    then, now = float(forecast["last_close"]), float(closes[j])
+    if not (math.isfinite(then) and math.isfinite(now) and then > 0 and now > 0) or then == now:
+        return 1.0
+    return then / now
+
+
 def score_outcomes(
     settings: Settings, histories: dict[str, pd.DataFrame], as_of: date
 ) -> dict[str, int]:
@@ -91,18 +110,20 @@ def score_outcomes(
                 )
             ).mappings()
             dates = history["Date"].dt.strftime("%Y-%m-%d").to_numpy()
+            closes = history["Close"].to_numpy(dtype="float64")
             counts[ticker] = 0
             for forecast in found:
                 i = int(pd.Index(dates).searchsorted(forecast["last_bar_date"], side="right"))
                 if i >= len(dates):
                     continue  # its bar has not arrived yet (as of this run)
                 bar = history.iloc[i]
+                scale = forecast_units(forecast, dates, closes, i)
                 rows.append(
                     outcome_row(
                         dict(forecast),
                         {
                             "Date": dates[i],
-                            **{t: bar[t] for t in JUDGED_TARGETS},
+                            **{t: float(bar[t]) * scale for t in JUDGED_TARGETS},
                         },
                     )
                 )

@@ -5,6 +5,7 @@ the columns themselves are wrong)."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -60,7 +61,53 @@ AGE_DAYS = "_age_days"
 LOG_RETURN = "_close_log_return"
 
 
-HELPER_COLUMNS = [HIGH_TOLERANT, LOW_TOLERANT, WEEKDAY, GAP_DAYS, AGE_DAYS, LOG_RETURN]
+# The largest |log(price / previous price)| of Open, High, Low and Adj Close: a bad tick or a
+# non-finite value in any price column, not only in Close.
+PRICE_JUMP = "_price_log_jump"
+
+
+# The largest |log(price / the same bar's Close)| of Open, High and Low: High = 1e308 or
+# Low = 1e-300 are ordered (High >= Close > Low > 0) but absurd.
+RANGE_TO_CLOSE = "_range_log_to_close"
+
+
+# |log(Adj Close / Close)|: dividends over decades keep Adj Close within a few times Close.
+ADJ_TO_CLOSE = "_adj_log_to_close"
+
+
+# Volume over the median Volume of the VOLUME_MEDIAN_BARS bars before it (published bars too).
+VOLUME_TO_MEDIAN = "_volume_to_median"
+
+
+HELPER_COLUMNS = [
+    HIGH_TOLERANT,
+    LOW_TOLERANT,
+    WEEKDAY,
+    GAP_DAYS,
+    AGE_DAYS,
+    LOG_RETURN,
+    PRICE_JUMP,
+    RANGE_TO_CLOSE,
+    ADJ_TO_CLOSE,
+    VOLUME_TO_MEDIAN,
+]
+
+
+# Every value must be finite: the bounds of the positivity and volume checks.
+FINITE_MAX = sys.float_info.max
+
+
+# |log(Adj Close / Close)| at most log(100): a hundredfold adjustment is a unit error, not
+# dividends.
+MAX_ABS_LOG_ADJ_TO_CLOSE = math.log(100)
+
+
+# Volume at most this many times its trailing median: real spikes (index inclusion, news) reach
+# tens of times the median; a thousand times is a unit or parsing error.
+MAX_VOLUME_TO_MEDIAN = 1000.0
+
+
+VOLUME_MEDIAN_BARS = 20
 
 
 # GX result formats: verdicts for the whole suite, then COMPLETE (every offending row's Date and
@@ -174,7 +221,7 @@ def build_suite(
     rules = rules_for(instrument)
     exps = [
         *_column_checks(instrument),
-        *_value_checks(tolerance),
+        *_value_checks(tolerance, rules.max_abs_log_return),
         *_calendar_checks(instrument, rules),
     ]
     checks = [e.meta["check"] for e in exps]
@@ -218,19 +265,21 @@ def _column_checks(instrument: Instrument) -> list:
     return exps
 
 
-def _value_checks(tolerance: float) -> list:
-    """Prices positive, OHLC consistent (within `tolerance`), volume >= 0."""
+def _value_checks(tolerance: float, max_log: float) -> list:
+    """Prices finite and positive, OHLC consistent (within `tolerance`) and within `max_log` of
+    the bar's Close, Adj Close near Close, Volume finite, >= 0 and without absurd spikes."""
     exps: list = []
     pct = f"{tolerance:.2%}"
     exps += [
         _expectation(
             "ExpectColumnValuesToBeBetween",
             f"{col}_positive",
-            f"{col} must be > 0",
+            f"{col} must be a finite number > 0",
             [col],
             column=col,
             min_value=0,
             strict_min=True,
+            max_value=FINITE_MAX,
         )
         for col in PRICE_VALUE_COLUMNS
     ]
@@ -269,12 +318,41 @@ def _value_checks(tolerance: float) -> list:
         _expectation(
             "ExpectColumnValuesToBeBetween",
             "volume_non_negative",
-            "Volume must be >= 0",
+            "Volume must be a finite number >= 0",
             ["Volume"],
             column="Volume",
             min_value=0,
+            max_value=FINITE_MAX,
         )
     )
+    exps += [
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            "range_to_close",
+            f"Open, High and Low must be within x{math.exp(max_log):.3g} of the bar's Close "
+            f"(|log(price / Close)| <= {max_log:.3g})",
+            ["Open", "High", "Low", "Close", RANGE_TO_CLOSE],
+            column=RANGE_TO_CLOSE,
+            max_value=max_log,
+        ),
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            "adj_close_to_close",
+            f"Adj Close must be within x{math.exp(MAX_ABS_LOG_ADJ_TO_CLOSE):.3g} of Close",
+            ["Close", "Adj Close", ADJ_TO_CLOSE],
+            column=ADJ_TO_CLOSE,
+            max_value=MAX_ABS_LOG_ADJ_TO_CLOSE,
+        ),
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            "volume_spike",
+            f"Volume must be at most {MAX_VOLUME_TO_MEDIAN:g} times the median of the "
+            f"{VOLUME_MEDIAN_BARS} bars before it",
+            ["Volume", VOLUME_TO_MEDIAN],
+            column=VOLUME_TO_MEDIAN,
+            max_value=MAX_VOLUME_TO_MEDIAN,
+        ),
+    ]
     return exps
 
 
@@ -343,6 +421,16 @@ def _calendar_checks(instrument: Instrument, rules: ClassRules) -> list:
             ["Close", LOG_RETURN],
             column=LOG_RETURN,
             min_value=-rules.max_abs_log_return,
+            max_value=rules.max_abs_log_return,
+        ),
+        _expectation(
+            "ExpectColumnValuesToBeBetween",
+            "price_jump",
+            f"|log(price / previous price)| of Open, High, Low and Adj Close must be <= "
+            f"{rules.max_abs_log_return:.3g}, as for Close (the published bar before the batch "
+            "counts: a jump at the seam fails too)",
+            ["Open", "High", "Low", "Adj Close", PRICE_JUMP],
+            column=PRICE_JUMP,
             max_value=rules.max_abs_log_return,
         ),
     ]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.data.schema import OUTPUT_COLUMNS
 from ml.quality.suite import (
+    ADJ_TO_CLOSE,
     AGE_DAYS,
     DEFAULT_OHLC_TOLERANCE,
     GAP_DAYS,
@@ -37,7 +38,11 @@ from ml.quality.suite import (
     LOW_TOLERANT,
     MAX_OHLC_TOLERANCE,
     NUMERIC_COLUMNS,
+    PRICE_JUMP,
+    RANGE_TO_CLOSE,
     VERDICT_FORMAT,
+    VOLUME_MEDIAN_BARS,
+    VOLUME_TO_MEDIAN,
     WEEKDAY,
     WEEKDAY_NAMES,
     build_schema_suite,
@@ -186,14 +191,13 @@ def _schema_ok(frame: pd.DataFrame) -> bool:
     )
 
 
-def _last_bar_before(previous: pd.DataFrame | None, first: pd.Timestamp) -> pd.Series | None:
-    """The last published bar strictly before the batch (batches overlap the recent history)."""
+def _bars_before(previous: pd.DataFrame | None, first: pd.Timestamp, count: int) -> pd.DataFrame:
+    """The last `count` published bars strictly before the batch (batches overlap the recent
+    history), oldest first; the context the seam checks need."""
     if previous is None or previous.empty or first is None or first != first:
-        return None
-    earlier = previous.loc[previous["Date"] < first, ["Date", "Close"]].dropna()
-    if earlier.empty:
-        return None
-    return earlier.sort_values("Date").iloc[-1]
+        return previous.iloc[0:0] if previous is not None else None
+    earlier = previous.loc[previous["Date"] < first]
+    return earlier.sort_values("Date", kind="stable").tail(count)
 
 
 def prepare_frame(
@@ -203,7 +207,11 @@ def prepare_frame(
     previous: pd.DataFrame | None = None,
     tolerance: float = DEFAULT_OHLC_TOLERANCE,
 ) -> pd.DataFrame:
-    """The batch (standard columns, original order) plus the helper columns the suite asserts on."""
+    """The batch (standard columns, original order) plus the helper columns the suite asserts on.
+
+    The checks that look back (gap, jumps, the volume's trailing median) read the published bars
+    before the batch too, so the seam between the published history and the batch is judged as
+    any two bars inside it."""
     import numpy as np
     import pandas as pd
 
@@ -214,18 +222,47 @@ def prepare_frame(
     weekday = dates.dt.dayofweek
     df[WEEKDAY] = weekday.map(dict(enumerate(WEEKDAY_NAMES))).astype(object)
 
-    prev_dates = dates.shift(1)
-    closes = df["Close"].astype("float64")
-    prev_closes = closes.shift(1)
-    boundary = _last_bar_before(previous, dates.iloc[0])
-    if boundary is not None:
-        prev_dates.iloc[0] = boundary["Date"]
-        prev_closes.iloc[0] = float(boundary["Close"])
-    df[GAP_DAYS] = (dates - prev_dates).dt.days.astype("float64")
+    context = _bars_before(previous, dates.iloc[0], VOLUME_MEDIAN_BARS)
+    n0 = 0 if context is None else len(context)
+    merged = (
+        df[OUTPUT_COLUMNS] if not n0 else pd.concat([context[OUTPUT_COLUMNS], df[OUTPUT_COLUMNS]])
+    )
+    values = {c: merged[c].to_numpy(dtype="float64", na_value=np.nan) for c in NUMERIC_COLUMNS}
+    all_dates = merged["Date"].reset_index(drop=True)
+
+    df[GAP_DAYS] = (all_dates - all_dates.shift(1)).dt.days.to_numpy(dtype="float64")[n0:]
     df[AGE_DAYS] = (pd.Timestamp(as_of) - dates).dt.days.astype("float64")
-    ratio = (closes / prev_closes).where((closes > 0) & (prev_closes > 0))
-    df[LOG_RETURN] = np.log(ratio.to_numpy(dtype="float64", na_value=np.nan))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        df[LOG_RETURN] = _log_ratio(values["Close"], _previous(values["Close"]))[n0:]
+        jumps = [np.abs(_log_ratio(values[c], _previous(values[c]))) for c in _JUMP_COLUMNS]
+        df[PRICE_JUMP] = np.fmax.reduce(jumps)[n0:]
+        close = values["Close"]
+        to_close = [np.abs(_log_ratio(values[c], close)) for c in ("Open", "High", "Low")]
+        df[RANGE_TO_CLOSE] = np.fmax.reduce(to_close)[n0:]
+        df[ADJ_TO_CLOSE] = np.abs(_log_ratio(values["Adj Close"], close))[n0:]
+        volume = pd.Series(values["Volume"])
+        median = volume.rolling(VOLUME_MEDIAN_BARS, min_periods=5).median().shift(1).to_numpy()
+        ratio = np.where(median > 0, values["Volume"] / np.where(median > 0, median, 1.0), np.nan)
+        df[VOLUME_TO_MEDIAN] = ratio[n0:]
     return df
+
+
+_JUMP_COLUMNS = ("Open", "High", "Low", "Adj Close")
+
+
+def _previous(values: Any) -> Any:
+    import numpy as np
+
+    return np.concatenate([[np.nan], values[:-1]])
+
+
+def _log_ratio(a: Any, b: Any) -> Any:
+    """log(a / b) where both are positive (and finite or not), NaN elsewhere: a missing or
+    non-positive value is reported by its own check, not as a jump."""
+    import numpy as np
+
+    ok = (a > 0) & (b > 0)
+    return np.where(ok, np.log(np.where(ok, a, 1.0)) - np.log(np.where(ok, b, 1.0)), np.nan)
 
 
 def validate_prices(
@@ -404,9 +441,12 @@ def _empty_report(instrument: Instrument, meta: dict) -> ValidationReport:
 
 
 def _json_safe(value: Any) -> Any:
-    """GX's JSON dicts with non-finite floats as None, so the report is strict JSON."""
+    """GX's JSON dicts as strict JSON: NaN (a missing value) as None, an infinite value as the
+    text "inf" or "-inf", so the report shows what the data held."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        if math.isnan(value):
+            return None
+        return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

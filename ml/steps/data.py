@@ -48,8 +48,10 @@ def ingest_all(
     *,
     source: PriceSource | None = None,
     strict: bool = False,
+    full_refresh: bool = False,
 ) -> dict[str, Any]:
-    """Fetch every ticker's due bars into staging: from a network source (Yahoo)
+    """Fetch every ticker's due bars into staging (`full_refresh`: the whole history, to
+    replace the published one; see `ml.data.ingest.stage_ticker`): from a network source (Yahoo)
     `settings.fetch_concurrency` at a time in threads, from a local one (synthetic, files: the
     bars are computed or parsed here, CPU-bound) over the cores (`in_processes`).
 
@@ -66,7 +68,9 @@ def ingest_all(
     source = source or get_source(settings)
 
     def stage(ticker: str) -> dict[str, Any]:
-        return asdict(stage_ticker(universe.get(ticker), as_of, settings, source))
+        return asdict(
+            stage_ticker(universe.get(ticker), as_of, settings, source, full_refresh=full_refresh)
+        )
 
     if getattr(source, "local", False):
         outcomes = in_processes(stage, tickers)
@@ -130,7 +134,8 @@ def validate_all(
             continue
         summaries[ticker] = summary
         if force or summary["rows_added"] or summary["rows_updated"]:
-            summary["train_reason"] = "force_retrain" if force else "new or revised bars"
+            changed = summary.get("revision") or "new or revised bars"
+            summary["train_reason"] = "force_retrain" if force else changed
         else:
             unchanged.append(ticker)
     found = _trained_versions(unchanged, universe, summaries, settings) if check_registry else {}

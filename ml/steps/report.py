@@ -84,6 +84,8 @@ def summarize_tickers(
             row["retrain_next_run"] = watched.get("retrain_reason")
         if summary.get("train_reason"):
             row["train_reason"] = summary["train_reason"]
+        if summary.get("revision"):  # a corporate action or a vendor correction, healed
+            row["data_event"] = summary["revision"]
         row["u2_range_naive"] = (
             outcome.get("metrics_range_naive") or summary.get("metrics_range_naive") or {}
         )
@@ -195,7 +197,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for i, h in enumerate(headers)
     ]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    events = [f"{r['ticker']}: {r['data_event']}" for r in rows if r.get("data_event")]
     return "\n".join(
         [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
         + [fmt.format(*row) for row in lines]
+        + (["", "data events:", *(f"  {e}" for e in events)] if events else [])
     )
