@@ -70,10 +70,12 @@ def _settings(params: dict | None = None):
 
 def _as_of() -> date:
     """The run's logical date (never the wall clock); a manual run may pin it with `as_of`."""
+    from ml.config import parse_day
+
     context = get_current_context()
     pinned = (context["params"] or {}).get("as_of")
     if pinned:
-        return date.fromisoformat(pinned)
+        return parse_day(pinned)
     stamp = context.get("logical_date") or context["dag_run"].run_after
     return stamp.date()
 
@@ -162,12 +164,16 @@ def _run_key() -> str:
 def price_forecast():
     @task(retries=0)
     def resolve_tickers() -> list[str]:
-        """Validate the params and expand the universe; a bad ticker fails the run before any work."""
+        """Validate the params and expand the universe; a bad ticker or a pinned `as_of` in the
+        future or before HISTORY_START fails the run before any work."""
+        from ml.config import parse_as_of
         from ml.universe import UniverseError, load_universe
 
         params = get_current_context()["params"]
         try:
             settings = _settings(params)
+            if params.get("as_of"):
+                parse_as_of(params["as_of"], settings.history_start)
             universe = load_universe(settings.universe_file)
             chosen = universe.select(params.get("tickers") or None)
         except (UniverseError, ValueError) as exc:

@@ -12,15 +12,24 @@ from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Any
 
-from ml.config import ConfigError, Settings, get_settings, settings_table
+from ml.config import (
+    ConfigError,
+    Settings,
+    check_as_of,
+    get_settings,
+    parse_day,
+    settings_table,
+)
 from ml.universe import UniverseError, load_universe, validate_ticker
 
 
 def _date(text: str) -> date:
+    """The form of --date (strictly YYYY-MM-DD); its range is checked against the settings in
+    `main`, once they are read."""
     try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+        return parse_day(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ticker(text: str) -> str:
@@ -47,9 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("forecast", "forecast the bar after --date with each ticker's champion"),
     ):
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("--date", type=_date, required=True, help="logical date (YYYY-MM-DD)")
         cmd.add_argument(
-            "--tickers", nargs="+", type=_ticker, help="subset of the universe (default: all)"
+            "--date",
+            type=_date,
+            required=True,
+            help="logical date (YYYY-MM-DD, not after today in UTC nor before HISTORY_START)",
+        )
+        cmd.add_argument(
+            "--tickers",
+            nargs="+",
+            type=_ticker,
+            help="subset of the universe (default: all); a ticker named twice runs once",
         )
         if name in ("train", "run"):
             cmd.add_argument(
@@ -155,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{key:<24} {value}")
             return 0
         tickers = [i.ticker for i in universe.select(getattr(args, "tickers", None))]
+        if getattr(args, "date", None) is not None:
+            check_as_of(args.date, settings.history_start)
     except (ConfigError, UniverseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

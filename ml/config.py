@@ -10,14 +10,21 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRICE_SOURCES = ("yahoo", "synthetic", "files")
 MODEL_KINDS = ("lstm", "gru")
+# A date as the help, the DAG's form and the dashboard write it: exactly YYYY-MM-DD in ASCII
+# digits. `date.fromisoformat` alone also takes 20240628 and 2024-W26-5 (Python 3.11+).
+DATE_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# The characters of a user's value (a ticker, a date, a file's column name) a message echoes:
+# enough to recognize it, never a whole pasted document in a log line or a run report.
+ECHO_LIMIT = 40
 
 
 class ConfigError(ValueError):
@@ -85,6 +92,9 @@ class GateConfig:
 class Settings:
     price_source: str = "synthetic"
     price_files_dir: Path | None = None
+    # The largest price file the files source reads (bytes): a daily history of decades is a few
+    # MB, so anything near this bound is not one ticker's bars, and it is refused before parsing.
+    price_file_max_bytes: int = 64 * 1024 * 1024
     data_dir: Path = PROJECT_ROOT / ".state" / "data"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     # The forecast ledger's database (ml.forecasts.ledger); None = SQLite at DATA_DIR/ledger.db.
@@ -105,11 +115,68 @@ class Settings:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
+def excerpt(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`value` as a message may echo it: its repr, and for a longer text only the first `limit`
+    characters, an ellipsis and the length, so that a pasted document stays out of the logs.
+
+    The repr escapes control characters (a newline cannot split the message's line)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def parse_day(text: object) -> date:
+    """The date written in `text`, strictly YYYY-MM-DD; ConfigError for anything else.
+
+    `20240628`, `2024-W26-5` and `2024-6-28` are refused although `date.fromisoformat` reads the
+    first two: every form that takes a date says YYYY-MM-DD, and one spelling keeps the report
+    file names, the forecasts table and the URLs in step."""
+    if isinstance(text, str) and DATE_PATTERN.fullmatch(text):
+        try:
+            return date.fromisoformat(text)
+        except ValueError as exc:  # 2024-02-30, 2024-13-01
+            raise ConfigError(f"not a date (YYYY-MM-DD): {excerpt(text)} ({exc})") from None
+    raise ConfigError(f"not a date (YYYY-MM-DD): {excerpt(text)}")
+
+
+def utc_today() -> date:
+    """Today's date in UTC, the clock of the DAG's schedule: the latest date a user may ask for."""
+    return datetime.now(UTC).date()
+
+
+def check_as_of(day: date, history_start: date, today: date | None = None) -> date:
+    """`day` if the pipeline can process it, else ConfigError: a day after `today` (default: UTC
+    today) has no bars yet (the synthetic source would make them up), and a day before
+    `history_start` has none to load.
+
+    For dates a user types or pins (the CLI's --date, the DAG's `as_of`, the dashboard's
+    `?date=`); a scheduled run's own logical date is not checked."""
+    today = utc_today() if today is None else today
+    if day > today:
+        raise ConfigError(
+            f"invalid date {day.isoformat()}: after today ({today.isoformat()}, UTC); "
+            "the pipeline processes days that have happened"
+        )
+    if day < history_start:
+        raise ConfigError(
+            f"invalid date {day.isoformat()}: before HISTORY_START "
+            f"({history_start.isoformat()}), where the bars begin; pick a later date or set "
+            "HISTORY_START earlier"
+        )
+    return day
+
+
+def parse_as_of(text: object, history_start: date, today: date | None = None) -> date:
+    """`parse_day` then `check_as_of`: a typed date the pipeline can process, or ConfigError."""
+    return check_as_of(parse_day(text), history_start, today)
+
+
 def _parse_date(name: str, raw: str) -> date:
     try:
-        return date.fromisoformat(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a date (YYYY-MM-DD)") from exc
+        return parse_day(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}={excerpt(raw)} is not a date (YYYY-MM-DD)") from exc
 
 
 def _parse_number(name: str, raw: str, kind: type, *, allow_zero: bool = False) -> int | float:
@@ -172,6 +239,7 @@ _SETTINGS_ENV = {
     "yahoo_max_retries": ("YAHOO_MAX_RETRIES", int),
     "yahoo_backoff_seconds": ("YAHOO_BACKOFF_SECONDS", float),
     "fetch_concurrency": ("FETCH_CONCURRENCY", int),
+    "price_file_max_bytes": ("PRICE_FILE_MAX_BYTES", int),
     "registry_lock_ttl": ("REGISTRY_LOCK_TTL", float),
     "registry_lock_timeout": ("REGISTRY_LOCK_TIMEOUT", float),
 }
@@ -191,6 +259,7 @@ PIPELINE_ENV = frozenset(
     {
         "PRICE_SOURCE",
         "PRICE_FILES_DIR",
+        "PRICE_FILE_MAX_BYTES",
         "DATA_DIR",
         "LEDGER_DB_URL",
         "UNIVERSE_FILE",

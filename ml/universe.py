@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ml.config import excerpt
+
 ASSET_CLASSES = ("stock", "etf", "forex", "crypto", "future")
 
 # Upper-case Yahoo symbols: an optional index caret, 1-20 letters/digits/dots/dashes, and an optional
@@ -55,7 +57,7 @@ def validate_ticker(ticker: object) -> str:
     """Return `ticker` if it is a well-formed Yahoo symbol, else raise UniverseError."""
     if not isinstance(ticker, str) or not TICKER_PATTERN.fullmatch(ticker):
         raise UniverseError(
-            f"malformed ticker {ticker!r}: expected an upper-case Yahoo symbol such as "
+            f"malformed ticker {excerpt(ticker)}: expected an upper-case Yahoo symbol such as "
             "'GOOGL', 'SOL-USD', 'EURUSD=X' or 'ZB=F' (pattern "
             f"{TICKER_PATTERN.pattern})"
         )
@@ -72,7 +74,7 @@ def ticker_slug(ticker: str) -> str:
 def ticker_from_slug(slug: str) -> str:
     """The inverse of `ticker_slug`."""
     if not isinstance(slug, str) or not SLUG_PATTERN.fullmatch(slug):
-        raise UniverseError(f"malformed ticker slug {slug!r}")
+        raise UniverseError(f"malformed ticker slug {excerpt(slug)}")
     ticker = "^" + slug[1:] if slug.startswith("_") else slug
     return validate_ticker(ticker.replace("_", "="))
 
@@ -101,10 +103,11 @@ class Universe:
         )
 
     def select(self, tickers: Iterable[str] | None) -> list[Instrument]:
-        """The instruments for `tickers` (all when None), in the order given."""
+        """The instruments for `tickers` (all when None), in the order given; a ticker named twice
+        is selected once (each run of a ticker writes the same files and models)."""
         if tickers is None:
             return list(self.instruments)
-        chosen = [self.get(t) for t in tickers]
+        chosen = [self.get(t) for t in dict.fromkeys(tickers)]
         if not chosen:
             raise UniverseError("no tickers selected")
         return chosen
@@ -128,7 +131,7 @@ def parse_universe(
             raise UniverseError(f"{where}: {exc}") from None
         if asset_class not in ASSET_CLASSES:
             raise UniverseError(
-                f"{where}: asset class {asset_class!r} for {ticker}: choose from "
+                f"{where}: asset class {excerpt(asset_class)} for {ticker}: choose from "
                 f"{', '.join(ASSET_CLASSES)}"
             )
         if ticker in seen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,76 @@ def test_bad_date_exits_2_with_a_message(tmp_path: Path, bad: str) -> None:
     assert proc.returncode == 2
     assert f"not a date (YYYY-MM-DD): {bad!r}" in proc.stderr
     assert proc.stdout == ""
+    assert_wrote_nothing(tmp_path)
+
+
+def the_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line of stderr that says `error:` (argparse prints its usage lines before it)."""
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", ["20240628", "2024-W26-5", "2024-6-28"])
+def test_a_date_not_written_yyyy_mm_dd_exits_2(tmp_path: Path, bad: str) -> None:
+    """Python's `date.fromisoformat` reads the first two: the help says YYYY-MM-DD."""
+    proc = run_cli(tmp_path, "ingest", "--date", bad)
+    assert proc.returncode == 2
+    assert the_error_line(proc).endswith(f"not a date (YYYY-MM-DD): {bad!r}")
+    assert proc.stdout == ""
+    assert_wrote_nothing(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["ingest", "train", "forecast", "run"])
+def test_a_date_after_today_exits_2_before_any_work(tmp_path: Path, command: str) -> None:
+    future = datetime.now(UTC).date() + timedelta(days=3)
+    proc = run_cli(tmp_path, command, "--date", future.isoformat(), "--tickers", "SPY")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [the_error_line(proc)]
+    assert the_error_line(proc).startswith(f"error: invalid date {future}: after today")
+    assert proc.stdout == ""
+    assert_wrote_nothing(tmp_path)
+
+
+def test_a_date_before_history_start_exits_2_before_any_work(tmp_path: Path) -> None:
+    start = date(2020, 1, 6)
+    before = (start - timedelta(days=3)).isoformat()
+    proc = run_cli(tmp_path, "ingest", "--date", before, HISTORY_START=start.isoformat())
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: invalid date {before}: before HISTORY_START ({start}), where the bars begin; "
+        "pick a later date or set HISTORY_START earlier"
+    ]
+    assert proc.stdout == ""
+    assert_wrote_nothing(tmp_path)
+
+
+def test_a_good_date_runs_and_a_ticker_named_twice_runs_once(tmp_path: Path) -> None:
+    proc = run_cli(
+        tmp_path,
+        "ingest",
+        "--date",
+        "2024-06-28",
+        "--tickers",
+        "SPY",
+        "SPY",
+        HISTORY_START="2024-06-03",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["SPY"]
+    assert "history 20 bars to 2024-06-28" in lines[0]
+
+
+@pytest.mark.parametrize("option", ["--date", "--tickers"])
+def test_a_5000_character_bad_value_is_echoed_cut(tmp_path: Path, option: str) -> None:
+    bad = "2" * 5000
+    args = ["--date", bad] if option == "--date" else ["--date", "2024-06-28", "--tickers", bad]
+    proc = run_cli(tmp_path, "ingest", *args)
+    assert proc.returncode == 2
+    line = the_error_line(proc)
+    assert len(line) < 300 and "(5,000 characters)" in line
+    assert bad[:100] not in proc.stderr
     assert_wrote_nothing(tmp_path)
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,11 @@ from ml.config import (
     ConfigError,
     GateConfig,
     ModelConfig,
+    check_as_of,
+    excerpt,
     get_settings,
+    parse_as_of,
+    parse_day,
     settings_table,
 )
 
@@ -120,6 +124,7 @@ def test_defaults_run_offline() -> None:
     assert settings.model.window == 6
     assert settings.model.kinds == MODEL_KINDS == ("lstm", "gru")
     assert settings.model.split == (0.7, 0.2, 0.1)
+    assert settings.price_file_max_bytes == 64 * 1024 * 1024
 
 
 def test_defaults_ignore_the_process_environment_when_given_a_mapping(
@@ -139,6 +144,7 @@ def test_environment_overrides_every_setting(tmp_path: Path) -> None:
     env = {
         "PRICE_SOURCE": " Files ",
         "PRICE_FILES_DIR": str(tmp_path / "replay"),
+        "PRICE_FILE_MAX_BYTES": "1048576",
         "DATA_DIR": str(tmp_path / "data"),
         "MLFLOW_TRACKING_URI": "http://mlflow.internal:5001",
         "MLFLOW_EXPERIMENT_NAME": "nightly",
@@ -163,6 +169,7 @@ def test_environment_overrides_every_setting(tmp_path: Path) -> None:
     s = get_settings(env)
     assert s.price_source == "files"
     assert s.price_files_dir == tmp_path / "replay"
+    assert s.price_file_max_bytes == 1048576
     assert s.data_dir == tmp_path / "data"
     assert s.mlflow_tracking_uri == "http://mlflow.internal:5001"
     assert s.experiment_name == "nightly"
@@ -213,6 +220,9 @@ def test_empty_values_mean_default() -> None:
         ({"GATE_P_VALUE": "1"}, ["GATE_P_VALUE", "between 0 and 1"]),
         ({"GATE_P_VALUE": "0"}, ["GATE_P_VALUE", "positive"]),
         ({"HISTORY_START": "2024-13-01"}, ["HISTORY_START", "'2024-13-01'", "YYYY-MM-DD"]),
+        ({"HISTORY_START": "20240102"}, ["HISTORY_START", "'20240102'", "YYYY-MM-DD"]),
+        ({"PRICE_FILE_MAX_BYTES": "64MiB"}, ["PRICE_FILE_MAX_BYTES", "'64MiB'", "int"]),
+        ({"PRICE_FILE_MAX_BYTES": "0"}, ["PRICE_FILE_MAX_BYTES", "positive"]),
         ({"TRAILING_DAYS": "ten"}, ["TRAILING_DAYS", "'ten'"]),
         ({"YAHOO_MAX_RETRIES": "0"}, ["YAHOO_MAX_RETRIES", "positive"]),
     ],
@@ -232,6 +242,80 @@ def test_bad_values_raise_config_error_naming_the_variable(
 def test_nan_is_not_a_valid_number(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         get_settings({name: "nan"})
+
+
+# --- dates and tickers a user types ----------------------------------------------------------------
+
+TODAY = date(2030, 6, 14)  # injected: the checks below never read the clock
+START = get_settings({}).history_start
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["20240628", "2024-W26-5", "2024-6-28", "2024-06-28T00:00", " 2024-06-28", "2024-02-30",
+     "２０２４-06-28", "", None, 20240628],
+)  # fmt: skip
+def test_parse_day_takes_only_yyyy_mm_dd(text: object) -> None:
+    with pytest.raises(ConfigError, match=r"^not a date \(YYYY-MM-DD\): "):
+        parse_day(text)
+
+
+def test_parse_day_reads_a_calendar_date() -> None:
+    assert parse_day("2024-06-28") == date(2024, 6, 28)
+    assert parse_day("2024-02-29") == date(2024, 2, 29)
+
+
+def test_a_long_bad_date_is_echoed_cut_with_its_length() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        parse_day("2024-06-28" * 500)
+    message = str(excinfo.value)
+    assert len(message) < 120 and "(5,000 characters)" in message
+
+
+def test_check_as_of_accepts_today_and_history_start() -> None:
+    assert check_as_of(TODAY, START, today=TODAY) == TODAY
+    assert check_as_of(START, START, today=TODAY) == START
+    assert parse_as_of("2024-06-28", START, today=TODAY) == date(2024, 6, 28)
+
+
+def test_check_as_of_refuses_a_date_after_today() -> None:
+    tomorrow = TODAY + timedelta(days=1)
+    with pytest.raises(ConfigError) as excinfo:
+        check_as_of(tomorrow, START, today=TODAY)
+    assert str(excinfo.value).startswith(f"invalid date {tomorrow.isoformat()}: after today")
+    assert TODAY.isoformat() in str(excinfo.value)
+
+
+def test_check_as_of_refuses_a_date_before_history_start() -> None:
+    before = START - timedelta(days=1)
+    with pytest.raises(ConfigError) as excinfo:
+        parse_as_of(before.isoformat(), START, today=TODAY)
+    message = str(excinfo.value)
+    assert message.startswith(f"invalid date {before.isoformat()}: before HISTORY_START")
+    assert START.isoformat() in message
+
+
+def test_check_as_of_defaults_to_the_utc_clock() -> None:
+    """Without `today`, tomorrow in UTC is refused and yesterday accepted."""
+    utc_today = datetime.now(UTC).date()
+    with pytest.raises(ConfigError, match="after today"):
+        check_as_of(utc_today + timedelta(days=2), START)
+    assert check_as_of(utc_today - timedelta(days=1), START) == utc_today - timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("SPY", "'SPY'"),
+        ("x" * 40, repr("x" * 40)),
+        ("x" * 41, repr("x" * 40) + "... (41 characters)"),
+        ("a\nb\x00", "'a\\nb\\x00'"),  # control characters escaped: the message stays one line
+        (["A"] * 100, repr(["A"] * 100)[:40] + "... (500 characters)"),  # its repr, cut
+    ],
+    ids=["short", "at-limit", "over", "control", "not-a-string"],
+)
+def test_excerpt_bounds_what_a_message_echoes(value: object, shown: str) -> None:
+    assert excerpt(value) == shown
 
 
 # --- fingerprint ---------------------------------------------------------------------------------

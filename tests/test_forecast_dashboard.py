@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from types import ModuleType
@@ -339,6 +339,33 @@ def test_malformed_date_is_a_400(client: Any, env_settings: Settings, raw: str) 
         api = client.get(endpoint, params={"date": raw})
         assert api.status_code == 400
         assert api.json()["detail"].startswith("invalid date")
+
+
+def test_a_date_no_run_can_have_processed_is_a_400(client: Any, env_settings: Settings) -> None:
+    """After today (UTC) or before HISTORY_START: refused like a malformed date, with the message
+    the CLI gives (`ml.config.check_as_of`)."""
+    write_fixture_data(env_settings)
+    future = datetime.now(UTC).date() + timedelta(days=3)
+    before = env_settings.history_start - timedelta(days=1)
+    for day, reason in ((future, "after today"), (before, "before HISTORY_START")):
+        resp = client.get("/", params={"date": day.isoformat()})
+        assert resp.status_code == 400
+        assert f"invalid date {day.isoformat()}: {reason}" in resp.text
+        for endpoint in ("/api/forecasts", "/api/report"):
+            api = client.get(endpoint, params={"date": day.isoformat()})
+            assert api.status_code == 400
+            assert api.json()["detail"].startswith(f"invalid date {day.isoformat()}: {reason}")
+
+
+def test_check_date_uses_the_pipelines_bounds(plugin: ModuleType, env_settings: Settings) -> None:
+    today = env_settings.history_start + timedelta(days=400)  # injected: no clock involved
+    assert plugin.check_date(env_settings, None, today=today) is None
+    assert plugin.check_date(env_settings, today, today=today) == today
+    start = env_settings.history_start
+    assert plugin.check_date(env_settings, start, today=today) == start
+    for day in (today + timedelta(days=1), start - timedelta(days=1)):
+        with pytest.raises(plugin.BadDateError, match=f"^invalid date {day.isoformat()}: "):
+            plugin.check_date(env_settings, day, today=today)
 
 
 def test_unknown_date_says_there_are_no_forecasts(client: Any, env_settings: Settings) -> None:

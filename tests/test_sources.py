@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.config import Settings
+from ml.config import Settings, without_pipeline_env
 from ml.data.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError
 from ml.data.sources import (
     ANCHOR_DATE,
@@ -317,6 +317,8 @@ def test_a_date_column_that_holds_no_dates_names_the_file_and_the_column(
         FileSource(tmp_path).fetch(GOOGL, START, END)
     message = str(excinfo.value)
     assert "GOOGL.csv" in message and "column 'timestamp' does not hold dates" in message
+    assert "data row 6 is not a date" in message
+    assert "yesterday-ish" not in message  # the row to fix is named, its content is not echoed
 
 
 def test_a_shuffled_file_is_not_sorted_silently(tmp_path: Path, googl: pd.DataFrame) -> None:
@@ -344,6 +346,129 @@ def test_bad_values_reach_validation_instead_of_being_dropped(
     got = FileSource(tmp_path).fetch(GOOGL, START, END)
     assert len(got) == len(googl)
     assert got["Close"].isna().sum() == 1 and np.isnan(got.loc[3, "Close"])
+
+
+def test_a_header_of_many_long_strange_names_is_listed_bounded(tmp_path: Path) -> None:
+    names = [f"col{i}\x1b[31m" + "x" * 200 for i in range(500)]
+    (tmp_path / "GOOGL.csv").write_text(",".join(names) + "\n" + ",".join("1" * 500) + "\n")
+    with pytest.raises(PriceSourceError) as excinfo:
+        FileSource(tmp_path).fetch(GOOGL, START, END)
+    message = str(excinfo.value)
+    assert "GOOGL.csv" in message and "no date column" in message
+    assert "... 488 more]" in message and "(210 characters)" in message
+    assert "\x1b" not in message and "x" * 100 not in message
+    assert len(message) < 1500
+
+
+# --- files: only regular files inside the folder, of a bounded size --------------------------------
+
+
+def test_a_link_to_a_file_inside_the_folder_is_read(tmp_path: Path, googl: pd.DataFrame) -> None:
+    (tmp_path / "vendor").mkdir()
+    googl.drop(columns="Ticker").to_csv(tmp_path / "vendor" / "googl-2024.csv", index=False)
+    (tmp_path / "GOOGL.csv").symlink_to(Path("vendor") / "googl-2024.csv")
+    pd.testing.assert_frame_equal(FileSource(tmp_path).fetch(GOOGL, START, END), googl)
+
+
+def test_a_link_out_of_the_folder_is_refused_unread(tmp_path: Path, googl: pd.DataFrame) -> None:
+    folder, outside = tmp_path / "files", tmp_path / "elsewhere.csv"
+    folder.mkdir()
+    googl.drop(columns="Ticker").rename(columns={"Open": "SECRET_COLUMN"}).to_csv(outside)
+    (folder / "GOOGL.csv").symlink_to(outside)
+    with pytest.raises(PriceSourceError) as excinfo:
+        FileSource(folder).fetch(GOOGL, START, END)
+    message = str(excinfo.value)
+    assert message == (
+        "GOOGL: GOOGL.csv in PRICE_FILES_DIR links to a file outside that folder: not read; "
+        "copy the file itself into PRICE_FILES_DIR"
+    )
+
+
+@pytest.mark.timeout(30)  # opening a FIFO for reading would block until a writer comes
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "GOOGL.csv")
+    with pytest.raises(PriceSourceError, match=r"GOOGL.csv in PRICE_FILES_DIR is a named pipe"):
+        FileSource(tmp_path).fetch(GOOGL, START, END)
+
+
+def test_a_folder_and_a_broken_link_are_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "GOOGL.csv").mkdir()
+    (tmp_path / "EURUSD_X.csv").symlink_to(tmp_path / "gone.csv")
+    with pytest.raises(PriceSourceError, match=r"GOOGL.csv in PRICE_FILES_DIR is a folder"):
+        FileSource(tmp_path).fetch(GOOGL, START, END)
+    with pytest.raises(PriceSourceError, match=r"EURUSD_X.csv in PRICE_FILES_DIR is a link to"):
+        FileSource(tmp_path).fetch(EURUSD, START, END)
+
+
+SYSTEM_FILES = ["/proc/self/environ", "/etc/os-release"]
+
+
+@pytest.mark.parametrize("target", SYSTEM_FILES)
+def test_a_link_to_a_system_file_echoes_none_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    if not Path(target).exists():
+        pytest.skip(f"{target} does not exist here")
+    marker = "issue27-marker-3f9c1d"
+    monkeypatch.setenv("PRICE_TEST_MARKER", marker)
+    (tmp_path / "GOOGL.csv").symlink_to(target)
+    with pytest.raises(PriceSourceError) as excinfo:
+        FileSource(tmp_path).fetch(GOOGL, START, END)
+    message = str(excinfo.value)
+    assert "outside that folder" in message
+    assert marker not in message and "PRICE_TEST_MARKER" not in message
+    assert "NAME=" not in message and "ID=" not in message  # os-release's lines
+
+
+def test_the_environment_stays_out_of_every_output_of_an_ingest(tmp_path: Path) -> None:
+    """`python -m ml ingest` with SPY.csv -> /proc/self/environ: the ticker fails, and the
+    environment's values appear in no output and no file the run writes."""
+    marker = "issue27-marker-b71e04"
+    files, data = tmp_path / "files", tmp_path / "data"
+    files.mkdir()
+    (files / "SPY.csv").symlink_to("/proc/self/environ")
+    env = {
+        **without_pipeline_env(os.environ),
+        "PYTHONPATH": str(REPO),
+        "PRICE_SOURCE": "files",
+        "PRICE_FILES_DIR": str(files),
+        "DATA_DIR": str(data),
+        "PRICE_TEST_MARKER": marker,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "ml", "ingest", "--date", "2024-06-28", "--tickers", "SPY"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "SPY.csv in PRICE_FILES_DIR links to a file outside that folder" in proc.stdout
+    written = [p for p in data.rglob("*") if p.is_file()] if data.exists() else []
+    for text in (proc.stdout, proc.stderr, *(p.read_bytes().decode("latin-1") for p in written)):
+        assert marker not in text
+        assert env["PATH"] not in text
+
+
+def test_a_file_over_the_size_bound_is_refused_before_it_is_read(
+    tmp_path: Path, googl: pd.DataFrame, settings: Settings
+) -> None:
+    googl.drop(columns="Ticker").to_csv(tmp_path / "GOOGL.csv", index=False)
+    size = (tmp_path / "GOOGL.csv").stat().st_size
+    source = get_source(
+        replace(settings, price_source="files", price_files_dir=tmp_path, price_file_max_bytes=1000)
+    )
+    with pytest.raises(PriceSourceError) as excinfo:
+        source.fetch(GOOGL, START, END)
+    assert str(excinfo.value) == (
+        f"GOOGL: GOOGL.csv in PRICE_FILES_DIR has {size:,} bytes, more than "
+        "PRICE_FILE_MAX_BYTES (1,000): not read; keep one ticker's daily bars in it, or raise "
+        "PRICE_FILE_MAX_BYTES"
+    )
+    # At the bound the file is read.
+    got = FileSource(tmp_path, max_bytes=size).fetch(GOOGL, START, END)
+    pd.testing.assert_frame_equal(got, googl)
 
 
 # --- source selection ----------------------------------------------------------------------------

@@ -70,6 +70,11 @@ def test_select_keeps_the_given_order_and_none_means_all(universe: Universe) -> 
         universe.select([])
 
 
+def test_select_collapses_a_ticker_named_twice(universe: Universe) -> None:
+    chosen = universe.select(["SPY", "AMD", "SPY", "AMD", "SPY"])
+    assert [i.ticker for i in chosen] == ["SPY", "AMD"]
+
+
 # --- the ticker pattern --------------------------------------------------------------------------
 
 
@@ -177,6 +182,16 @@ def test_get_unknown_ticker_names_it(universe: Universe) -> None:
 def test_get_malformed_ticker_says_malformed(universe: Universe) -> None:
     with pytest.raises(UniverseError, match=r"malformed ticker '\.\./x'"):
         universe.get("../x")
+
+
+@pytest.mark.parametrize("bad", ["A" * 5000, "\n".join(["X=1"] * 2000)], ids=["long", "lines"])
+def test_a_long_bad_ticker_is_echoed_cut_with_its_length(universe: Universe, bad: str) -> None:
+    with pytest.raises(UniverseError) as excinfo:
+        universe.select(["SPY", bad])
+    message = str(excinfo.value)
+    assert len(message) < 300, message
+    assert "\n" not in message
+    assert f"malformed ticker {bad[:40]!r}... ({len(bad):,} characters)" in message
 
 
 # --- malformed files -----------------------------------------------------------------------------

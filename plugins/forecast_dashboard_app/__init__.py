@@ -16,7 +16,8 @@ and the Airflow UI lists it under Browse -> Forecasts (`/plugin/forecasts`, the 
 The package:
 
     data.py       reads (read-only) the forecasts table, the run reports, the price store and the
-                  ledger; parses the `date` parameter strictly
+                  ledger; parses the `date` parameter strictly and refuses a date no run can
+                  have processed (after today in UTC, before HISTORY_START), as the CLI does
     models.py     turns them into view models: formatted numbers, links, the gate table, charts
     views.py      the FastAPI app: routes, Airflow auth, the Jinja2 environment, security headers
     templates/    base.html (the layout), dashboard.html, ticker.html
@@ -56,7 +57,7 @@ and `ml` are imported when the api-server (or `airflow plugins`) asks for the ap
 handlers.
 """
 
-from .data import BadDateError, DashboardError, parse_date
+from .data import BadDateError, DashboardError, check_date, parse_date
 from .views import DAG_ID, URL_PREFIX, create_app, get_app
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "URL_PREFIX",
     "BadDateError",
     "DashboardError",
+    "check_date",
     "create_app",
     "get_app",
     "parse_date",

@@ -28,7 +28,8 @@ TICKER_BARS = 120  # the bars a ticker's page draws
 
 
 class BadDateError(ValueError):
-    """The `date` query parameter is not a calendar date written YYYY-MM-DD."""
+    """The `date` query parameter is not a calendar date written YYYY-MM-DD, or one no run can
+    have processed (after today, before HISTORY_START)."""
 
 
 class DashboardError(RuntimeError):
@@ -50,6 +51,20 @@ def parse_date(raw: str | None) -> date | None:
         return date.fromisoformat(raw)
     except ValueError as exc:
         raise BadDateError(f"invalid date {raw!r}: {exc}") from None
+
+
+def check_date(settings: "Settings", day: date | None, today: date | None = None) -> date | None:
+    """`day` (from `parse_date`) if a run can have processed it, else BadDateError: the pipeline's
+    own check (`ml.config.check_as_of`: not after today in UTC, not before HISTORY_START), so the
+    dashboard refuses the dates the CLI and the DAG refuse, with the same message."""
+    if day is None:
+        return None
+    from ml.config import ConfigError, check_as_of
+
+    try:
+        return check_as_of(day, settings.history_start, today)
+    except ConfigError as exc:
+        raise BadDateError(str(exc)) from None
 
 
 def load_settings() -> "Settings":

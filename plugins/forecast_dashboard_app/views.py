@@ -16,6 +16,7 @@ from .data import (
     BadDateError,
     DashboardError,
     UnknownTickerError,
+    check_date,
     load_forecasts,
     load_report,
     load_settings,
@@ -103,16 +104,27 @@ def _html(status: int, **context: Any) -> "Response":
     return render("dashboard.html", status, {**_PAGE_DEFAULTS, **context})
 
 
+def _bad_date(exc: BadDateError) -> "Response":
+    return _html(400, title="Bad date", error_title="Bad request", error=str(exc), back_link=True)
+
+
 def render_dashboard(raw_date: str | None, self_url: str) -> "Response":
     """The dashboard page for `?date=raw_date` (latest when absent)."""
     try:
         selected = parse_date(raw_date)
     except BadDateError as exc:
-        return _html(
-            400, title="Bad date", error_title="Bad request", error=str(exc), back_link=True
-        )
+        return _bad_date(exc)
     try:
         settings = load_settings()
+    except DashboardError as exc:
+        return _html(
+            500, title="Dashboard error", error_title="Cannot load forecasts", error=str(exc)
+        )
+    try:
+        selected = check_date(settings, selected)
+    except BadDateError as exc:
+        return _bad_date(exc)
+    try:
         forecasts = load_forecasts(settings)
         reports = report_dates(settings)
     except DashboardError as exc:
@@ -202,9 +214,19 @@ def _add_routes(app: "FastAPI") -> None:
     from fastapi import HTTPException, Query, Request
     from starlette.responses import Response
 
-    def _date_or_400(raw: str | None) -> date | None:
+    def _settings_and_date(raw: str | None) -> "tuple[Settings, date | None]":
+        """The settings and the `?date=` they allow: 400 for a bad date (checked first, and
+        without the settings for its form), 500 when the settings cannot be read."""
         try:
-            return parse_date(raw)
+            selected = parse_date(raw)
+        except BadDateError as exc:
+            raise HTTPException(400, str(exc)) from None
+        try:
+            settings = load_settings()
+        except DashboardError as exc:
+            raise HTTPException(500, str(exc)) from None
+        try:
+            return settings, check_date(settings, selected)
         except BadDateError as exc:
             raise HTTPException(400, str(exc)) from None
 
@@ -220,9 +242,9 @@ def _add_routes(app: "FastAPI") -> None:
 
     @app.get("/api/forecasts")
     def api_forecasts(raw_date: str | None = date_query) -> dict[str, Any]:
-        selected = _date_or_400(raw_date)
+        settings, selected = _settings_and_date(raw_date)
         try:
-            payload = forecasts_json(load_settings(), selected)
+            payload = forecasts_json(settings, selected)
         except DashboardError as exc:
             raise HTTPException(500, str(exc)) from None
         if payload is None:
@@ -231,9 +253,8 @@ def _add_routes(app: "FastAPI") -> None:
 
     @app.get("/api/report")
     def api_report(raw_date: str | None = date_query) -> dict[str, Any]:
-        selected = _date_or_400(raw_date)
+        settings, selected = _settings_and_date(raw_date)
         try:
-            settings = load_settings()
             available = report_dates(settings) if selected is None else [selected]
             if not available:
                 raise HTTPException(404, "no run report yet: trigger price_forecast")
