@@ -392,6 +392,46 @@ def test_bad_batch_is_quarantined_and_nothing_is_published(
     assert not case.store.report_path(instrument, as_of).exists()
 
 
+HOSTILE_VALUES = [
+    (column, value)
+    for column in ("Open", "High", "Low", "Close", "Adj Close")
+    for value in (np.inf, -np.inf, 1e308, 1e-300)
+] + [("Volume", v) for v in (np.inf, -np.inf, 1e308)]
+
+
+def _shown(value: float) -> str:
+    """How the quarantine report shows a value: strict JSON, infinities as text."""
+    return json.dumps("inf" if value == np.inf else "-inf" if value == -np.inf else value)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"), HOSTILE_VALUES, ids=[f"{c}={v:g}" for c, v in HOSTILE_VALUES]
+)
+def test_a_non_finite_or_absurd_value_in_any_column_is_never_published(
+    case: Case, column: str, value: float
+) -> None:
+    instrument = UNIVERSE.get("GOOGL")
+    prices_before = digests(case.store.root, "prices")
+    case.rewrite("GOOGL", on_last_row(**{column: value}))
+    with pytest.raises(PriceValidationError) as excinfo:
+        run_pipeline(case, instrument, AS_OF)
+    assert digests(case.store.root, "prices") == prices_before
+    quarantine = case.store.quarantine_dir(instrument, AS_OF)
+    report = (quarantine / "validation.json").read_text()
+    assert json.loads(report)["success"] is False
+    assert _shown(value) in report, f"{column}={value} not shown in the report"
+    assert str(excinfo.value).startswith("GOOGL: price validation failed")
+
+
+def test_open_and_high_both_infinite_are_refused(case: Case) -> None:
+    instrument = UNIVERSE.get("GOOGL")
+    case.rewrite("GOOGL", on_last_row(Open=np.inf, High=np.inf))
+    with pytest.raises(PriceValidationError) as excinfo:
+        run_pipeline(case, instrument, AS_OF)
+    assert {"Open_positive", "High_positive"} <= {f["check"] for f in excinfo.value.failures}
+    assert "Open=inf" in str(excinfo.value) and "High=inf" in str(excinfo.value)
+
+
 def test_missing_column_fails_before_staging_and_publishes_nothing(case: Case) -> None:
     instrument = UNIVERSE.get("GOOGL")
     prices_before = digests(case.store.root, "prices")
