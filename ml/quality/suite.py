@@ -103,8 +103,10 @@ MAX_ABS_LOG_ADJ_TO_CLOSE = math.log(100)
 
 
 # Volume at most this many times its trailing median: real spikes (index inclusion, news) reach
-# tens of times the median; a thousand times is a unit or parsing error.
-MAX_VOLUME_TO_MEDIAN = 1000.0
+# tens of times the median, a thinly traded fund's creation day hundreds or more. The bound only
+# has to stop what no market prints (1e308, a parsing error), because a refused bar blocks its
+# ticker until the vendor or the file changes: it stays in every later trailing window.
+MAX_VOLUME_TO_MEDIAN = 10_000.0
 
 
 VOLUME_MEDIAN_BARS = 20
