@@ -330,17 +330,22 @@ class DisagreeingSource(FileSource):
         return frame
 
 
+def _published_before_a_split(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame, bytes]:
+    """NVDA published up to the Friday before a 2:1 split: the vendor's series before and after
+    the split, and the published file's bytes."""
+    before, after = _split(2.0, "2024-06-24")(synthetic("NVDA", date(2024, 6, 24)))
+    _serve(settings.price_files_dir, "NVDA", before, date(2024, 6, 21))
+    _day(settings, settings.price_files_dir, ["NVDA"], date(2024, 6, 21))
+    path = PriceStore(settings.data_dir).history_path(UNIVERSE.get("NVDA"))
+    return before, after, path.read_bytes()
+
+
 def test_a_vendor_that_contradicts_itself_is_quarantined_and_nothing_changes(
     files_settings: Settings,
 ) -> None:
     settings, files = files_settings, files_settings.price_files_dir
-    nvda = UNIVERSE.get("NVDA")
-    before, after = _split(2.0, "2024-06-24")(synthetic("NVDA", date(2024, 6, 24)))
-    _serve(files, "NVDA", before, date(2024, 6, 21))
-    _day(settings, files, ["NVDA"], date(2024, 6, 21))
-    store = PriceStore(settings.data_dir)
-    prices_before = store.history_path(nvda).read_bytes()
-
+    nvda, store = UNIVERSE.get("NVDA"), PriceStore(files_settings.data_dir)
+    before, after, prices_before = _published_before_a_split(settings)
     _serve(files, "NVDA", after, date(2024, 6, 24))
     source = DisagreeingSource(files)
     object.__setattr__(source, "stale", before)
@@ -363,12 +368,8 @@ def test_a_re_adjusted_history_that_fails_its_suite_is_quarantined(
 ) -> None:
     """The full history is validated whole: a bad bar far before the window stops the heal."""
     settings, files = files_settings, files_settings.price_files_dir
-    nvda = UNIVERSE.get("NVDA")
-    before, after = _split(2.0, "2024-06-24")(synthetic("NVDA", date(2024, 6, 24)))
-    _serve(files, "NVDA", before, date(2024, 6, 21))
-    _day(settings, files, ["NVDA"], date(2024, 6, 21))
-    store = PriceStore(settings.data_dir)
-    prices_before = store.history_path(nvda).read_bytes()
+    nvda, store = UNIVERSE.get("NVDA"), PriceStore(files_settings.data_dir)
+    _, after, prices_before = _published_before_a_split(settings)
     broken = after.copy()
     broken.loc[10, "High"] = broken.loc[10, "Low"] / 2  # High < Low in 2023
     _serve(files, "NVDA", broken, date(2024, 6, 24))

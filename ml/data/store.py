@@ -359,8 +359,6 @@ class PriceStore:
         the caller counted them already (`count_changes`)."""
         import pandas as pd
 
-        from ml.faults import checkpoint
-
         batch = batch[OUTPUT_COLUMNS].reset_index(drop=True)
         rows_added, rows_updated = changes or count_changes(history, batch)
         merged = history  # a batch of published bars (a day without new data) changes nothing
@@ -368,20 +366,36 @@ class PriceStore:
             kept = history.loc[~history["Date"].isin(batch["Date"])]
             merged = pd.concat([kept, batch], ignore_index=True) if not kept.empty else batch
             merged = merged.sort_values("Date", kind="stable").reset_index(drop=True)
+        return self._commit(instrument, as_of, report_json, merged, rows_added, rows_updated)
+
+    def _commit(
+        self,
+        instrument: Instrument,
+        as_of: date,
+        report_json: str,
+        history: pd.DataFrame,
+        rows_added: int,
+        rows_updated: int,
+        superseded: Path | None = None,
+    ) -> PublishResult:
+        """Write the report and the new `history` (when it changed), then remove staging."""
+        from ml.faults import checkpoint
+
         # The report of the batch that last changed this date's data stays: a re-run that
         # changes nothing writes nothing, so every file stays byte-identical. It is written
         # before the history, and staging removed last: a process killed in between leaves
         # the staged batch, and the retry publishes it again to the same files.
+        changed = bool(rows_added or rows_updated)
         report_path = self.report_path(instrument, as_of)
-        if rows_added or rows_updated or not report_path.exists():
+        if changed or not report_path.exists():
             atomic_write_text(report_path, report_json)
         checkpoint("publish:report")
-        if rows_added or rows_updated:
-            _write_parquet(merged[OUTPUT_COLUMNS], self.history_path(instrument))
+        if changed:
+            _write_parquet(history[OUTPUT_COLUMNS], self.history_path(instrument))
         checkpoint("published")
         self.staging_path(instrument, as_of).unlink(missing_ok=True)
-        last = merged["Date"].iloc[-1].date() if len(merged) else None
-        return PublishResult(rows_added, rows_updated, len(merged), last, merged)
+        last = history["Date"].iloc[-1].date() if len(history) else None
+        return PublishResult(rows_added, rows_updated, len(history), last, history, superseded)
 
     def replace_locked(
         self,
@@ -398,27 +412,15 @@ class PriceStore:
         `quarantine/<slug>/superseded-<as_of>-<its fingerprint>/` for audit; then the new
         history is written in one atomic rename. A history equal to the published one writes
         nothing, so a re-run is byte-identical."""
-        from ml.faults import checkpoint
 
         batch = batch[OUTPUT_COLUMNS].sort_values("Date", kind="stable").reset_index(drop=True)
         path = self.history_path(instrument)
         added, updated = count_changes(history, batch)
-        removed = int((~history["Date"].isin(batch["Date"])).sum())
-        updated += removed
+        updated += int((~history["Date"].isin(batch["Date"])).sum())  # bars the vendor dropped
         superseded = None
-        report_path = self.report_path(instrument, as_of)
-        if added or updated:
-            if path.exists():
-                folder = f"superseded-{as_of.isoformat()}-{data_fingerprint(history)}"
-                superseded = self._dir("quarantine", instrument) / folder / path.name
-                data = path.read_bytes()
-                atomic_write(superseded, lambda tmp: tmp.write_bytes(data))
-            atomic_write_text(report_path, report_json)
-            checkpoint("publish:report")
-            _write_parquet(batch, path)
-        elif not report_path.exists():
-            atomic_write_text(report_path, report_json)
-        checkpoint("published")
-        self.staging_path(instrument, as_of).unlink(missing_ok=True)
-        last = batch["Date"].iloc[-1].date() if len(batch) else None
-        return PublishResult(added, updated, len(batch), last, batch, superseded)
+        if (added or updated) and path.exists():
+            folder = f"superseded-{as_of.isoformat()}-{data_fingerprint(history)}"
+            superseded = self._dir("quarantine", instrument) / folder / path.name
+            data = path.read_bytes()
+            atomic_write(superseded, lambda tmp: tmp.write_bytes(data))
+        return self._commit(instrument, as_of, report_json, batch, added, updated, superseded)
