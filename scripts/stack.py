@@ -8,6 +8,10 @@
 Ports: AIRFLOW_PORT (8080), MLFLOW_PORT (5000). PRICE_SOURCE picks the data (synthetic by default);
 STACK_EXECUTOR=LocalExecutor gives Airflow's stock executor. The stack is scripts/launcher.py's
 `embedded_env` with this process's environment; `.state/pids.json` records its processes.
+
+`demo` can be run again: Airflow allows one run per logical date, so when the day already has its
+run, the new one has no logical date and processes the same day through the DAG's `as_of` param
+(one line of the output says which).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -57,6 +62,9 @@ def start() -> AirflowStack:
     STATE.mkdir(parents=True, exist_ok=True)
     os.environ.update({k: env[k] for k in ("DATA_DIR", "PRICE_SOURCE")})
     running = launcher.leaders()
+    if {"mlflow", "standalone"} <= running.keys():
+        mlflow = env["MLFLOW_TRACKING_URI"]
+        print(f"reusing the running stack: Airflow {launcher.api_url}, MLflow {mlflow}")
     if "mlflow" not in running:
         port = int(env["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1])
         print(f"starting MLflow tracking server on 127.0.0.1:{port} (SQLite, local artifacts)")
@@ -100,6 +108,55 @@ def _progress(run_id: str):
     return show
 
 
+def runs_on(launcher: AirflowStack, logical: datetime) -> list[dict[str, Any]]:
+    """The runs of the DAG whose logical date is `logical` (at most one: Airflow's unique key)."""
+    return [
+        r for r in launcher.list_runs()
+        if r.get("logical_date") and datetime.fromisoformat(r["logical_date"]) == logical
+    ]  # fmt: skip
+
+
+def trigger_demo_run(
+    launcher: AirflowStack, logical: datetime, tickers: list[str] | None = None
+) -> str:
+    """Trigger the demo's run of `logical`'s day, print one line saying which run it is, and
+    return its run id.
+
+    The day's first run has the schedule tick as its logical date, like the run the scheduler
+    would create. Airflow allows one run per logical date (the metadata DB refuses a second: an
+    IntegrityError), so when the day has its run already (an earlier demo, or the scheduler's
+    own once the DAG is unpaused), the new run has no logical date and gets the day through the
+    DAG's `as_of` param: the pipeline is idempotent per day, so it reuses the bars and models
+    stored by then and writes the day's forecasts and report again."""
+    day = logical.date().isoformat()
+    conf: dict[str, Any] = {"tickers": tickers} if tickers else {}
+    stamp = int(time.time())
+    source = launcher.env["PRICE_SOURCE"]
+    earlier = runs_on(launcher, logical)
+    if not earlier:
+        run_id = f"demo__{day}__{stamp}"
+        try:
+            launcher.trigger(run_id, logical.isoformat(), conf or None)
+        except StackError:
+            # An unpaused DAG on a restarted stack: the scheduler may have created the tick's
+            # run since the look above. Anything else is a failure.
+            earlier = runs_on(launcher, logical)
+            if not earlier:
+                raise
+        else:
+            print(f"triggering {DAG_ID} for {day} ({source} prices) as {run_id}")
+            return run_id
+    first = earlier[0]
+    run_id = f"demo__{day}__{stamp}__again"
+    print(
+        f"{day} already has its run ({first['run_id']}, {first['state']}) and Airflow allows one"
+        f" run per logical date: triggering a new run of {day} without one (param as_of), which"
+        f" reuses the bars and models stored so far, as {run_id}"
+    )
+    launcher.trigger(run_id, None, {**conf, "as_of": day})
+    return run_id
+
+
 def demo(as_of: date | None, timeout: float, tickers: list[str] | None = None) -> int:
     """Trigger one run and wait for it. By default the run is for the latest schedule tick, created
     before the DAG is unpaused, so the scheduler does not start a second run for the same date.
@@ -113,9 +170,7 @@ def demo(as_of: date | None, timeout: float, tickers: list[str] | None = None) -
     else:
         logical = datetime(as_of.year, as_of.month, as_of.day, 22, 30, tzinfo=UTC)
     as_of = logical.date()
-    run_id = f"demo__{as_of.isoformat()}__{int(time.time())}"
-    print(f"triggering {DAG_ID} for {as_of} ({env['PRICE_SOURCE']} prices) as {run_id}")
-    launcher.trigger(run_id, logical.isoformat(), {"tickers": tickers} if tickers else None)
+    run_id = trigger_demo_run(launcher, logical, tickers)
     launcher.unpause()
     try:
         runs = launcher.wait_for_runs(timeout, run_id=run_id, poll=5, on_poll=_progress(run_id))
