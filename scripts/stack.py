@@ -312,7 +312,10 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", parents=[keeping])
     d.add_argument(
-        "--date", type=date.fromisoformat, default=None, help="logical date (default: last weekday)"
+        "--date",
+        type=date.fromisoformat,
+        default=None,
+        help="logical date (default: the latest 22:30 UTC schedule tick)",
     )
     d.add_argument("--timeout", type=float, default=3600)
     d.add_argument("--tickers", nargs="+", help="subset of the universe (default: all)")
