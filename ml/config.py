@@ -87,6 +87,10 @@ class Settings:
     price_files_dir: Path | None = None
     data_dir: Path = PROJECT_ROOT / ".state" / "data"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    # How long a step waits for an MLflow tracking server that does not answer before it fails
+    # naming the server (`ml.registry.client.get_client`): a restart shorter than this is ridden
+    # out; a server that stays away fails the step, and the DAG's task retries run it again.
+    mlflow_unreachable_timeout: float = 60.0
     # The forecast ledger's database (ml.forecasts.ledger); None = SQLite at DATA_DIR/ledger.db.
     ledger_url: str | None = None
     experiment_name: str = "price-forecast"
@@ -98,7 +102,8 @@ class Settings:
     # Downloads in flight at once inside the ingest task (Yahoo rate-limits bursts).
     fetch_concurrency: int = 4
     # The per-ticker lock in the MLflow registry (ml.registry.lock): a holder whose heartbeat is
-    # older than the ttl is gone; a waiter gives up after the timeout.
+    # older than the ttl is gone (the ttl has a floor: `ml.registry.lock.min_ttl`); a waiter
+    # gives up after the timeout.
     registry_lock_ttl: float = 120.0
     registry_lock_timeout: float = 3600.0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -150,6 +155,14 @@ def _parse_horizons(raw: str) -> tuple[int, ...]:
     return tuple(sorted(horizons))
 
 
+def redact_url(raw: str) -> str:
+    """`raw` with the password of a `scheme://user:password@host` URL replaced by ***, for
+    messages (also when the URL does not parse)."""
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", raw)
+
+
 def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     value = raw.strip().lower()
     if value not in choices:
@@ -174,6 +187,7 @@ _SETTINGS_ENV = {
     "fetch_concurrency": ("FETCH_CONCURRENCY", int),
     "registry_lock_ttl": ("REGISTRY_LOCK_TTL", float),
     "registry_lock_timeout": ("REGISTRY_LOCK_TIMEOUT", float),
+    "mlflow_unreachable_timeout": ("MLFLOW_UNREACHABLE_TIMEOUT", float),
 }
 _GATE_ENV = {
     "u2_high_max": "GATE_U2_HIGH_MAX",
@@ -258,6 +272,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         for attr, (name, kind) in _SETTINGS_ENV.items()
         if env.get(name)
     }
+    _check_lock_ttl(replace(defaults, **numbers))
     return Settings(
         price_source=source,
         price_files_dir=files_dir,
@@ -273,6 +288,24 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         model=model,
         gate=gate,
     )
+
+
+def _check_lock_ttl(settings: Settings) -> None:
+    """REGISTRY_LOCK_TTL at or above its floor (`ml.registry.lock.min_ttl`): below it, the lock
+    of a holder still at work can be broken, and two processes train and register the same
+    bars. REGISTRY_LOCK_TIMEOUT has no floor: a short one only makes a waiter give up (its task
+    fails, the retry waits again); it never lets two holders in."""
+    from ml.registry.lock import min_ttl
+
+    floor = min_ttl(settings.mlflow_unreachable_timeout)
+    if settings.registry_lock_ttl < floor:
+        raise ConfigError(
+            f"REGISTRY_LOCK_TTL={settings.registry_lock_ttl:g} is below its floor of {floor:g} s "
+            f"(MLFLOW_UNREACHABLE_TIMEOUT={settings.mlflow_unreachable_timeout:g}): a holder's "
+            "heartbeat, every quarter ttl, must outlast a slow request and an MLflow outage, or "
+            "another process breaks the lock of a holder still at work. Set REGISTRY_LOCK_TTL "
+            f"to {floor:g} or more (or lower MLFLOW_UNREACHABLE_TIMEOUT)."
+        )
 
 
 def settings_table(settings: Settings) -> list[tuple[str, str]]:
