@@ -66,10 +66,14 @@ class TickerFailed(Exception):
 
 
 def _run_per_ticker(tickers: Sequence[str], step: Callable[[str], str]) -> int:
+    from ml.registry.client import MlflowUnreachable
+
     failed = 0
     for ticker in tickers:
         try:
             line = step(ticker)
+        except MlflowUnreachable:
+            raise  # every other ticker would fail the same way: one line says it (`main`)
         except Exception as exc:  # report every ticker, then fail
             failed += 1
             error = str(exc) if isinstance(exc, TickerFailed) else f"{type(exc).__name__}: {exc}"
@@ -144,13 +148,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from ml.data.store import CorruptFile
-    from ml.forecasts.ledger import LedgerWriteError
+    from ml.forecasts.ledger import LedgerUnavailable, LedgerWriteError
+    from ml.registry.client import MlflowUnreachable
 
     try:
         return _dispatch(args, tickers, settings)
-    except (CorruptFile, LedgerWriteError) as exc:  # the message names the file and the way out
+    except ConfigError as exc:  # LedgerConfigError: the ledger's setting cannot work
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CorruptFile, LedgerWriteError, LedgerUnavailable, MlflowUnreachable) as exc:
+        print(
+            f"error: {exc}", file=sys.stderr
+        )  # the message names the file or server and the way out
         return 1
+    except OSError as exc:  # a file of DATA_DIR that cannot be written (read-only, full)
+        print(f"error: {_os_error(exc, settings)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(exc: OSError, settings: Settings) -> str:
+    """One line for a filesystem error: what failed, on which file, and the way out."""
+    from pathlib import Path
+
+    what = f"{type(exc).__name__}: {exc.strerror or exc}"
+    if not exc.filename:
+        return what
+    if Path(exc.filename).is_relative_to(settings.data_dir):
+        return (
+            f"{what}: {exc.filename} (DATA_DIR={settings.data_dir}): make it writable by this "
+            "user, or point DATA_DIR at a writable folder"
+        )
+    return f"{what}: {exc.filename}: make it readable and writable by this user"
 
 
 def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) -> int:

@@ -155,12 +155,45 @@ def _parse_horizons(raw: str) -> tuple[int, ...]:
     return tuple(sorted(horizons))
 
 
+# The databases the ledger's upsert speaks (`ml.forecasts.ledger.upsert`).
+LEDGER_BACKENDS = ("sqlite", "postgresql")
+
+
 def redact_url(raw: str) -> str:
     """`raw` with the password of a `scheme://user:password@host` URL replaced by ***, for
     messages (also when the URL does not parse)."""
     import re
 
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", raw)
+
+
+def _parse_ledger_url(raw: str) -> str:
+    """LEDGER_DB_URL: an SQLAlchemy URL of an SQLite or PostgreSQL database, checked here so that
+    a typo ends the command before any work (the folder and the server are checked on first use,
+    `ml.forecasts.ledger.engine_for`)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = redact_url(raw)
+    example = "e.g. sqlite:////srv/data/ledger.db or postgresql+psycopg2://user@host:5432/ledger"
+    try:
+        url = make_url(raw.strip())
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(
+            f"LEDGER_DB_URL={shown!r} is not a database URL ({exc}): {example}"
+        ) from None
+    if url.get_backend_name() not in LEDGER_BACKENDS:
+        raise ConfigError(
+            f"LEDGER_DB_URL={shown!r}: the ledger runs on {' or '.join(LEDGER_BACKENDS)}, not "
+            f"{url.get_backend_name()!r} ({example})"
+        )
+    try:
+        url.get_dialect()  # the driver's name (postgresql+psycopg2); the driver is not imported
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"LEDGER_DB_URL={shown!r}: SQLAlchemy knows no driver {url.drivername!r} ({example})"
+        ) from None
+    return raw.strip()
 
 
 def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
@@ -278,7 +311,7 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         price_files_dir=files_dir,
         data_dir=Path(env.get("DATA_DIR") or defaults.data_dir),
         mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or defaults.mlflow_tracking_uri,
-        ledger_url=env.get("LEDGER_DB_URL") or None,
+        ledger_url=_parse_ledger_url(env["LEDGER_DB_URL"]) if env.get("LEDGER_DB_URL") else None,
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or defaults.experiment_name,
         universe_file=Path(env.get("UNIVERSE_FILE") or defaults.universe_file),
         history_start=_parse_date("HISTORY_START", env["HISTORY_START"])

@@ -221,6 +221,9 @@ def test_empty_values_mean_default() -> None:
             ["REGISTRY_LOCK_TTL=120", "floor of 160 s", "MLFLOW_UNREACHABLE_TIMEOUT=120"],
         ),
         ({"MLFLOW_UNREACHABLE_TIMEOUT": "0"}, ["MLFLOW_UNREACHABLE_TIMEOUT", "positive"]),
+        ({"LEDGER_DB_URL": "ledger.db"}, ["LEDGER_DB_URL='ledger.db'", "not a database URL"]),
+        ({"LEDGER_DB_URL": "mysql://u@h/db"}, ["LEDGER_DB_URL", "sqlite or postgresql", "mysql"]),
+        ({"LEDGER_DB_URL": "postgresql+nope://u@h/db"}, ["LEDGER_DB_URL", "no driver"]),
     ],
     ids=lambda v: ",".join(f"{k}={val}" for k, val in v.items()) if isinstance(v, dict) else "",
 )
@@ -249,6 +252,14 @@ def test_the_lock_ttl_floor_follows_the_heartbeat_and_the_mlflow_outage_ridden_o
     assert (short.registry_lock_ttl, short.mlflow_unreachable_timeout) == (30, 10)
     with pytest.raises(ConfigError, match=r"REGISTRY_LOCK_TTL=29\.9 is below its floor of 30 s"):
         get_settings({"REGISTRY_LOCK_TTL": "29.9", "MLFLOW_UNREACHABLE_TIMEOUT": "10"})
+
+
+def test_ledger_url_is_kept_and_its_password_never_shown() -> None:
+    url = "postgresql+psycopg2://ledger:s3cret@db.internal:5432/ledger"
+    assert get_settings({"LEDGER_DB_URL": f" {url} "}).ledger_url == url
+    with pytest.raises(ConfigError) as excinfo:
+        get_settings({"LEDGER_DB_URL": "mysql://ledger:s3cret@db.internal/ledger"})
+    assert "s3cret" not in str(excinfo.value) and "ledger:***@" in str(excinfo.value)
 
 
 @pytest.mark.parametrize("name", ["MODEL_LEARNING_RATE", "GATE_P_VALUE"])
