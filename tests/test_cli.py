@@ -3,11 +3,15 @@ a ledger, a store or a tracking server that cannot serve: one `error:` line, no 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -252,3 +256,154 @@ def test_an_unreachable_tracking_server_fails_forecast_within_the_bound(tmp_path
     assert proc.returncode == 1, proc.stderr
     assert DOWN in line and "MLFLOW_UNREACHABLE_TIMEOUT" in line, line
     assert bound <= elapsed < bound + 30, f"{elapsed:.1f} s"  # 30 s: start and imports, loaded CI
+
+
+def test_run_prints_every_ticker_when_a_step_fails_and_the_report_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    """MLflow down: the ticker fails at train, the forecast step fails as a whole; the report's
+    folder is a file: the table and each ticker's error still reach the terminal, in one line
+    each, within the bound."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reports").write_text("a file where the reports folder goes\n")
+    started = time.monotonic()
+    proc = run_cli(
+        tmp_path,
+        "run",
+        "--date",
+        "2024-06-28",
+        "--tickers",
+        "GOOGL",
+        MLFLOW_TRACKING_URI=DOWN,
+        MLFLOW_UNREACHABLE_TIMEOUT="3",
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert [line.split()[:2] for line in proc.stdout.splitlines()[2:]] == [["GOOGL", "failed"]]
+    stderr = proc.stderr.splitlines()
+    assert f"GOOGL failed at train: MlflowUnreachable: the MLflow tracking server {DOWN}" in (
+        "\n".join(stderr)
+    )
+    assert any(
+        line.startswith("error: the forecast step failed: MlflowUnreachable") for line in stderr
+    )
+    assert any(
+        line.startswith("error: the run report") and "could not be written" in line
+        for line in stderr
+    )
+    assert elapsed < 120, f"{elapsed:.1f} s"  # ingest and validate, then one bound of 3 s
+
+
+def _read_only_bind_mount_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount --bind -o ro /tmp /tmp && ! touch /tmp/.ro-probe"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def test_run_on_a_read_only_data_dir_still_reports_every_ticker(tmp_path: Path) -> None:
+    """A DATA_DIR mounted read-only (a private mount namespace: needs CAP_SYS_ADMIN, which root
+    in a container usually has): every write fails, and the run still ends with its table and
+    each ticker's error, in one line each."""
+    if not _read_only_bind_mount_works():
+        pytest.skip("no read-only bind mount here (`unshare -m` needs CAP_SYS_ADMIN): skipped")
+    data = tmp_path / "data"
+    data.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES
+    }
+    env.update(
+        PYTHONPATH=str(REPO),
+        DATA_DIR=str(data),
+        MLFLOW_TRACKING_URI=DOWN,
+        MLFLOW_UNREACHABLE_TIMEOUT="3",
+    )
+    script = 'mount --bind -o ro "$DATA_DIR" "$DATA_DIR" && exec "$0" "$@"'
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            script,
+            sys.executable,
+            "-m",
+            "ml",
+            "run",
+            "--date",
+            "2024-06-28",
+            "--tickers",
+            "GOOGL",
+            "AMD",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert [line.split()[:2] for line in proc.stdout.splitlines()[2:]] == [
+        ["GOOGL", "failed"],
+        ["AMD", "failed"],
+    ]
+    for ticker in ("GOOGL", "AMD"):
+        assert (
+            f"{ticker} failed at ingest: OSError: [Errno 30] Read-only file system" in proc.stderr
+        )
+    assert "error: the forecast step failed: LedgerUnavailable" in proc.stderr
+    assert "could not be written" in proc.stderr
+    assert list(data.iterdir()) == []
+
+
+def test_a_step_that_fails_as_a_whole_fails_its_tickers_there_and_the_report_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run_day` reports a step that raised like the DAG's report a task that returned nothing:
+    its tickers failed at that step, here with the step's own error."""
+    from ml import cli
+    from ml.config import get_settings
+    from ml.forecasts import ledger
+    from ml.forecasts.ledger import LedgerUnavailable
+    from ml.steps import data, forecast, model
+
+    def down(*args, **kwargs):
+        raise LedgerUnavailable("the forecast ledger's database db:5432 cannot be reached")
+
+    summary = {"rows_added": 0, "validation": "passed"}
+    monkeypatch.setattr(ledger, "engine_for", lambda settings: None)
+    monkeypatch.setattr(data, "ingest_all", lambda *a, **k: {"staged": {"A": {}}, "failed": {}})
+    monkeypatch.setattr(
+        data, "validate_all", lambda *a, **k: {"train": [], "tickers": {"A": summary}, "failed": {}}
+    )
+    monkeypatch.setattr(model, "promote_all", lambda *a, **k: {"decisions": {}, "failed": {}})
+    monkeypatch.setattr(forecast, "forecast_all", down)
+    settings = replace(get_settings({}), data_dir=tmp_path / "data")
+
+    assert cli.run_day(["A"], date(2024, 6, 28), settings, force=False) == 1
+    report = json.loads((tmp_path / "data" / "reports" / "2024-06-28.json").read_text())
+    [row] = report["tickers"]
+    assert (row["state"], row["failed_step"]) == ("failed", "forecast")
+    assert (
+        row["error"]
+        == "LedgerUnavailable: the forecast ledger's database db:5432 cannot be reached"
+    )
+    err = capsys.readouterr().err
+    assert "error: the forecast step failed: LedgerUnavailable" in err
+    assert "A failed at forecast: LedgerUnavailable" in err
+
+
+def test_the_dags_report_points_at_the_log_of_a_task_that_returned_nothing() -> None:
+    from ml.steps.report import summarize_tickers
+
+    [row] = summarize_tickers(["A"], ingested=None, validated=None)
+    assert (row["failed_step"], row["error"]) == ("ingest", "the ingest task failed: see its log")
