@@ -91,10 +91,14 @@ class TickerFailed(Exception):
 
 
 def _run_per_ticker(tickers: Sequence[str], step: Callable[[str], str]) -> int:
+    from ml.registry.client import MlflowUnreachable
+
     failed = 0
     for ticker in tickers:
         try:
             line = step(ticker)
+        except MlflowUnreachable:
+            raise  # every other ticker would fail the same way: one line says it (`main`)
         except Exception as exc:  # report every ticker, then fail
             failed += 1
             error = str(exc) if isinstance(exc, TickerFailed) else f"{type(exc).__name__}: {exc}"
@@ -116,23 +120,52 @@ def run_day(
 ) -> int:
     """One day in the DAG's shape (`dags/price_forecast.py`) without Airflow: the same steps,
     one after another in this process, each ticker's failure recorded and the others carried on;
-    the run report is written and printed. Exits 1 if any ticker failed."""
+    the run report is written and printed. Exits 1 if any ticker failed.
+
+    A step that fails as a whole (a ledger or tracking server that is down, a full disk) is
+    reported like a DAG task that returned nothing: its tickers failed at that step, with its
+    error; the later steps run on what is left, and the report is always printed. A ledger
+    whose setting cannot work (LedgerConfigError) ends the run before any work (exit 2)."""
+    from ml.forecasts.ledger import LedgerConfigError, engine_for
+    from ml.steps.common import error_text
     from ml.steps.data import ingest_all, validate_all
     from ml.steps.forecast import forecast_all
     from ml.steps.model import promote_all, train_step
-    from ml.steps.report import format_table, summarize_tickers, write_run_report
+    from ml.steps.report import format_table, report_path, summarize_tickers, write_run_report
 
-    ingested = ingest_all(tickers, as_of, settings, full_refresh=full_refresh)
-    validated = validate_all(list(ingested["staged"]), as_of, settings, force=force)
+    try:
+        engine_for(settings)
+    except LedgerConfigError:
+        raise
+    except Exception:  # down or unreadable now: the forecast step meets it again and reports it
+        pass
+    step_errors: dict[str, str] = {}
+
+    def step(name: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as exc:
+            step_errors[name] = error_text(exc)
+            print(f"error: the {name} step failed: {step_errors[name]}", file=sys.stderr)
+            return None
+
+    ingested = step(
+        "ingest", lambda: ingest_all(tickers, as_of, settings, full_refresh=full_refresh)
+    )
+    validated = None
+    if ingested is not None:
+        staged = list(ingested["staged"])
+        validated = step("validate", lambda: validate_all(staged, as_of, settings, force=force))
     trained, errors = [], []
-    for ticker in validated["train"]:
+    for ticker in (validated or {}).get("train") or ():
         seed = (validated["tickers"].get(ticker) or {}).get("retrain_seed")
         try:
             trained.append(train_step(ticker, as_of, settings, force=force, seed=seed))
         except Exception as exc:
-            errors.append({"ticker": ticker, "error": f"{type(exc).__name__}: {exc}"})
-    promoted = promote_all(validated, trained, as_of, settings)
-    forecasted = forecast_all(sorted(validated["tickers"]), as_of, settings)
+            errors.append({"ticker": ticker, "error": error_text(exc)})
+    promoted = step("promote", lambda: promote_all(validated, trained, as_of, settings))
+    checked = sorted((validated or {}).get("tickers") or {})
+    forecasted = step("forecast", lambda: forecast_all(checked, as_of, settings))
     rows = summarize_tickers(
         tickers,
         ingested=ingested,
@@ -141,17 +174,26 @@ def run_day(
         train_errors=errors,
         promoted=promoted,
         forecasted=forecasted,
+        step_errors=step_errors,
     )
-    path = write_run_report(settings, as_of, rows, run_id=f"cli__{as_of.isoformat()}")
     print(format_table(rows))
-    print(f"report: {path}")
+    written = True
+    try:
+        print(f"report: {write_run_report(settings, as_of, rows, run_id=f'cli__{as_of}')}")
+    except OSError as exc:  # a read-only or full DATA_DIR: the table above is all there is
+        written = False
+        print(
+            f"error: the run report {report_path(settings, as_of)} could not be written "
+            f"({error_text(exc)}): the table above is its summary; make DATA_DIR writable",
+            file=sys.stderr,
+        )
     failed = [r["ticker"] for r in rows if r["state"] == "failed"]
     for row in rows:
         if row["state"] == "failed":
             print(
                 f"{row['ticker']} failed at {row['failed_step']}: {row['error']}", file=sys.stderr
             )
-    return 1 if failed else 0
+    return 1 if failed or not written else 0
 
 
 def _fmt_u2(u2: dict[str, Any]) -> str:
@@ -178,13 +220,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from ml.data.store import CorruptFile
-    from ml.forecasts.ledger import LedgerWriteError
+    from ml.forecasts.ledger import LedgerUnavailable, LedgerWriteError
+    from ml.registry.client import MlflowUnreachable
 
     try:
         return _dispatch(args, tickers, settings)
-    except (CorruptFile, LedgerWriteError) as exc:  # the message names the file and the way out
+    except ConfigError as exc:  # LedgerConfigError: the ledger's setting cannot work
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CorruptFile, LedgerWriteError, LedgerUnavailable, MlflowUnreachable) as exc:
+        print(
+            f"error: {exc}", file=sys.stderr
+        )  # the message names the file or server and the way out
         return 1
+    except OSError as exc:  # a file of DATA_DIR that cannot be written (read-only, full)
+        print(f"error: {_os_error(exc, settings)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(exc: OSError, settings: Settings) -> str:
+    """One line for a filesystem error: what failed, on which file, and the way out."""
+    from pathlib import Path
+
+    what = f"{type(exc).__name__}: {exc.strerror or exc}"
+    if not exc.filename:
+        return what
+    if Path(exc.filename).is_relative_to(settings.data_dir):
+        return (
+            f"{what}: {exc.filename} (DATA_DIR={settings.data_dir}): make it writable by this "
+            "user, or point DATA_DIR at a writable folder"
+        )
+    return f"{what}: {exc.filename}: make it readable and writable by this user"
 
 
 def _dispatch(args: argparse.Namespace, tickers: list[str], settings: Settings) -> int:

@@ -97,6 +97,10 @@ class Settings:
     price_file_max_bytes: int = 64 * 1024 * 1024
     data_dir: Path = PROJECT_ROOT / ".state" / "data"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    # How long a step waits for an MLflow tracking server that does not answer before it fails
+    # naming the server (`ml.registry.client.get_client`): a restart shorter than this is ridden
+    # out; a server that stays away fails the step, and the DAG's task retries run it again.
+    mlflow_unreachable_timeout: float = 60.0
     # The forecast ledger's database (ml.forecasts.ledger); None = SQLite at DATA_DIR/ledger.db.
     ledger_url: str | None = None
     experiment_name: str = "price-forecast"
@@ -108,7 +112,8 @@ class Settings:
     # Downloads in flight at once inside the ingest task (Yahoo rate-limits bursts).
     fetch_concurrency: int = 4
     # The per-ticker lock in the MLflow registry (ml.registry.lock): a holder whose heartbeat is
-    # older than the ttl is gone; a waiter gives up after the timeout.
+    # older than the ttl is gone (the ttl has a floor: `ml.registry.lock.min_ttl`); a waiter
+    # gives up after the timeout.
     registry_lock_ttl: float = 120.0
     registry_lock_timeout: float = 3600.0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -217,6 +222,47 @@ def _parse_horizons(raw: str) -> tuple[int, ...]:
     return tuple(sorted(horizons))
 
 
+# The databases the ledger's upsert speaks (`ml.forecasts.ledger.upsert`).
+LEDGER_BACKENDS = ("sqlite", "postgresql")
+
+
+def redact_url(raw: str) -> str:
+    """`raw` with the password of a `scheme://user:password@host` URL replaced by ***, for
+    messages (also when the URL does not parse)."""
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", raw)
+
+
+def _parse_ledger_url(raw: str) -> str:
+    """LEDGER_DB_URL: an SQLAlchemy URL of an SQLite or PostgreSQL database, checked here so that
+    a typo ends the command before any work (the folder and the server are checked on first use,
+    `ml.forecasts.ledger.engine_for`)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = redact_url(raw)
+    example = "e.g. sqlite:////srv/data/ledger.db or postgresql+psycopg2://user@host:5432/ledger"
+    try:
+        url = make_url(raw.strip())
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(
+            f"LEDGER_DB_URL={shown!r} is not a database URL ({exc}): {example}"
+        ) from None
+    if url.get_backend_name() not in LEDGER_BACKENDS:
+        raise ConfigError(
+            f"LEDGER_DB_URL={shown!r}: the ledger runs on {' or '.join(LEDGER_BACKENDS)}, not "
+            f"{url.get_backend_name()!r} ({example})"
+        )
+    try:
+        url.get_dialect()  # the driver's name (postgresql+psycopg2); the driver is not imported
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"LEDGER_DB_URL={shown!r}: SQLAlchemy knows no driver {url.drivername!r} ({example})"
+        ) from None
+    return raw.strip()
+
+
 def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     value = raw.strip().lower()
     if value not in choices:
@@ -242,6 +288,7 @@ _SETTINGS_ENV = {
     "price_file_max_bytes": ("PRICE_FILE_MAX_BYTES", int),
     "registry_lock_ttl": ("REGISTRY_LOCK_TTL", float),
     "registry_lock_timeout": ("REGISTRY_LOCK_TIMEOUT", float),
+    "mlflow_unreachable_timeout": ("MLFLOW_UNREACHABLE_TIMEOUT", float),
 }
 _GATE_ENV = {
     "u2_high_max": "GATE_U2_HIGH_MAX",
@@ -327,12 +374,13 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         for attr, (name, kind) in _SETTINGS_ENV.items()
         if env.get(name)
     }
+    _check_lock_ttl(replace(defaults, **numbers))
     return Settings(
         price_source=source,
         price_files_dir=files_dir,
         data_dir=Path(env.get("DATA_DIR") or defaults.data_dir),
         mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or defaults.mlflow_tracking_uri,
-        ledger_url=env.get("LEDGER_DB_URL") or None,
+        ledger_url=_parse_ledger_url(env["LEDGER_DB_URL"]) if env.get("LEDGER_DB_URL") else None,
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or defaults.experiment_name,
         universe_file=Path(env.get("UNIVERSE_FILE") or defaults.universe_file),
         history_start=_parse_date("HISTORY_START", env["HISTORY_START"])
@@ -342,6 +390,24 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         model=model,
         gate=gate,
     )
+
+
+def _check_lock_ttl(settings: Settings) -> None:
+    """REGISTRY_LOCK_TTL at or above its floor (`ml.registry.lock.min_ttl`): below it, the lock
+    of a holder still at work can be broken, and two processes train and register the same
+    bars. REGISTRY_LOCK_TIMEOUT has no floor: a short one only makes a waiter give up (its task
+    fails, the retry waits again); it never lets two holders in."""
+    from ml.registry.lock import min_ttl
+
+    floor = min_ttl(settings.mlflow_unreachable_timeout)
+    if settings.registry_lock_ttl < floor:
+        raise ConfigError(
+            f"REGISTRY_LOCK_TTL={settings.registry_lock_ttl:g} is below its floor of {floor:g} s "
+            f"(MLFLOW_UNREACHABLE_TIMEOUT={settings.mlflow_unreachable_timeout:g}): a holder's "
+            "heartbeat, every quarter ttl, must outlast a slow request and an MLflow outage, or "
+            "another process breaks the lock of a holder still at work. Set REGISTRY_LOCK_TTL "
+            f"to {floor:g} or more (or lower MLFLOW_UNREACHABLE_TIMEOUT)."
+        )
 
 
 def settings_table(settings: Settings) -> list[tuple[str, str]]:

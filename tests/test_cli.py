@@ -1,10 +1,16 @@
-"""Tests of the command line (`python -m ml`): help, input errors (exit 2), nothing written on them."""
+"""Tests of the command line (`python -m ml`): help, input errors (exit 2), nothing written on them;
+a ledger, a store or a tracking server that cannot serve: one `error:` line, no traceback."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +20,14 @@ from ml.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_PREFIXES = ("PRICE_", "MODEL_", "GATE_", "MLFLOW_", "YAHOO_")
-CONFIG_NAMES = {"DATA_DIR", "UNIVERSE_FILE", "HISTORY_START", "TRAILING_DAYS"}
+CONFIG_NAMES = {
+    "DATA_DIR",
+    "UNIVERSE_FILE",
+    "HISTORY_START",
+    "TRAILING_DAYS",
+    "LEDGER_DB_URL",
+    "REGISTRY_LOCK_TTL",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +39,8 @@ def no_developer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """`python -m ml ...` in an empty folder, with DATA_DIR in `tmp_path/data` (not created)."""
+    """`python -m ml ...` in an empty folder, with DATA_DIR in `tmp_path/data` (not created)
+    unless `env` says otherwise."""
     cwd = tmp_path / "cwd"
     cwd.mkdir(exist_ok=True)
     base = {
@@ -34,7 +48,7 @@ def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProce
         for k, v in os.environ.items()
         if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES
     }
-    base.update(PYTHONPATH=str(REPO), DATA_DIR=str(tmp_path / "data"), **env)
+    base.update({"PYTHONPATH": str(REPO), "DATA_DIR": str(tmp_path / "data"), **env})
     return subprocess.run(
         [sys.executable, "-m", "ml", *args],
         cwd=cwd,
@@ -201,3 +215,265 @@ def test_config_command_prints_the_effective_settings(
     assert rows["model.window"] == "9"
     assert rows["data_dir"] == str(tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+# --- a ledger, a store or a tracking server that cannot serve: one line, no traceback ------------
+
+# Nothing listens on port 1 (a privileged port no test server takes).
+DOWN = "http://127.0.0.1:1"
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line on stderr (and no traceback)."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def _read_only_ledger(tmp_path: Path) -> str:
+    """An SQLite ledger opened read-only (`mode=ro`): what a read-only file or filesystem gives,
+    for any user (root writes through file permissions)."""
+    path = tmp_path / "ro" / "ledger.db"
+    path.parent.mkdir()
+    sqlite3.connect(path).execute("create table other (x integer)").connection.close()
+    return f"sqlite:///file:{path}?mode=ro&uri=true"
+
+
+def _file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a folder\n")
+    return path
+
+
+# (the environment under tmp_path, the exit code, what the error line says)
+LEDGER_CASES = {
+    "missing folder": (
+        lambda t: {"LEDGER_DB_URL": f"sqlite:///{t}/nowhere/ledger.db"},
+        2,
+        ["LEDGER_DB_URL", "nowhere does not exist", "mkdir -p"],
+    ),
+    "folder where the file goes": (
+        lambda t: {"LEDGER_DB_URL": f"sqlite:///{t}"},
+        2,
+        ["LEDGER_DB_URL", "is a folder, not an SQLite file"],
+    ),
+    "file where a folder goes": (
+        lambda t: {"LEDGER_DB_URL": f"sqlite:///{_file(t)}/ledger.db"},
+        2,
+        ["LEDGER_DB_URL", "a-file is a file, not a folder"],
+    ),
+    "DATA_DIR under a file": (
+        lambda t: {"DATA_DIR": str(_file(t) / "data")},
+        2,
+        ["DATA_DIR", "a-file is a file, not a folder"],
+    ),
+    "malformed URL": (
+        lambda t: {"LEDGER_DB_URL": "sqlite:/ledger.db"},
+        2,
+        ["LEDGER_DB_URL='sqlite:/ledger.db' is not a database URL"],
+    ),
+    "read-only file": (
+        lambda t: {"LEDGER_DB_URL": _read_only_ledger(t)},
+        1,
+        ["ro/ledger.db is read-only", "SQLITE_READONLY", "not committed"],
+    ),
+    "unreachable PostgreSQL": (
+        lambda t: {"LEDGER_DB_URL": "postgresql+psycopg2://ledger:s3cret@127.0.0.1:1/ledger"},
+        1,
+        ["127.0.0.1:1", "LEDGER_DB_URL", "cannot be reached", "Connection refused"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LEDGER_CASES))
+@pytest.mark.parametrize("command", ["export", "forecast"])
+def test_a_ledger_that_cannot_serve_is_one_error_line_with_its_exit_code(
+    tmp_path: Path, command: str, case: str
+) -> None:
+    """Exit 2 for a setting that cannot work (nothing was done), 1 for a ledger that failed the
+    step; the line names the setting or the file and the way out. `forecast` reads the ledger
+    before it asks MLflow (nothing listens at DOWN)."""
+    env, code, fragments = LEDGER_CASES[case]
+    args = [command] + (
+        ["--date", "2024-06-28", "--tickers", "GOOGL"] if command == "forecast" else []
+    )
+    proc = run_cli(tmp_path, *args, MLFLOW_TRACKING_URI=DOWN, **env(tmp_path))
+    line = error_line(proc)
+    assert proc.returncode == code, proc.stderr
+    for fragment in fragments:
+        assert fragment in line, line
+    assert "s3cret" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_an_unreachable_tracking_server_fails_forecast_within_the_bound(tmp_path: Path) -> None:
+    """Without the bound, every request waits out MLflow's retries (minutes each, the forecast
+    step several of them); with it, the command ends after MLFLOW_UNREACHABLE_TIMEOUT and the
+    interpreter's start, naming the server."""
+    bound = 3.0
+    started = time.monotonic()
+    proc = run_cli(
+        tmp_path,
+        "forecast",
+        "--date",
+        "2024-06-28",
+        MLFLOW_TRACKING_URI=DOWN,
+        MLFLOW_UNREACHABLE_TIMEOUT=str(bound),
+    )
+    elapsed = time.monotonic() - started
+    line = error_line(proc)
+    assert proc.returncode == 1, proc.stderr
+    assert DOWN in line and "MLFLOW_UNREACHABLE_TIMEOUT" in line, line
+    assert bound <= elapsed < bound + 30, f"{elapsed:.1f} s"  # 30 s: start and imports, loaded CI
+
+
+def test_run_prints_every_ticker_when_a_step_fails_and_the_report_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    """MLflow down: the ticker fails at train, the forecast step fails as a whole; the report's
+    folder is a file: the table and each ticker's error still reach the terminal, in one line
+    each, within the bound."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reports").write_text("a file where the reports folder goes\n")
+    started = time.monotonic()
+    proc = run_cli(
+        tmp_path,
+        "run",
+        "--date",
+        "2024-06-28",
+        "--tickers",
+        "GOOGL",
+        MLFLOW_TRACKING_URI=DOWN,
+        MLFLOW_UNREACHABLE_TIMEOUT="3",
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert [line.split()[:2] for line in proc.stdout.splitlines()[2:]] == [["GOOGL", "failed"]]
+    stderr = proc.stderr.splitlines()
+    assert f"GOOGL failed at train: MlflowUnreachable: the MLflow tracking server {DOWN}" in (
+        "\n".join(stderr)
+    )
+    assert any(
+        line.startswith("error: the forecast step failed: MlflowUnreachable") for line in stderr
+    )
+    assert any(
+        line.startswith("error: the run report") and "could not be written" in line
+        for line in stderr
+    )
+    assert elapsed < 120, f"{elapsed:.1f} s"  # ingest and validate, then one bound of 3 s
+
+
+def _read_only_bind_mount_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount --bind -o ro /tmp /tmp && ! touch /tmp/.ro-probe"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def test_run_on_a_read_only_data_dir_still_reports_every_ticker(tmp_path: Path) -> None:
+    """A DATA_DIR mounted read-only (a private mount namespace: needs CAP_SYS_ADMIN, which root
+    in a container usually has): every write fails, and the run still ends with its table and
+    each ticker's error, in one line each."""
+    if not _read_only_bind_mount_works():
+        pytest.skip("no read-only bind mount here (`unshare -m` needs CAP_SYS_ADMIN): skipped")
+    data = tmp_path / "data"
+    data.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES
+    }
+    env.update(
+        PYTHONPATH=str(REPO),
+        DATA_DIR=str(data),
+        MLFLOW_TRACKING_URI=DOWN,
+        MLFLOW_UNREACHABLE_TIMEOUT="3",
+    )
+    script = 'mount --bind -o ro "$DATA_DIR" "$DATA_DIR" && exec "$0" "$@"'
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            script,
+            sys.executable,
+            "-m",
+            "ml",
+            "run",
+            "--date",
+            "2024-06-28",
+            "--tickers",
+            "GOOGL",
+            "AMD",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert [line.split()[:2] for line in proc.stdout.splitlines()[2:]] == [
+        ["GOOGL", "failed"],
+        ["AMD", "failed"],
+    ]
+    for ticker in ("GOOGL", "AMD"):
+        assert (
+            f"{ticker} failed at ingest: OSError: [Errno 30] Read-only file system" in proc.stderr
+        )
+    assert "error: the forecast step failed: LedgerUnavailable" in proc.stderr
+    assert "could not be written" in proc.stderr
+    assert list(data.iterdir()) == []
+
+
+def test_a_step_that_fails_as_a_whole_fails_its_tickers_there_and_the_report_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run_day` reports a step that raised like the DAG's report a task that returned nothing:
+    its tickers failed at that step, here with the step's own error."""
+    from ml import cli
+    from ml.config import get_settings
+    from ml.forecasts import ledger
+    from ml.forecasts.ledger import LedgerUnavailable
+    from ml.steps import data, forecast, model
+
+    def down(*args, **kwargs):
+        raise LedgerUnavailable("the forecast ledger's database db:5432 cannot be reached")
+
+    summary = {"rows_added": 0, "validation": "passed"}
+    monkeypatch.setattr(ledger, "engine_for", lambda settings: None)
+    monkeypatch.setattr(data, "ingest_all", lambda *a, **k: {"staged": {"A": {}}, "failed": {}})
+    monkeypatch.setattr(
+        data, "validate_all", lambda *a, **k: {"train": [], "tickers": {"A": summary}, "failed": {}}
+    )
+    monkeypatch.setattr(model, "promote_all", lambda *a, **k: {"decisions": {}, "failed": {}})
+    monkeypatch.setattr(forecast, "forecast_all", down)
+    settings = replace(get_settings({}), data_dir=tmp_path / "data")
+
+    assert cli.run_day(["A"], date(2024, 6, 28), settings, force=False) == 1
+    report = json.loads((tmp_path / "data" / "reports" / "2024-06-28.json").read_text())
+    [row] = report["tickers"]
+    assert (row["state"], row["failed_step"]) == ("failed", "forecast")
+    assert (
+        row["error"]
+        == "LedgerUnavailable: the forecast ledger's database db:5432 cannot be reached"
+    )
+    err = capsys.readouterr().err
+    assert "error: the forecast step failed: LedgerUnavailable" in err
+    assert "A failed at forecast: LedgerUnavailable" in err
+
+
+def test_the_dags_report_points_at_the_log_of_a_task_that_returned_nothing() -> None:
+    from ml.steps.report import summarize_tickers
+
+    [row] = summarize_tickers(["A"], ingested=None, validated=None)
+    assert (row["failed_step"], row["error"]) == ("ingest", "the ingest task failed: see its log")

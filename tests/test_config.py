@@ -225,6 +225,15 @@ def test_empty_values_mean_default() -> None:
         ({"PRICE_FILE_MAX_BYTES": "0"}, ["PRICE_FILE_MAX_BYTES", "positive"]),
         ({"TRAILING_DAYS": "ten"}, ["TRAILING_DAYS", "'ten'"]),
         ({"YAHOO_MAX_RETRIES": "0"}, ["YAHOO_MAX_RETRIES", "positive"]),
+        ({"REGISTRY_LOCK_TTL": "0.01"}, ["REGISTRY_LOCK_TTL=0.01", "floor of 80 s"]),
+        (
+            {"MLFLOW_UNREACHABLE_TIMEOUT": "120"},
+            ["REGISTRY_LOCK_TTL=120", "floor of 160 s", "MLFLOW_UNREACHABLE_TIMEOUT=120"],
+        ),
+        ({"MLFLOW_UNREACHABLE_TIMEOUT": "0"}, ["MLFLOW_UNREACHABLE_TIMEOUT", "positive"]),
+        ({"LEDGER_DB_URL": "ledger.db"}, ["LEDGER_DB_URL='ledger.db'", "not a database URL"]),
+        ({"LEDGER_DB_URL": "mysql://u@h/db"}, ["LEDGER_DB_URL", "sqlite or postgresql", "mysql"]),
+        ({"LEDGER_DB_URL": "postgresql+nope://u@h/db"}, ["LEDGER_DB_URL", "no driver"]),
     ],
     ids=lambda v: ",".join(f"{k}={val}" for k, val in v.items()) if isinstance(v, dict) else "",
 )
@@ -236,6 +245,31 @@ def test_bad_values_raise_config_error_naming_the_variable(
     message = str(excinfo.value)
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_the_lock_ttl_floor_follows_the_heartbeat_and_the_mlflow_outage_ridden_out() -> None:
+    """A ttl below `min_ttl` lets a waiter break the lock of a live holder (a ttl of 0.01 s: two
+    versions of one ticker's bars); at the floor it is accepted."""
+    from ml.registry.lock import HEARTBEATS_PER_TTL, MIN_TTL, min_ttl
+
+    assert min_ttl(60) == 60 * HEARTBEATS_PER_TTL / (HEARTBEATS_PER_TTL - 1) == 80
+    assert min_ttl(1) == MIN_TTL
+    assert get_settings({}).registry_lock_ttl >= min_ttl(
+        get_settings({}).mlflow_unreachable_timeout
+    )
+    assert get_settings({"REGISTRY_LOCK_TTL": "80"}).registry_lock_ttl == 80
+    short = get_settings({"REGISTRY_LOCK_TTL": "30", "MLFLOW_UNREACHABLE_TIMEOUT": "10"})
+    assert (short.registry_lock_ttl, short.mlflow_unreachable_timeout) == (30, 10)
+    with pytest.raises(ConfigError, match=r"REGISTRY_LOCK_TTL=29\.9 is below its floor of 30 s"):
+        get_settings({"REGISTRY_LOCK_TTL": "29.9", "MLFLOW_UNREACHABLE_TIMEOUT": "10"})
+
+
+def test_ledger_url_is_kept_and_its_password_never_shown() -> None:
+    url = "postgresql+psycopg2://ledger:s3cret@db.internal:5432/ledger"
+    assert get_settings({"LEDGER_DB_URL": f" {url} "}).ledger_url == url
+    with pytest.raises(ConfigError) as excinfo:
+        get_settings({"LEDGER_DB_URL": "mysql://ledger:s3cret@db.internal/ledger"})
+    assert "s3cret" not in str(excinfo.value) and "ledger:***@" in str(excinfo.value)
 
 
 @pytest.mark.parametrize("name", ["MODEL_LEARNING_RATE", "GATE_P_VALUE"])

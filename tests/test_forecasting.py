@@ -223,6 +223,7 @@ def test_forecast_with_unreachable_registry_fails_loudly(
     from mlflow.exceptions import MlflowException
 
     from ml.forecasts.export import forecasts_path
+    from ml.registry.client import MlflowUnreachable
     from ml.servers import free_port
     from ml.steps.forecast import forecast_step
 
@@ -232,11 +233,12 @@ def test_forecast_with_unreachable_registry_fails_loudly(
         fc_settings,
         data_dir=tmp_path / "data",
         mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}",
+        mlflow_unreachable_timeout=1,
     )
     _ingest(TICKER, AS_OF, down)
     try:
         result = forecast_step(TICKER, AS_OF, down)
-    except MlflowException:
+    except (MlflowException, MlflowUnreachable):
         assert not forecasts_path(down).exists()
         return
     raise AssertionError(f"forecast_step returned {result!r} with the registry unreachable")

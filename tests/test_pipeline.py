@@ -137,7 +137,9 @@ def test_unreachable_tracking_server_means_train_runs(
     """The registry lookup only saves work: it never fails a publish that already happened."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    offline = replace(pl_settings, mlflow_tracking_uri="http://127.0.0.1:9")
+    offline = replace(
+        pl_settings, mlflow_tracking_uri="http://127.0.0.1:9", mlflow_unreachable_timeout=1
+    )
     with caplog.at_level(logging.WARNING, logger="ml.steps.data"):
         validated = _data_phase([TICKER, OTHER], SATURDAY, offline)
     assert validated["train"] == [TICKER, OTHER]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import uuid
 from dataclasses import replace
@@ -19,7 +20,7 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from ml.config import GateConfig, Settings, get_settings
+from ml.config import GateConfig, Settings
 from ml.model.features import TARGETS
 from ml.registry.client import CHALLENGER, CHAMPION, get_alias, get_client
 from ml.registry.gate import gate_failures, read_dm, score
@@ -100,19 +101,104 @@ def test_gate_without_dm_statistics_fails_closed() -> None:
 
 @pytest.mark.slow
 def test_unreachable_registry_is_an_error_not_a_missing_champion(monkeypatch) -> None:
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from ml.servers import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    down = replace(get_settings({}), mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
-    client = get_client(down)
+    down = f"http://127.0.0.1:{free_port()}"
+    client = MlflowClient(tracking_uri=down, registry_uri=down)  # get_client would not get this far
     try:
         get_alias(client, f"price-forecast-{MAIN}", CHAMPION)
     except MlflowException:
         return
     raise AssertionError("get_alias returned instead of raising on an unreachable server")
+
+
+def test_mlflow_retries_of_a_request_fit_in_the_unreachable_timeout() -> None:
+    """MLflow's backoff (0, 4, 8, 16, 32, 64, 120 s ...) cut at the last retry that fits; at
+    least one retry, at most MLflow's 10."""
+    from ml.registry.client import mlflow_retries_within, mlflow_retry_budget
+
+    assert [mlflow_retry_budget(n) for n in range(1, 8)] == [0, 4, 12, 28, 60, 124, 244]
+    assert mlflow_retries_within(60) == 5
+    assert mlflow_retries_within(123) == 5 and mlflow_retries_within(124) == 6
+    assert mlflow_retries_within(0.5) == 1 and mlflow_retries_within(1e6) == 10
+    assert (
+        mlflow_retries_within(60, factor=1) == 5
+    )  # 0, 2, 4, 8, 16 s; a sixth (32 s) would not fit
+
+
+def _stub_health_server(port: int, after: float) -> threading.Thread:
+    """An HTTP server on `port` that starts listening `after` seconds from now and answers one
+    request (a tracking server coming back from a restart)."""
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    def serve() -> None:
+        time.sleep(after)
+        with HTTPServer(("127.0.0.1", port), Health) as server:
+            server.handle_request()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_tracking_server_back_within_the_timeout_is_waited_for(monkeypatch) -> None:
+    import time
+
+    from ml.config import get_settings
+    from ml.registry import client
+    from ml.servers import free_port
+
+    monkeypatch.setattr(client, "_REACHED", {})
+    port = free_port()
+    settings = replace(
+        get_settings({}),
+        mlflow_tracking_uri=f"http://127.0.0.1:{port}",
+        mlflow_unreachable_timeout=30,
+    )
+    server = _stub_health_server(port, after=1.5)
+    started = time.monotonic()
+    client.ensure_reachable(settings)
+    assert 1.5 <= time.monotonic() - started < 15
+    server.join(5)
+    client.ensure_reachable(settings)  # answered once: not asked again (nothing listens now)
+
+
+def test_an_unreachable_tracking_server_fails_once_within_the_timeout(monkeypatch) -> None:
+    """One line naming the URI after the timeout; the process's later steps fail at once."""
+    import time
+
+    from ml.config import get_settings
+    from ml.registry import client
+    from ml.servers import free_port
+
+    monkeypatch.setattr(client, "_REACHED", {})
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"
+    settings = replace(get_settings({}), mlflow_tracking_uri=uri, mlflow_unreachable_timeout=1)
+    for bound in (1 + 5, 0.1):  # the timeout (and a last try of at most 0.5 s), then at once
+        started = time.monotonic()
+        with pytest.raises(client.MlflowUnreachable) as excinfo:
+            get_client(settings)
+        assert time.monotonic() - started < bound
+        assert uri in str(excinfo.value) and "\n" not in str(excinfo.value)
+    # A request that meets the server away later gives up within the timeout too (1 s: one
+    # retry, at once), unless MLFLOW_HTTP_REQUEST_MAX_RETRIES was set.
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
 
 
 def test_gate_reports_every_failing_target() -> None:

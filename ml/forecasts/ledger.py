@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml.config import Settings
+from ml.config import ConfigError, Settings
 from ml.data.store import CorruptFile
 from ml.model.features import JUDGED_TARGETS
 
@@ -55,8 +55,21 @@ class CorruptLedger(CorruptFile):
 
 
 class LedgerWriteError(OSError):
-    """SQLite could not write the ledger (disk full, a file size limit, an I/O error); the
-    transaction was not committed (SQLite rolls it back from its journal)."""
+    """SQLite could not write the ledger (disk full, a file size limit, an I/O error, a read-only
+    file or filesystem); the transaction was not committed (SQLite rolls it back from its
+    journal)."""
+
+
+class LedgerConfigError(ConfigError):
+    """The ledger's setting points where no database can be: a folder that does not exist, a
+    folder where the SQLite file should be, a file where a folder should be, a driver that is
+    not installed. Nothing was done; the command line exits 2, as for any other bad setting."""
+
+
+class LedgerUnavailable(OSError):
+    """The ledger's database cannot be reached or opened now (a PostgreSQL server down or
+    refusing the login, an SQLite file this user may not open): the step fails, a retry once it
+    is back does the work."""
 
 
 # SQLite result codes (sqlite3 exceptions carry them as `sqlite_errorname`, Python >= 3.11).
@@ -64,6 +77,15 @@ _SQLITE_CORRUPT = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
 
 
 _SQLITE_WRITE_FAILED = ("SQLITE_FULL", "SQLITE_IOERR")
+
+_SQLITE_READONLY = "SQLITE_READONLY"
+
+_SQLITE_CANTOPEN = "SQLITE_CANTOPEN"
+
+# Seconds a PostgreSQL connection attempt may take (libpq's `connect_timeout`, unless the URL
+# sets one): without it, a host that drops packets holds the step for the system's TCP timeout,
+# minutes.
+PG_CONNECT_TIMEOUT = 10
 
 
 def _sqlite_error(exc: BaseException) -> Any:
@@ -84,36 +106,115 @@ def _sqlite_error(exc: BaseException) -> Any:
 
 
 def _sqlite_path(settings: Settings) -> Path | None:
+    from urllib.parse import urlsplit
+
     from sqlalchemy.engine import make_url
 
     url = make_url(ledger_url(settings))
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
+    if url.query.get("uri") == "true" and url.database.startswith("file:"):
+        return Path(urlsplit(url.database).path)  # sqlite:///file:/path?mode=ro&uri=true
     return Path(url.database)
+
+
+def _setting(settings: Settings) -> str:
+    """The setting that chose the ledger's location, for messages."""
+    return "LEDGER_DB_URL" if settings.ledger_url else "DATA_DIR"
+
+
+def _unopenable(settings: Settings, path: Path, error: str) -> Exception:
+    """What an SQLite file that cannot be opened or created means: LedgerConfigError when the
+    setting points where no file can be (a file where a folder should be, a folder where the
+    file should be, an LEDGER_DB_URL folder that does not exist), LedgerUnavailable otherwise
+    (no permission, a read-only filesystem)."""
+    setting = _setting(settings)
+    if path.is_dir():
+        return LedgerConfigError(
+            f"{setting}: the forecast ledger {path} is a folder, not an SQLite file ({error}): "
+            f"point {setting} at a file (e.g. {path / 'ledger.db'})"
+        )
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        return LedgerConfigError(
+            f"{setting}: the forecast ledger {path} cannot be created: {blocking} is a file, "
+            f"not a folder ({error}); point {setting} into a folder"
+        )
+    if settings.ledger_url and not path.parent.is_dir():
+        # DATA_DIR is created on first use; a folder named in the URL is not: a typo would start
+        # an empty ledger beside the real one.
+        return LedgerConfigError(
+            f"LEDGER_DB_URL: the forecast ledger {path} cannot be created: the folder "
+            f"{path.parent} does not exist ({error}); create it (mkdir -p {path.parent}) or fix "
+            "LEDGER_DB_URL"
+        )
+    return LedgerUnavailable(
+        f"the forecast ledger {path} cannot be opened or created ({error}): make it and its "
+        f"folder writable by this user (a read-only filesystem?) or point {setting} elsewhere, "
+        "then run the step again"
+    )
 
 
 @contextmanager
 def ledger_errors(settings: Settings) -> Iterator[None]:
-    """Raise what an SQLite ledger's failure means for the user, naming the file and the way out:
-    CorruptLedger (not a database, malformed) or LedgerWriteError (disk full, I/O error). Other
-    errors, and every PostgreSQL error, pass unchanged."""
+    """Raise what a failure of the ledger's database means for the user, naming the file or the
+    server and the way out: CorruptLedger (not a database, malformed), LedgerWriteError (disk
+    full, I/O error, read-only), LedgerConfigError or LedgerUnavailable (cannot be opened or
+    reached: see `_unopenable`; a PostgreSQL server down or refusing the login). Other errors
+    (a bug, a constraint) pass unchanged."""
     try:
         yield
-    except (CorruptLedger, LedgerWriteError):
+    except (CorruptLedger, LedgerWriteError, LedgerConfigError, LedgerUnavailable):
         raise
     except Exception as exc:
-        path = _sqlite_path(settings)
-        cause = _sqlite_error(exc) if path is not None else None
-        name = str(getattr(cause, "sqlite_errorname", "") or "")
-        if cause is None or not name.startswith(_SQLITE_CORRUPT + _SQLITE_WRITE_FAILED):
+        meaning = _meaning(settings, exc)
+        if meaning is None:
             raise
-        if name.startswith(_SQLITE_CORRUPT):
-            raise _corrupt(path, f"{name}: {cause}") from exc
-        raise LedgerWriteError(
+        raise meaning from exc
+
+
+def _meaning(settings: Settings, exc: Exception) -> Exception | None:
+    """The error `ledger_errors` raises for `exc`, or None to raise `exc` as it is."""
+    path = _sqlite_path(settings)
+    if path is None:
+        return _unreachable(settings, exc)
+    cause = _sqlite_error(exc)
+    name = str(getattr(cause, "sqlite_errorname", "") or "")
+    if cause is None:
+        return None
+    if name.startswith(_SQLITE_CORRUPT):
+        return _corrupt(path, f"{name}: {cause}")
+    if name.startswith(_SQLITE_CANTOPEN):
+        return _unopenable(settings, path, f"{name}: {cause}")
+    if name.startswith(_SQLITE_READONLY):
+        return LedgerWriteError(
+            f"the forecast ledger {path} is read-only here ({name}: {cause}; a read-only file, "
+            "folder or filesystem, or a URL with mode=ro): the transaction was not committed, "
+            f"the ledger holds what it held before. Make it writable by this user (or point "
+            f"{_setting(settings)} at a writable place) and run the step again."
+        )
+    if name.startswith(_SQLITE_WRITE_FAILED):
+        return LedgerWriteError(
             f"the forecast ledger {path} could not be written ({name}: {cause}; a full disk, a "
             "file size limit or a failing disk): the transaction was not committed, the ledger "
             "holds what it held before. Free space (or fix the disk) and run the step again."
-        ) from exc
+        )
+    return None
+
+
+def _unreachable(settings: Settings, exc: Exception) -> LedgerUnavailable | None:
+    """LedgerUnavailable for a database server that could not be connected to, or dropped the
+    connection (SQLAlchemy: no statement yet, or an invalidated connection); else None."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(exc, DBAPIError) or not (exc.statement is None or exc.connection_invalidated):
+        return None
+    reason = " ".join(str(exc.orig or exc).split()) or type(exc.orig or exc).__name__
+    return LedgerUnavailable(
+        f"the forecast ledger's database {ledger_location(settings)} (LEDGER_DB_URL) cannot be "
+        f"reached ({reason}): start it, or fix the host, port, user, password or database in "
+        "LEDGER_DB_URL; then run the step again"
+    )
 
 
 def _corrupt(path: Path, error: str) -> CorruptLedger:
@@ -130,8 +231,16 @@ def _corrupt(path: Path, error: str) -> CorruptLedger:
 @lru_cache(maxsize=8)
 def _engine(url: str) -> Engine:
     from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
-    engine = create_engine(url, future=True, pool_pre_ping=True)
+    parsed = make_url(url)
+    connect_args: dict[str, Any] = {}
+    if (
+        parsed.get_driver_name() in ("psycopg2", "psycopg")
+        and "connect_timeout" not in parsed.query
+    ):
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+    engine = create_engine(url, future=True, pool_pre_ping=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
         # A damaged page may sit where no query of this run looks: check the whole file once per
         # process (milliseconds for a ledger) before anything is written into it.
@@ -145,12 +254,25 @@ def _engine(url: str) -> Engine:
 
 
 def engine_for(settings: Settings) -> Engine:
-    """The ledger's engine (tables created on first use); SQLite's folder is created too. An
-    SQLite file that is not a sound database raises CorruptLedger (it is never recreated)."""
-    if not settings.ledger_url:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """The ledger's engine (tables created on first use); DATA_DIR is created for the default
+    SQLite file. An SQLite file that is not a sound database raises CorruptLedger (it is never
+    recreated); a location or a server that cannot serve, LedgerConfigError or
+    LedgerUnavailable (`ledger_errors`)."""
     with ledger_errors(settings):
-        return _engine(ledger_url(settings))
+        if not settings.ledger_url:
+            try:
+                settings.data_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                raise _unopenable(settings, settings.data_dir / "ledger.db", error) from exc
+        try:
+            return _engine(ledger_url(settings))
+        except ImportError as exc:  # the URL's driver (postgresql+psycopg) is not installed
+            raise LedgerConfigError(
+                f"LEDGER_DB_URL: the database driver of {ledger_location(settings)} is not "
+                f"installed ({exc}): install it, or name an installed one "
+                "(postgresql+psycopg2://...)"
+            ) from exc
 
 
 @lru_cache(maxsize=1)

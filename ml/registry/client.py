@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from ml.config import PROJECT_ROOT, Settings
+from ml.config import PROJECT_ROOT, Settings, redact_url
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -20,6 +21,94 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 
 CHALLENGER = "challenger"
+
+# MLflow's HTTP retries (`mlflow.utils.rest_utils.http_request`, urllib3's Retry): after the k-th
+# failed try in a row it sleeps 0 s (k = 1), then BACKOFF_FACTOR * 2**(k-1) s (factor 2 unless
+# MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR says otherwise), at most 120 s; at most 10 retries.
+_MLFLOW_BACKOFF_FACTOR = 2
+_MLFLOW_BACKOFF_MAX = 120.0
+_MLFLOW_MAX_RETRIES_LIMIT = 10
+
+
+class MlflowUnreachable(ConnectionError):
+    """The tracking server did not answer within MLFLOW_UNREACHABLE_TIMEOUT; the message names it."""
+
+
+def mlflow_retry_budget(retries: int, factor: float = _MLFLOW_BACKOFF_FACTOR) -> float:
+    """Seconds MLflow's client sleeps between the tries of one request that fails `retries` + 1
+    times (jitter aside: up to 1 s more per retry)."""
+    return sum(
+        min(_MLFLOW_BACKOFF_MAX, factor * 2 ** (k - 1)) if k > 1 else 0.0
+        for k in range(1, retries + 1)
+    )
+
+
+def mlflow_retries_within(timeout: float, factor: float = _MLFLOW_BACKOFF_FACTOR) -> int:
+    """The most retries whose backoff fits in `timeout` seconds, and at least one (a connection
+    dropped once is tried again at once). 60 s: 5 retries, after 0, 4, 8, 16 and 32 s."""
+    retries = 1
+    while (
+        retries < _MLFLOW_MAX_RETRIES_LIMIT and mlflow_retry_budget(retries + 1, factor) <= timeout
+    ):
+        retries += 1
+    return retries
+
+
+# (pid, tracking URI) -> None once the server answered in this process, or the error saying it
+# did not: a process asks once, and its later steps and tickers fail at once instead of waiting
+# again. The pid keeps a forked child (the preloading executor's tasks) from trusting its
+# parent's answer.
+_REACHED: dict[tuple[int, str], MlflowUnreachable | None] = {}
+
+
+def ensure_reachable(settings: Settings) -> None:
+    """Wait until the tracking server answers (any HTTP answer but a gateway's 502/503/504) for
+    at most `settings.mlflow_unreachable_timeout` seconds, else raise MlflowUnreachable naming
+    it. Once per process and URI; HTTP(S) URIs only (a local store has no server).
+
+    Without it, a step facing a server that is down waits out MLflow's retries on each request
+    it makes, one after another: minutes per ticker."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    uri = settings.mlflow_tracking_uri.rstrip("/")
+    if not uri.startswith(("http://", "https://")):
+        return
+    key = (os.getpid(), uri)
+    if key in _REACHED:
+        if _REACHED[key] is not None:
+            raise _REACHED[key]
+        return
+    timeout = settings.mlflow_unreachable_timeout
+    deadline = time.monotonic() + timeout
+    delay, last = 0.25, ""
+    while True:
+        wait = min(5.0, max(0.5, deadline - time.monotonic()))
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=wait):
+                break
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (502, 503, 504):
+                break  # it answers: MLflow's own request reports what it says
+            last = f"HTTP {exc.code} {exc.reason}"
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLError):
+                break  # something speaks TLS: MLflow's request checks it with its own settings
+            last = str(exc.reason)
+        except OSError as exc:  # a timeout, a connection reset
+            last = str(exc) or type(exc).__name__
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _REACHED[key] = MlflowUnreachable(
+                f"the MLflow tracking server {redact_url(uri)} (MLFLOW_TRACKING_URI) did not "
+                f"answer within {timeout:g} s (MLFLOW_UNREACHABLE_TIMEOUT; {last}): start it or "
+                "fix the URI, then run the step again (the DAG's task retries do)"
+            )
+            raise _REACHED[key]
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 5.0)
+    _REACHED[key] = None
 
 
 @lru_cache(maxsize=1)
@@ -80,6 +169,15 @@ def warm_caches() -> None:
 
 
 def get_client(settings: Settings) -> MlflowClient:
+    """The client of the tracking server, once it answered (`ensure_reachable`; raises
+    MlflowUnreachable). A request that meets the server away later retries for at most
+    MLFLOW_UNREACHABLE_TIMEOUT too, unless MLFLOW_HTTP_REQUEST_MAX_RETRIES says otherwise: MLflow's
+    default, 7 retries, waits about 4 minutes per request."""
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR") or _MLFLOW_BACKOFF_FACTOR)
+    os.environ.setdefault(
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        str(mlflow_retries_within(settings.mlflow_unreachable_timeout, factor)),
+    )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # Ending a run, MLflow prints its URL, which costs a request for the run; the train step
@@ -87,6 +185,7 @@ def get_client(settings: Settings) -> MlflowClient:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
+    ensure_reachable(settings)
     uri = settings.mlflow_tracking_uri
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 

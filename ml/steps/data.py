@@ -116,7 +116,7 @@ def validate_all(
     universe = load_universe(settings.universe_file)
     store = PriceStore(settings.data_dir)
     # What the ledger's monitor asked for after the last run (live U2 >= 1 or input drift).
-    monitor_asks = _pending_retrains(settings, staged, as_of) if check_registry else {}
+    monitor_asks = _pending_retrains(settings, staged, as_of) if check_registry and staged else {}
     summaries: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     unchanged: list[str] = []
@@ -166,12 +166,13 @@ def _trained_versions(
     from ml.registry.versions import trained_version, trained_versions
 
     config_fp = settings.model.fingerprint()
-    client = get_client(settings)
+    client = None
     first_error: list[str] = []
     found: dict[str, Any] = {}
     rest = list(tickers)
     if tickers:
         try:
+            client = get_client(settings)  # MlflowUnreachable: every ticker goes to training
             names = {universe.get(t).model_name: t for t in tickers}
             settled, unsettled = trained_versions(
                 client, {n: summaries[t]["data_fingerprint"] for n, t in names.items()}, config_fp

@@ -46,10 +46,13 @@ def summarize_tickers(
     train_errors: Iterable[Mapping[str, Any] | None] = (),
     promoted: Mapping[str, Any] | None = None,
     forecasted: Mapping[str, Any] | None = None,
+    step_errors: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per ticker from what the steps returned: done, skipped (no new data) or failed.
 
-    A step whose whole task failed returned nothing (None): its tickers are failed at that step.
+    A step whose whole task failed returned nothing (None): its tickers are failed at that step,
+    with its error from `step_errors` (step -> error) when the caller caught it (`python -m ml
+    run`; the DAG's report points at the task's log).
     """
     trained_by = {t["ticker"]: t for t in trained or () if t}
     errors_by = {e["ticker"]: e["error"] for e in train_errors or () if e}
@@ -62,7 +65,15 @@ def summarize_tickers(
     for ticker in tickers:
         row: dict[str, Any] = {"ticker": ticker, "state": "done"}
         failure = _failure(
-            ticker, ingested, validated, to_train, trained_by, errors_by, promoted, forecasted
+            ticker,
+            ingested,
+            validated,
+            to_train,
+            trained_by,
+            errors_by,
+            promoted,
+            forecasted,
+            step_errors or {},
         )
         if failure:
             row.update(state="failed", failed_step=failure[0], error=failure[1])
@@ -128,24 +139,29 @@ def _failure(
     errors_by: Mapping[str, str],
     promoted: Mapping[str, Any] | None,
     forecasted: Mapping[str, Any] | None,
+    step_errors: Mapping[str, str],
 ) -> tuple[str, str] | None:
     """(step, error) for the first step at which `ticker` failed, or None."""
+
+    def whole(step: str) -> tuple[str, str]:  # the step failed as a whole, returned nothing
+        return step, step_errors.get(step) or f"the {step} task failed: see its log"
+
     if not ingested:
-        return "ingest", "the ingest task failed: see its log"
+        return whole("ingest")
     if ticker in (ingested.get("failed") or {}):
         return "ingest", ingested["failed"][ticker]
     if validated is None:
-        return "validate", "the validate task failed: see its log"
+        return whole("validate")
     if ticker in (validated.get("failed") or {}):
         return "validate", validated["failed"][ticker]
     if ticker in to_train and ticker not in trained_by:
         return "train", errors_by.get(ticker, "the train task did not finish: see its log")
     if promoted is None and ticker in trained_by:
-        return "promote", "the promote task failed: see its log"
+        return whole("promote")
     if ticker in ((promoted or {}).get("failed") or {}):
         return "promote", promoted["failed"][ticker]
     if forecasted is None:
-        return "forecast", "the forecast task failed: see its log"
+        return whole("forecast")
     if ticker in (forecasted.get("failed") or {}):
         return "forecast", forecasted["failed"][ticker]
     return None
