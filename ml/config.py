@@ -27,6 +27,25 @@ DATE_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 ECHO_LIMIT = 40
 
 
+# The registry lock (`ml.registry.lock`): a holder refreshes its heartbeat this many times per
+# ttl, so a waiter breaks a live holder's lock only after that many beats in a row failed to land.
+HEARTBEATS_PER_TTL = 4
+# The smallest ttl REGISTRY_LOCK_TTL may set. Each beat is a request to the tracking server: tens
+# of milliseconds when it is idle, seconds when every train task logs at once, and a refused
+# connection is retried after 0 then 4 s (MLflow's backoff). Under 30 s a beat every quarter ttl
+# (7.5 s) no longer outlasts one slow, retried request, and a waiter breaks the lock of a holder
+# still at work: the two then train and register the same bars twice.
+MIN_TTL = 30.0
+
+
+def min_ttl(outage: float) -> float:
+    """The floor of the lock's ttl when the pipeline rides out MLflow outages of up to `outage`
+    seconds (MLFLOW_UNREACHABLE_TIMEOUT): MIN_TTL, and more than `outage` plus one beat interval.
+    While the server is away no heartbeat lands; a waiter that rides out the same outage then
+    reads a heartbeat that old, and must still find it younger than the ttl."""
+    return max(MIN_TTL, outage * HEARTBEATS_PER_TTL / (HEARTBEATS_PER_TTL - 1))
+
+
 class ConfigError(ValueError):
     """A setting has a value the pipeline cannot use."""
 
@@ -393,12 +412,10 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 def _check_lock_ttl(settings: Settings) -> None:
-    """REGISTRY_LOCK_TTL at or above its floor (`ml.registry.lock.min_ttl`): below it, the lock
+    """REGISTRY_LOCK_TTL at or above its floor (`min_ttl`): below it, the lock
     of a holder still at work can be broken, and two processes train and register the same
     bars. REGISTRY_LOCK_TIMEOUT has no floor: a short one only makes a waiter give up (its task
     fails, the retry waits again); it never lets two holders in."""
-    from ml.registry.lock import min_ttl
-
     floor = min_ttl(settings.mlflow_unreachable_timeout)
     if settings.registry_lock_ttl < floor:
         raise ConfigError(

@@ -250,7 +250,7 @@ def test_bad_values_raise_config_error_naming_the_variable(
 def test_the_lock_ttl_floor_follows_the_heartbeat_and_the_mlflow_outage_ridden_out() -> None:
     """A ttl below `min_ttl` lets a waiter break the lock of a live holder (a ttl of 0.01 s: two
     versions of one ticker's bars); at the floor it is accepted."""
-    from ml.registry.lock import HEARTBEATS_PER_TTL, MIN_TTL, min_ttl
+    from ml.config import HEARTBEATS_PER_TTL, MIN_TTL, min_ttl
 
     assert min_ttl(60) == 60 * HEARTBEATS_PER_TTL / (HEARTBEATS_PER_TTL - 1) == 80
     assert min_ttl(1) == MIN_TTL

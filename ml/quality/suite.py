@@ -223,7 +223,8 @@ def build_suite(
     rules = rules_for(instrument)
     exps = [
         *_column_checks(instrument),
-        *_value_checks(tolerance, rules.max_abs_log_return),
+        *_value_checks(tolerance),
+        *_bound_checks(rules.max_abs_log_return),
         *_calendar_checks(instrument, rules),
     ]
     checks = [e.meta["check"] for e in exps]
@@ -267,9 +268,8 @@ def _column_checks(instrument: Instrument) -> list:
     return exps
 
 
-def _value_checks(tolerance: float, max_log: float) -> list:
-    """Prices finite and positive, OHLC consistent (within `tolerance`) and within `max_log` of
-    the bar's Close, Adj Close near Close, Volume finite, >= 0 and without absurd spikes."""
+def _value_checks(tolerance: float) -> list:
+    """Prices finite and positive, OHLC consistent (within `tolerance`), Volume finite, >= 0."""
     exps: list = []
     pct = f"{tolerance:.2%}"
     exps += [
@@ -327,7 +327,13 @@ def _value_checks(tolerance: float, max_log: float) -> list:
             max_value=FINITE_MAX,
         )
     )
-    exps += [
+    return exps
+
+
+def _bound_checks(max_log: float) -> list:
+    """Values no market prints although they are ordered and positive: Open, High and Low far
+    from the bar's Close, Adj Close far from Close, Volume far above its trailing median."""
+    return [
         _expectation(
             "ExpectColumnValuesToBeBetween",
             "range_to_close",
@@ -355,7 +361,6 @@ def _value_checks(tolerance: float, max_log: float) -> list:
             max_value=MAX_VOLUME_TO_MEDIAN,
         ),
     ]
-    return exps
 
 
 def _calendar_checks(instrument: Instrument, rules: ClassRules) -> list:

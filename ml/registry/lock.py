@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ml.config import HEARTBEATS_PER_TTL
 from ml.data.store import pid_alive
 
 if TYPE_CHECKING:
@@ -42,17 +43,6 @@ log = logging.getLogger(__name__)
 
 LOCK_PREFIX = "lock."
 _HOST = socket.gethostname()
-# A holder refreshes its heartbeat this many times per ttl: a waiter breaks a live holder's lock
-# only after that many beats in a row failed to land.
-HEARTBEATS_PER_TTL = 4
-# The smallest ttl REGISTRY_LOCK_TTL may set. Each beat is a request to the tracking server: tens
-# of milliseconds when it is idle, seconds when every train task logs at once, and a refused
-# connection is retried after 0 then 4 s (MLflow's backoff). Under 30 s a beat every quarter ttl
-# (7.5 s) no longer outlasts one slow, retried request, and a waiter breaks the lock of a holder
-# still at work: the two then train and register the same bars twice.
-MIN_TTL = 30.0
-
-
 class RegistryLockTimeout(TimeoutError):
     """The lock stayed held by a live owner for longer than the caller would wait."""
 
@@ -64,14 +54,6 @@ def lock_name(model_name: str) -> str:
 def is_lock(name: str) -> bool:
     """Whether a registered model is one of these locks (not a model)."""
     return name.startswith(LOCK_PREFIX)
-
-
-def min_ttl(outage: float) -> float:
-    """The floor of the ttl when the pipeline rides out MLflow outages of up to `outage` seconds
-    (MLFLOW_UNREACHABLE_TIMEOUT): MIN_TTL, and more than `outage` plus one beat interval. While
-    the server is away no heartbeat lands; a waiter that rides out the same outage then reads
-    a heartbeat that old, and must still find it younger than the ttl."""
-    return max(MIN_TTL, outage * HEARTBEATS_PER_TTL / (HEARTBEATS_PER_TTL - 1))
 
 
 def _stale(tags: dict[str, str], ttl: float) -> str | None:
