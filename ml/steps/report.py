@@ -110,6 +110,9 @@ def summarize_tickers(
         elif forecasted is not None and ticker in (forecasted.get("no_champion") or ()):
             row["promotion"] = "none"
             row["promotion_reason"] = "no champion yet"
+        kind = ((forecasted or {}).get("kinds") or {}).get(ticker)
+        if kind:
+            row["champion_kind"] = kind
         if forecast:
             row["forecast_close"] = forecast.get("pred_close")
             row["forecast_high"] = forecast.get("pred_high")
@@ -163,6 +166,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "live U2 H/L (n)",
         "model",
         "champion",
+        "kind",
         "next close",
     ]
     lines = []
@@ -189,6 +193,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 live_text,
                 str(r.get("training", "-")),
                 str(r.get("promotion", "-")),
+                str(r.get("champion_kind", "-")),
                 f"{close:.4f}" if isinstance(close, float) else "-",
             ]
         )
