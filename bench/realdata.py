@@ -13,15 +13,17 @@ is converted: the files source reads them as they are.
 
 `report` ingests them through the real path (`PRICE_SOURCE=files`, `ml.ingest_all` and
 `validate_all`: Great Expectations suites, the published store under `.state/realdata/data/`),
-then, per ticker and model config, fits and scores:
+then, per ticker and model config (`CONFIGS`: the default `har`, the networks beside it, every
+kind), fits every candidate kind, selects one by validation as the pipeline does, and scores the
+selected one and, beside it, each kind (as fitted for the selection) on the same blocks:
 
 - the default block: `ml.model.training.train_on_history`, the pipeline's own 70/20/10 split;
 - a rolling-origin backtest: `--origins` consecutive test blocks tiling the last 30 % of the
   windows (`ml.model.windows.rolling_origins`), the model REFIT at each origin on the windows before
   it (train/validation 7:2, early stopping on validation), never seeing its test block;
 - on the same test blocks, a HAR-style least-squares reference (High/Low log-ratios on the mean
-  log range over 1, 5, 22 and 66 bars, fitted on train+validation), the bar the networks must
-  clear;
+  log range over 1, 5, 22 and 66 bars, unweighted, fitted on train+validation), the reference
+  from before the `har` candidate;
 - the ceiling: that least squares given also the realized mean log range of the 22 bars after
   the target bar. It uses the future, so it is not a forecast: it estimates how much even a
   perfect forecast of the coming month's volatility would add to that model (an estimate, not
@@ -59,13 +61,15 @@ SOURCES = {
     "MSFT": ("pmdarima==2.1.1", "pmdarima/datasets/data/msft.tar.gz", "msft.csv", "msft.csv"),
 }
 TARGETS = ("High", "Low", "Close")
-# What the report compares: the notebook's inputs with persistence as the fallback (the model
-# before issue 13) and the default config (volatility memory, range-aware naive fallback).
+# What the report compares: the default config (`har`), the networks beside it and every kind as
+# a candidate (gbm included); in each, the kind with the best validation score is selected per
+# block, and the per-kind columns show what each kind scores on the same blocks.
 # The ceiling's look-ahead: the realized volatility of the month after the target bar.
 CEILING_BARS = 22
 CONFIGS = {
-    "notebook inputs": {"vol_horizons": (), "hl_baseline": "persistence"},
     "default": {},
+    "networks and har": {"kinds": ("lstm", "gru", "har")},
+    "all kinds": {"kinds": ("lstm", "gru", "har", "gbm")},
 }
 
 
@@ -220,6 +224,10 @@ def score(result) -> dict[str, dict[str, float]]:
         "close_p_worse": round(float(e.dm_vs_persistence["Close"]["p_worse"]), 4),
         "n_test": e.n_test,
         "kind": result.forecaster.kind,
+        "kinds": {
+            c.kind: {"val_score": c.val_score, **result.candidate_tests.get(c.kind, {})}
+            for c in result.candidates
+        },
         "skill_weights": list(result.forecaster.skill_weights[:3]),
         "test_from": str(result.split.test.target_dates[0])[:10],
         "test_to": str(result.split.test.target_dates[-1])[:10],
@@ -261,6 +269,12 @@ def _p_text(p: float) -> str:
     return f"{p:.3f}" + (" **worse**" if p < 0.05 else "")
 
 
+def _kinds_text(kinds: dict) -> str:
+    return "; ".join(
+        f"{k} {v['val_score']:.4f}: {v['High']:.3f} / {v['Low']:.3f}" for k, v in kinds.items()
+    )
+
+
 def _mean(values):
     return sum(values) / len(values)
 
@@ -296,8 +310,9 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
             "| ticker | block | test bars | U2 vs persistence H / L / C "
             "| U2 vs range-aware naive H / L | HAR-LS vs range-aware naive H / L "
             "| ceiling vs range-aware naive H / L "
-            "| Close worse than persistence? DM p | skill weights H / L / C |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| Close worse than persistence? DM p | skill weights H / L / C "
+            "| selected | each kind: validation score; test vs range-aware naive H / L |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for ticker, res in per_ticker.items():
             rows = [("default block", res["default_block"])]
@@ -314,7 +329,7 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
                     + f" | {r['u2_range_naive']['High']:.3f} / {r['u2_range_naive']['Low']:.3f}"
                     + f" | {har_text} | {ceiling_text} | {_p_text(r['close_p_worse'])} | "
                     + " / ".join(f"{w:.2f}" for w in r["skill_weights"])
-                    + " |"
+                    + f" | {r['kind']} | {_kinds_text(r.get('kinds', {}))} |"
                 )
             origins = res["origins"]
             for key, label in (
@@ -327,7 +342,7 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
                     spread.append(f"{t} {_mean(values):.3f} ({min(values):.3f}..{max(values):.3f})")
                 lines.append(
                     f"| {ticker} | origins: mean (min..max) {label} | | {'; '.join(spread)} "
-                    "| | | | | |"
+                    "| | | | | | | |"
                 )
         lines.append("")
         blocks = [r["default_block"] for r in per_ticker.values()]
@@ -341,8 +356,31 @@ def render(results: dict, notes: dict, command: str, n_origins: int) -> str:
             for t in ("High", "Low")
         ]  # fmt: skip
         lines.append(
-            f"Origins, same figure: max {max(origin_hl):.3f}, mean {_mean(origin_hl):.3f}."
+            f"Origins, same figure (the selected model): max {max(origin_hl):.3f}, "
+            f"mean {_mean(origin_hl):.4f}; per ticker and target, the origins' mean: "
+            + ", ".join(
+                f"{ticker} {t} {_mean([o['u2_range_naive'][t] for o in r['origins']]):.3f}"
+                for ticker, r in per_ticker.items()
+                for t in ("High", "Low")
+            )
+            + "."
         )
+        picked = [o["kind"] for r in per_ticker.values() for o in r["origins"]]
+        lines.append(
+            "Selected by validation at the origins: "
+            + ", ".join(f"{k} {picked.count(k)}" for k in sorted(set(picked)))
+            + "."
+        )
+        kinds = sorted({k for r in per_ticker.values() for o in r["origins"] for k in o["kinds"]})
+        for kind in kinds:
+            values = [
+                o["kinds"][kind][t] for r in per_ticker.values() for o in r["origins"]
+                for t in ("High", "Low")
+            ]  # fmt: skip
+            lines.append(
+                f"Origins, {kind} alone (fitted on train, as in the selection): "
+                f"max {max(values):.3f}, mean {_mean(values):.4f}."
+            )
         for key, label in (("har", "HAR-LS"), ("ceiling", "the ceiling")):
             values = [
                 o[key]["u2_range_naive"][t] for r in per_ticker.values() for o in r["origins"]

@@ -8,8 +8,10 @@ In one process: generates the synthetic history of every ticker of the universe 
 `ml.model.training.train_on_history` for each with the default `ModelConfig` (or `--set` overrides) and
 prints, per ticker, the fit seconds (sum of `CandidateResult.seconds`; of them, the first step
 and validation pass, `trace_seconds`: the graph traces for the process's first ticker), the whole
-`train_on_history` seconds, the epochs run per kind and the test U2 of High, Low and Close;
-then the mean U2 over High/Low/Close over all tickers and the total fit time.
+`train_on_history` seconds, the epochs run per kind, each kind's validation score and the one
+selected, and the test U2 of High, Low and Close; then the mean U2 over High/Low/Close over all
+tickers, the gate's verdicts (a ticker whose candidate fails it and has no champion gets the
+range-aware naive: the "champions" figures count that), and the total fit time.
 
 `--log N` also starts a throwaway SQLite MLflow server and, for the first N tickers, times what
 the train step does around the fit: the registry lookup (`reuse_outcome`) and
@@ -123,6 +125,11 @@ def main() -> int:
             "mean_u2_per_target": {t: round(v, 6) for t, v in totals["per_target"].items()},
             "mean_u2_range_naive": {t: round(v, 6) for t, v in totals["naive"].items()},
             "gate_passes": totals["passes"],
+            "gate_fails_with_range_naive": totals["gate_fails"],
+            "worse_than_range_naive": totals["worse_than_naive"],
+            "champions_mean_u2_hlc": round(totals["champion_u2"], 6),
+            "chosen": totals["chosen"],
+            "per_kind_u2_range_naive_hl": totals["per_kind"],
             "tickers": rows,
             "logging": logging_rows,
         }
@@ -155,22 +162,28 @@ def train_row(instrument, histories, config, as_of) -> tuple[dict, object]:
         "epochs": {c.kind: c.epochs_run for c in result.candidates},
         "best_epoch": {c.kind: c.best_epoch for c in result.candidates},
         "best_val_loss": {c.kind: round(c.best_val_loss, 6) for c in result.candidates},
+        "val_score": {c.kind: round(c.val_score, 6) for c in result.candidates},
+        # each kind as fitted for the selection: test U2 vs the range-aware naive (H, L), Close
+        "kinds_test": result.candidate_tests,
         "chosen": result.forecaster.kind,
         "skill_weights": list(result.forecaster.skill_weights),
         "test_u2": {t: round(v, 6) for t, v in u2.items()},
         "mean_u2_hlc": round(float(np.mean([u2[t] for t in GATE])), 6),
         "gate": gate_verdicts(result),
+        # the range-aware naive's U2 against persistence: a first champion that fails the gate
+        "naive_u2": {t: round(float(result.evaluation.range_naive.u2[t]), 6) for t in GATE},
         "test_u2_range_naive": {
             t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")
         },
     }
-    epochs = " ".join(f"{k}:{v:>2}" for k, v in row["epochs"].items())
+    epochs = " ".join(f"{k}:{v:>2}" for k, v in row["epochs"].items() if v)
     print(
         f"{instrument.ticker:<9} fit {fit:6.2f}s (first calls {row['trace_seconds']:5.2f}s)  "
         f"train {total:6.2f}s (cpu {cpu:6.2f}s)  "
         f"epochs {epochs}  "
+        f"val {' '.join(f'{k}:{v:.4f}' for k, v in row['val_score'].items())}  "
         f"chosen {row['chosen']:<4}  U2 H {u2['High']:.4f} L {u2['Low']:.4f} "
-        f"C {u2['Close']:.4f}",
+        f"C {u2['Close']:.4f}" + ("" if row["gate"]["gate"] else "  (fails the gate: naive)"),
         flush=True,
     )
     return row, result
@@ -188,6 +201,18 @@ def summarize(rows: list[dict]) -> dict:
     passes = {rule: sum(r["gate"][rule] for r in rows) for rule in ("raw_u2", "diebold_mariano")}
     beat_hl = sum(r["test_u2"]["High"] < 1 and r["test_u2"]["Low"] < 1 for r in rows)
     worse_close = sum(r["gate"]["close_significantly_worse"] for r in rows)
+    # The champion each ticker ends with on a first run: the selected candidate if it passes
+    # the gate, else the range-aware naive.
+    champions = [r["test_u2"] if r["gate"]["gate"] else r["naive_u2"] for r in rows]
+    champion_u2 = float(np.mean([np.mean([c[t] for t in GATE]) for c in champions]))
+    fails = sum(not r["gate"]["gate"] for r in rows)
+    worse_naive = sum(r["gate"]["worse_than_range_naive"] for r in rows)
+    chosen = [r["chosen"] for r in rows]
+    kinds = sorted({k for r in rows for k in r["kinds_test"]})
+    per_kind = {
+        k: float(np.mean([r["kinds_test"][k][t] for r in rows for t in ("High", "Low")]))
+        for k in kinds
+    }
     fit_total = sum(r["fit_seconds"] for r in rows)
     first_trace = rows[0]["trace_seconds"]
     train_total = sum(r["train_seconds"] for r in rows)
@@ -203,10 +228,19 @@ def summarize(rows: list[dict]) -> dict:
         + "  ".join(f"{t} {v:.4f}" for t, v in naive.items())
         + f"\ngate against persistence passed: {passes['raw_u2']} of {len(rows)} with the raw "
         f"U2 rule (H < 1, L < 1, C <= 1), {passes['diebold_mariano']} with the Diebold-Mariano "
-        f"rule; High and Low U2 < 1: {beat_hl}; Close significantly worse: {worse_close}",
+        f"rule; High and Low U2 < 1: {beat_hl}; Close significantly worse: {worse_close}\n"
+        f"selected by validation: "
+        + ", ".join(f"{k} {chosen.count(k)}" for k in sorted(set(chosen)))
+        + "; each kind's mean test U2 vs the range-aware naive over High and Low: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in per_kind.items())
+        + f"\nthe gate (with the range-aware naive): {len(rows) - fails} of {len(rows)} pass; "
+        f"significantly worse than the range-aware naive on High or Low: {worse_naive}; "
+        f"champions (the naive where the gate fails) mean test U2 over H/L/C {champion_u2:.4f}",
         flush=True,
     )
     return {"per_target": per_target, "mean_u2": mean_u2, "naive": naive, "passes": passes,
+            "champion_u2": champion_u2, "gate_fails": fails, "worse_than_naive": worse_naive,
+            "chosen": {k: chosen.count(k) for k in set(chosen)}, "per_kind": per_kind,
             "fit": fit_total, "train": train_total, "cpu": cpu_total,
             "first_trace": first_trace}  # fmt: skip
 
@@ -219,10 +253,15 @@ def gate_verdicts(result) -> dict[str, bool]:
 
     u2 = result.evaluation.u2()
     dm = dict(result.evaluation.dm_vs_persistence)
+    dm_naive = dict(result.evaluation.dm_vs_range_naive)
     raw = u2["High"] < 1 and u2["Low"] < 1 and u2["Close"] <= 1
     return {
         "raw_u2": bool(raw),
         "diebold_mariano": not gate_failures(u2, dm, GateConfig()),
+        "gate": not gate_failures(u2, dm, GateConfig(), dm_naive),
+        "worse_than_range_naive": any(
+            dm_naive[t]["p_worse"] < GateConfig().p_value for t in ("High", "Low")
+        ),
         "close_significantly_worse": bool(dm["Close"]["p_worse"] < GateConfig().p_value),
     }
 

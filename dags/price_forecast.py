@@ -37,6 +37,7 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.timetables.trigger import CronTriggerTimetable
 
+from ml.config import DEFAULT_KINDS, MODEL_KINDS
 from ml.universe import TICKER_PATTERN
 
 DATA_DIR = os.environ.get("DATA_DIR", "")
@@ -121,14 +122,14 @@ def _run_key() -> str:
         "model_kinds": Param(
             [
                 k.strip()
-                for k in (os.environ.get("MODEL_KINDS") or "lstm,gru").split(",")
+                for k in (os.environ.get("MODEL_KINDS") or ",".join(DEFAULT_KINDS)).split(",")
                 if k.strip()
             ],
             type="array",
-            items={"type": "string", "enum": ["lstm", "gru"]},
+            items={"type": "string", "enum": list(MODEL_KINDS)},
             minItems=1,
             title="Model kinds",
-            description="Candidates to train; the best on validation loss is registered.",
+            description="Candidates to train; the best on validation is registered.",
         ),
         "max_epochs": Param(
             int(os.environ.get("MODEL_MAX_EPOCHS") or 40),

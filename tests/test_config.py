@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ml.config import (
+    DEFAULT_KINDS,
     MODEL_KINDS,
     PROJECT_ROOT,
     ConfigError,
@@ -122,7 +123,8 @@ def test_defaults_run_offline() -> None:
     assert settings.model == ModelConfig()
     assert settings.gate == GateConfig()
     assert settings.model.window == 6
-    assert settings.model.kinds == MODEL_KINDS == ("lstm", "gru")
+    assert settings.model.kinds == DEFAULT_KINDS == ("har",)
+    assert MODEL_KINDS == ("lstm", "gru", "har", "gbm")
     assert settings.model.split == (0.7, 0.2, 0.1)
     assert settings.price_file_max_bytes == 64 * 1024 * 1024
 
@@ -213,9 +215,9 @@ def test_empty_values_mean_default() -> None:
         ({"MODEL_WINDOW": "0"}, ["MODEL_WINDOW", "positive"]),
         ({"MODEL_BATCH_SIZE": "-32"}, ["MODEL_BATCH_SIZE", "positive"]),
         ({"MODEL_LEARNING_RATE": "fast"}, ["MODEL_LEARNING_RATE", "'fast'", "float"]),
-        ({"MODEL_KINDS": "transformer"}, ["MODEL_KINDS", "'transformer'", "lstm, gru"]),
-        ({"MODEL_KINDS": "lstm,transformer"}, ["MODEL_KINDS", "lstm, gru"]),
-        ({"MODEL_KINDS": " , "}, ["MODEL_KINDS", "lstm, gru"]),
+        ({"MODEL_KINDS": "transformer"}, ["MODEL_KINDS", "'transformer'", "lstm, gru, har, gbm"]),
+        ({"MODEL_KINDS": "lstm,transformer"}, ["MODEL_KINDS", "lstm, gru, har, gbm"]),
+        ({"MODEL_KINDS": " , "}, ["MODEL_KINDS", "lstm, gru, har, gbm"]),
         ({"GATE_U2_HIGH_MAX": "high"}, ["GATE_U2_HIGH_MAX", "'high'"]),
         ({"GATE_P_VALUE": "1"}, ["GATE_P_VALUE", "between 0 and 1"]),
         ({"GATE_P_VALUE": "0"}, ["GATE_P_VALUE", "positive"]),
@@ -361,7 +363,7 @@ def test_model_fingerprint_is_stable_and_tracks_every_param() -> None:
     assert fp == ModelConfig().fingerprint()
     assert len(fp) == 16 and int(fp, 16) >= 0
     # The same values read from the environment give the same fingerprint.
-    assert get_settings({"MODEL_WINDOW": "6", "MODEL_KINDS": "lstm,gru"}).model.fingerprint() == fp
+    assert get_settings({"MODEL_WINDOW": "6", "MODEL_KINDS": "har"}).model.fingerprint() == fp
     changed = [
         replace(base, window=7),
         replace(base, kinds=("lstm",)),

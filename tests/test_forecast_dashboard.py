@@ -180,6 +180,7 @@ def write_fixture_data(settings: Settings) -> None:
                 "u2": {"High": 0.674347, "Low": 0.640709, "Close": 0.998, "Adj Close": 1.0},
                 "promotion": "promoted v4",
                 "promotion_reason": "beats the champion v3 on the same test block",
+                "champion_kind": "har",
             },
             {
                 "ticker": "EURUSD=X",
@@ -292,17 +293,19 @@ def test_run_report_summary(client: Any, env_settings: Settings) -> None:
     assert "<b>1</b> promoted" in html
     assert "PriceValidationError: SOL-USD: High &lt; Low in 2 rows" in html
     gate = {r[0]: r for r in tables(html)["gate"]}
-    # ticker, state, validation, training, U2 High, Low, Close, champion, why
+    # ticker, state, validation, training, U2 High, Low, Close, champion, kind, why
     assert gate["AMD"][4:] == [
         "0.674",
         "0.641",
         "0.998",
         "promoted v4",
+        "har",
         "beats the champion v3 on the same test block",
     ]
     assert gate["EURUSD=X"][6:] == [
         "1.018",
         "kept v3",
+        "–",  # a report written before the champion's kind was in it
         "fails the gate against persistence: Close significantly worse than persistence",
     ]
     assert gate["SOL-USD"][1] == "failed"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ml.config import MODEL_KINDS
+from ml.config import NETWORK_KINDS
 from ml.model.networks import branch_layer_names, branch_weights, build_branches, build_model
 
 WINDOW, N_FEATURES, N_TARGETS = 6, 8, 4
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("kind", NETWORK_KINDS)
 def test_build_model_has_the_notebook_shape(kind: str) -> None:
     import keras
 
@@ -34,13 +34,13 @@ def test_build_model_has_the_notebook_shape(kind: str) -> None:
     assert tuple(model.output_shape) == (None, N_TARGETS)
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("kind", NETWORK_KINDS)
 def test_build_model_default_units_is_64(kind: str) -> None:
     model = build_model(kind, WINDOW, N_FEATURES, N_TARGETS)
     assert model.layers[0].units == 64
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("kind", NETWORK_KINDS)
 def test_build_model_is_compiled_with_adam_and_mse(kind: str) -> None:
     import keras
     import numpy as np
@@ -71,7 +71,7 @@ def test_build_model_honours_window_features_and_dense_units() -> None:
 
 @pytest.mark.parametrize("kind", ["rnn", "LSTM", "", "transformer"])
 def test_build_model_unknown_kind_raises(kind: str) -> None:
-    with pytest.raises(ValueError, match="unknown model kind"):
+    with pytest.raises(ValueError, match="unknown network kind"):
         build_model(kind, WINDOW, N_FEATURES, N_TARGETS)
 
 
@@ -216,7 +216,7 @@ def test_branch_forward_refuses_layers_it_does_not_compute() -> None:
         branch_forward(model, ("gru",))
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("kind", NETWORK_KINDS)
 @pytest.mark.parametrize("window", [WINDOW, 40])  # unrolled, and a window Keras loops over
 def test_numpy_forward_computes_what_the_keras_model_computes(kind: str, window: int) -> None:
     """A forecaster's predictions in NumPy (`numpy_forward`) equal the Keras network's own, with
@@ -309,7 +309,7 @@ def test_numpy_forward_saturates_without_warnings() -> None:
     from ml.model.networks import numpy_forward
 
     keras.utils.set_random_seed(11)
-    for kind in MODEL_KINDS:
+    for kind in NETWORK_KINDS:
         model = build_model(kind, WINDOW, N_FEATURES, N_TARGETS, units=5, dense_units=4)
         model.set_weights([w * 400.0 for w in model.get_weights()])
         x = np.random.default_rng(12).normal(size=(9, WINDOW, N_FEATURES)).astype("float32")

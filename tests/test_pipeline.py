@@ -202,14 +202,22 @@ def test_version_without_gate_decision_is_promoted_by_the_next_run(
     assert rerun["tickers"][REJECTED]["version"] == trained["version"]
     assert rerun["tickers"][REJECTED]["gate_status"] is None
     promoted = promote_all(rerun, [], FRIDAY, strict)
-    assert promoted["decisions"][REJECTED]["promoted"] is False
+    decision = promoted["decisions"][REJECTED]
+    assert decision["promoted"] is False
     version = get_client(strict).get_model_version(f"price-forecast-{REJECTED}", trained["version"])
     assert version.tags["gate_status"] == "rejected"
+    # It had no champion: the range-aware naive is registered as its champion.
+    assert "the range-aware naive is the champion" in decision["reason"]
+    naive = get_client(strict).get_model_version(
+        f"price-forecast-{REJECTED}", decision["champion_version"]
+    )
+    assert naive.tags["model_kind"] == "naive" and naive.tags["gate_status"] == "promoted"
 
 
-def test_rejected_ticker_without_champion_is_skipped_without_forecast(
+def test_rejected_ticker_forecasts_with_its_naive_champion(
     pl_settings: Settings, friday_done: dict
 ) -> None:
+    """Its candidate failed the gate and it had no champion: the naive champion forecasts."""
     from ml.steps.forecast import forecast_all
     from ml.steps.report import summarize_tickers
 
@@ -217,7 +225,8 @@ def test_rejected_ticker_without_champion_is_skipped_without_forecast(
     validated = _data_phase([REJECTED], SATURDAY, strict)
     assert validated["train"] == []
     forecasted = forecast_all([REJECTED], SATURDAY, strict)
-    assert forecasted["no_champion"] == [REJECTED] and forecasted["forecasts"] == {}
+    assert forecasted["no_champion"] == [] and set(forecasted["forecasts"]) == {REJECTED}
+    assert forecasted["kinds"] == {REJECTED: "naive"}
     [row] = summarize_tickers(
         [REJECTED],
         ingested={"staged": {REJECTED: {}}, "failed": {}},
@@ -227,7 +236,8 @@ def test_rejected_ticker_without_champion_is_skipped_without_forecast(
     )
     assert row["state"] == "skipped"
     assert row["training"].startswith("not retrained: v")
-    assert row["promotion"] == "none" and row["promotion_reason"] == "no champion yet"
+    assert row["promotion"].startswith("kept v") and row["champion_kind"] == "naive"
+    assert row["forecast_close"] is not None
 
 
 # --- the data phase's concurrency and isolation ---------------------------------------------------

@@ -35,6 +35,8 @@ SATURDAY = date(2023, 12, 30)
 MAIN = "TREG"  # the main flow: first train, reuse, skip, a worse candidate
 RACE = "TRACE"  # two good versions racing to promote
 PIT = "TPIT"  # point in time: a later date first, then a backfill of an earlier one
+NAIVE = "TNAIVE"  # a first candidate that fails the gate: the range-aware naive is the champion
+OLD = "TOLD"  # a model logged the way models were before "models from code"
 SVG_NS = "http://www.w3.org/2000/svg"
 
 
@@ -100,6 +102,25 @@ def test_gate_without_dm_statistics_fails_closed() -> None:
 
 
 @pytest.mark.slow
+def test_gate_refuses_a_candidate_significantly_worse_than_the_range_aware_naive() -> None:
+    u2 = {"High": 0.7, "Low": 0.8, "Close": 1.0}
+    naive = {
+        "High": {"stat": 2.5, "p_worse": 0.01, "p_better": 0.99},
+        "Low": {"stat": -1.0, "p_worse": 0.84, "p_better": 0.16},
+    }
+    failures = gate_failures(u2, _dm(), GateConfig(), naive)
+    assert failures == [
+        "High significantly worse than the range-aware naive (Diebold-Mariano p 0.01 < 0.05)"
+    ]
+    # Not significantly worse, or equal to the naive (no test: NaN), passes.
+    naive["High"] = {"stat": 1.0, "p_worse": 0.16, "p_better": 0.84}
+    assert gate_failures(u2, _dm(), GateConfig(), naive) == []
+    equal = {t: {"stat": math.nan, "p_worse": math.nan, "p_better": math.nan} for t in naive}
+    assert gate_failures(u2, _dm(), GateConfig(), equal) == []
+    # A version registered before the test existed (no tag) is judged without it.
+    assert gate_failures(u2, _dm(), GateConfig(), None) == []
+
+
 def test_unreachable_registry_is_an_error_not_a_missing_champion(monkeypatch) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -231,7 +252,13 @@ def reg_settings(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> Set
         tmp_path_factory.mktemp("registry"),
         mlflow_server.uri,
         f"test-registry-{uuid.uuid4().hex[:8]}",
-        {MAIN: "Registry test", RACE: "Race test", PIT: "Point-in-time test"},
+        {
+            MAIN: "Registry test",
+            RACE: "Race test",
+            PIT: "Point-in-time test",
+            NAIVE: "Naive fallback test",
+            OLD: "Old-format model test",
+        },
     )
 
 
@@ -602,7 +629,8 @@ def test_worse_candidate_is_registered_but_not_promoted(
     decision = promote_if_better(instrument, AS_OF, outcome.version, reg_settings)
     assert decision.promoted is False
     assert decision.champion_version == champion_before.version
-    assert "gate against persistence" in decision.reason
+    assert "gate against the baselines" in decision.reason
+    assert f"champion v{champion_before.version} kept" in decision.reason
 
     tags = client.get_model_version(name, outcome.version).tags
     assert tags["gate_status"] == "rejected"
@@ -968,3 +996,120 @@ def test_batch_registry_reads_give_the_per_model_answers(
             ], (name, day)
     assert champions_as_of(client, [d], date(2024, 1, 10))[d][0].version == d1
     assert champions_as_of(client, [b], date(2024, 1, 10))[b][0].version == b1
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistical kinds, the naive fallback champion, a model logged before "models from code"
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_ticker_whose_first_candidate_fails_gets_the_naive_as_champion(
+    reg_settings: Settings,
+) -> None:
+    """A `har` candidate held to an impossible cap fails; the ticker has no champion, so the
+    range-aware naive is registered and made champion. Both versions load through
+    `mlflow.pyfunc.load_model` from the server (models from code) and answer."""
+    import mlflow
+
+    from ml.data.sources import PRICE_COLUMNS
+    from ml.model.evaluation import range_naive_forecast
+    from ml.registry.versions import load_forecaster
+    from ml.steps.common import instrument_for
+    from ml.steps.model import promote_step, train_step
+
+    settings = replace(
+        reg_settings,
+        model=replace(reg_settings.model, kinds=("har",)),
+        gate=replace(reg_settings.gate, u2_high_max=0.01),
+    )
+    _ingest(NAIVE, AS_OF, settings)
+    trained = train_step(NAIVE, AS_OF, settings)
+    assert trained["chosen_kind"] == "har" and trained["version"] == "1"
+    decision = promote_step(NAIVE, AS_OF, trained, settings)
+    assert decision["promoted"] is False
+    assert "U2 High" in decision["reason"]
+    assert "no champion yet: the range-aware naive is the champion (v2)" in decision["reason"]
+    assert decision["champion_version"] == "2"
+
+    client = get_client(settings)
+    name = f"price-forecast-{NAIVE}"
+    assert get_alias(client, name, CHAMPION).version == "2"
+    assert get_alias(client, name, CHALLENGER).version == "1"  # the candidate, not the naive
+    tags = client.get_model_version(name, "2").tags
+    assert tags["model_kind"] == "naive"
+    assert tags["gate_status"] == "promoted"
+    assert tags["gate_reason"].startswith("fallback: no candidate passed the gate")
+    assert tags["config_fingerprint"] != settings.model.fingerprint()  # never reused as trained
+    assert client.get_model_version(name, "1").tags["gate_status"] == "rejected"
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    history = _history(settings, NAIVE, AS_OF)
+    bars = history[PRICE_COLUMNS].tail(120).reset_index(drop=True)
+    for version, kind in (("1", "har"), ("2", "naive")):
+        flavor = mlflow.models.Model.load(f"models:/{name}/{version}").flavors["python_function"]
+        assert "model_code_path" in flavor  # logged as code, nothing pickled
+        served = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(bars)
+        forecaster, _ = load_forecaster(instrument_for(NAIVE, settings), settings, version=version)
+        assert forecaster.kind == kind
+        expected = forecaster.predict_frame(bars)
+        np.testing.assert_allclose(served[list(TARGETS)], expected[list(TARGETS)])
+    # The naive champion forecasts the range-aware naive: last Close x the trailing mean ratios.
+    naive = load_forecaster(instrument_for(NAIVE, settings), settings)[0]
+    frame = naive.predict_frame(bars)
+    np.testing.assert_allclose(frame["Close"], bars["Close"].iloc[naive.window :].to_numpy())
+    from ml.model.features import build_features
+    from ml.model.windows import trailing_ratios
+
+    high, low = trailing_ratios(build_features(bars), naive.naive_lookback)
+    close = bars["Close"].iloc[naive.window :].to_numpy()
+    expected = range_naive_forecast(close, close, high[naive.window - 1 :], low[naive.window - 1 :])
+    np.testing.assert_allclose(frame[["High", "Low"]].to_numpy(), expected[:, :2])
+
+    again = promote_step(NAIVE, AS_OF, trained, settings)
+    assert again["reason"].startswith("decided earlier") and again["champion_version"] == "2"
+
+
+@pytest.mark.slow
+def test_a_model_logged_before_models_from_code_still_loads_and_answers(
+    first_run: dict[str, Any], reg_settings: Settings
+) -> None:
+    """Models registered before this change hold the pyfunc class cloudpickled
+    (`python_model.pkl`): logged that way here, it loads through `mlflow.pyfunc.load_model` and
+    through the pipeline's own loader, and predicts what its forecaster predicts."""
+    import tempfile
+
+    import mlflow
+
+    from ml.data.sources import PRICE_COLUMNS
+    from ml.registry.pyfunc import PriceForecastModel, log_model, serving_code
+    from ml.registry.tracking import PIP_REQUIREMENTS
+    from ml.registry.versions import load_forecaster
+    from ml.steps.common import instrument_for
+
+    forecaster, _ = load_forecaster(instrument_for(MAIN, reg_settings), reg_settings)
+    mlflow.set_tracking_uri(reg_settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(reg_settings.mlflow_tracking_uri)
+    mlflow.set_experiment(reg_settings.experiment_name)
+    name = f"price-forecast-{OLD}"
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run():
+        info = log_model(
+            name="model",
+            python_model=PriceForecastModel(),  # the old way: the object, cloudpickled
+            artifacts=forecaster.save(Path(tmp) / "model"),
+            pip_requirements=PIP_REQUIREMENTS,
+            code_paths=[str(serving_code(Path(tmp) / "code"))],
+            validate_serving_input=False,
+        )
+    version = mlflow.register_model(info.model_uri, name).version
+    flavor = mlflow.models.Model.load(f"models:/{name}/{version}").flavors["python_function"]
+    assert "python_model" in flavor and "model_code_path" not in flavor
+    bars = _history(reg_settings, MAIN, AS_OF)[PRICE_COLUMNS].tail(90).reset_index(drop=True)
+    served = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(bars)
+    expected = forecaster.predict_frame(bars)
+    np.testing.assert_allclose(served[list(TARGETS)], expected[list(TARGETS)], rtol=1e-6)
+    loaded, _ = load_forecaster(instrument_for(OLD, reg_settings), reg_settings, version=version)
+    np.testing.assert_allclose(
+        loaded.predict_frame(bars)[list(TARGETS)], expected[list(TARGETS)], rtol=1e-6
+    )

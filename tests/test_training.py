@@ -100,7 +100,7 @@ def trained_on_changed_test_block(changed_test_block) -> TrainResult:
 
 
 @pytest.mark.slow
-def test_trains_both_kinds_and_keeps_the_lower_validation_loss(trained: TrainResult) -> None:
+def test_trains_both_kinds_and_keeps_the_better_validation_score(trained: TrainResult) -> None:
     assert [c.kind for c in trained.candidates] == ["lstm", "gru"]
     for c in trained.candidates:
         assert 1 <= c.best_epoch <= c.epochs_run <= TINY.max_epochs
@@ -112,9 +112,9 @@ def test_trains_both_kinds_and_keeps_the_lower_validation_loss(trained: TrainRes
         assert 0 < c.trace_seconds <= c.seconds
     chosen = trained.chosen
     assert chosen.kind == trained.forecaster.kind
-    assert chosen.best_val_loss == min(c.best_val_loss for c in trained.candidates)
+    assert chosen.val_score == min(c.val_score for c in trained.candidates)
     other = next(c for c in trained.candidates if c.kind != chosen.kind)
-    assert chosen.best_val_loss <= other.best_val_loss
+    assert chosen.val_score <= other.val_score
     # The network that was kept is the one of the chosen kind.
     assert trained.forecaster.model.layers[0].name == chosen.kind
 
@@ -413,3 +413,70 @@ def test_skill_weights_per_target_and_degenerate_inputs() -> None:
     assert weights[1] == pytest.approx(0.5, abs=0.01)
     # Fewer than 3 rows: no evidence of skill.
     assert fit_skill_weights(y[:2], y[:2]) == (0.0, 0.0, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection by validation: the test block only scores
+# --------------------------------------------------------------------------------------------------
+
+
+class _Signal:
+    """A stand-in model: High = +s, Low = -s log-ratios, s read off one input of the last bar."""
+
+    def __init__(self, column: int) -> None:
+        self.column = column
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        s = x[:, -1, self.column]
+        return np.column_stack([s, -s, np.zeros_like(s), np.zeros_like(s)])
+
+
+def _regime_split():
+    """Validation driven by input 6, test by input 7: a model reading 6 wins validation, one
+    reading 7 would win the test block."""
+    from ml.model.windows import Scaler, SplitData, WindowSet
+
+    rng = np.random.default_rng(0)
+
+    def part(n: int, driver: int) -> WindowSet:
+        x = np.zeros((n, 6, 8))
+        x[:, -1, 6:8] = rng.normal(0, 0.01, (n, 2))
+        s = x[:, -1, driver]
+        y = np.column_stack([s, -s, np.zeros(n), np.zeros(n)]) + rng.normal(0, 0.002, (n, 4))
+        close = np.full(n, 100.0)
+        return WindowSet(
+            x, y, close, close, close[:, None] * np.exp(y), np.ones(n), np.ones(n), np.arange(n)
+        )
+
+    train, val, test = part(50, 6), part(200, 6), part(200, 7)
+    return SplitData(train, val, test, Scaler.fit(train.x), Scaler.fit(train.y))
+
+
+def test_selection_uses_validation_even_where_the_test_block_would_pick_the_other() -> None:
+    from ml.model.forecaster import PriceForecaster
+    from ml.model.training import _test_u2, select_by_validation
+
+    split = _regime_split()
+
+    def forecaster(kind: str, column: int) -> PriceForecaster:
+        return PriceForecaster(kind, 6, _Signal(column), split.x_scaler, split.y_scaler)
+
+    candidates = [forecaster("gbm", 7), forecaster("har", 6)]
+    best, scores = select_by_validation(candidates, split)
+    assert candidates[best].kind == "har" and scores[1] < scores[0]
+    # On the test block the other one is better: selection never looked there.
+    tests = {f.kind: _test_u2(f, split) for f in candidates}
+    assert tests["gbm"]["High"] < tests["har"]["High"]
+    # Its skill weights were fitted on validation: the input that drives it gets weight ~1.
+    assert candidates[1].skill_weights[0] > 0.9
+
+
+def test_a_model_without_validation_skill_scores_as_its_baseline() -> None:
+    """A model of pure noise on validation (its skill weights are fitted on each half of the
+    block and scored on the other) scores no better than the baseline it falls back to."""
+    from ml.model.forecaster import PriceForecaster
+    from ml.model.training import validation_score
+
+    split = _regime_split()
+    noise = PriceForecaster("gbm", 6, _Signal(7), split.x_scaler, split.y_scaler)
+    assert validation_score(noise, split) >= 0.999

@@ -365,6 +365,9 @@ class EvaluationReport:
     # Diebold-Mariano (small-sample corrected) of the model against persistence, per target of
     # High/Low/Close: {"stat", "p_worse", "p_better"}, see `diebold_mariano`.
     dm_vs_persistence: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # The same test of High and Low against the range-aware naive: the gate refuses a model
+    # significantly worse than the cheap answer on either.
+    dm_vs_range_naive: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def u2(self) -> dict[str, float]:
         """Model U2 vs persistence per target ("High", "Low", "Close", "Adj Close"), for the gate."""
@@ -390,6 +393,9 @@ class EvaluationReport:
         for target, test in self.dm_vs_persistence.items():
             for name, value in test.items():
                 out[_metric_key(prefix, "dm_persistence", target, name)] = float(value)
+        for target, test in self.dm_vs_range_naive.items():
+            for name, value in test.items():
+                out[_metric_key(prefix, "dm_range_naive", target, name)] = float(value)
         return out
 
 
@@ -454,5 +460,9 @@ def evaluate(
         dm_vs_persistence={
             TARGETS[j]: diebold_mariano(p[:, j] - a[:, j], persistence[:, j] - a[:, j])
             for j in (hi, lo, cl)
+        },
+        dm_vs_range_naive={
+            TARGETS[j]: diebold_mariano(p[:, j] - a[:, j], range_naive[:, j] - a[:, j])
+            for j in (hi, lo)
         },
     )

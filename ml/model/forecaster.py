@@ -1,6 +1,8 @@
-"""From a trained network to prices.
+"""From a trained model to prices.
 
-`PriceForecaster` bundles the Keras network with the train-only scalers; it takes raw bars and
+`PriceForecaster` bundles a fitted model of the next bar's log-ratios (a Keras network, `lstm` or
+`gru`, with the train-only scalers; or a statistical model of `ml.model.statistical`: `har`,
+`gbm`, `naive`) with the skill weights toward the baselines; it takes raw bars and
 returns the next bar's High, Low, Close and Adj Close in prices. The registered MLflow model is that
 same object behind the pyfunc interface (`ml.registry.pyfunc`), so
 `models:/price-forecast-<slug>@champion` predicts prices from a frame of recent bars.
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ml.config import NETWORK_KINDS
 from ml.model.features import FEATURES, TARGETS, feature_names
 from ml.model.windows import Scaler, _relative_inputs, trailing_ratios
 
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
     import keras
     import numpy as np
     import pandas as pd
+
+    from ml.model.statistical import StatisticalModel
 
 
 KERAS_FILE = "model.keras"
@@ -32,7 +37,8 @@ PREPROCESSING_FILE = "preprocessing.json"
 class PriceForecaster:
     kind: str
     window: int
-    model: keras.Model
+    # The network (NETWORK_KINDS) or the statistical model (`ml.model.statistical`).
+    model: keras.Model | StatisticalModel
     x_scaler: Scaler
     y_scaler: Scaler
     # Per-target shrinkage toward the target's baseline (`anchors`) in log-ratio space, fitted on
@@ -50,6 +56,10 @@ class PriceForecaster:
         """Bars before a forecast that make its inputs exactly those of training: the window,
         the longest memory horizon or naive lookback before it, and one bar for the return."""
         return self.window + max((*self.horizons, self.naive_lookback)) + 1
+
+    @property
+    def is_network(self) -> bool:
+        return self.kind in NETWORK_KINDS
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -71,14 +81,16 @@ class PriceForecaster:
         return base
 
     def raw_log_ratios(self, x: np.ndarray) -> np.ndarray:
-        """The network's log-ratio predictions for relative windows `x`, before shrinkage.
+        """The model's log-ratio predictions for relative windows `x`, before shrinkage.
 
-        The network's arithmetic in NumPy (`ml.model.networks.numpy_forward`), or, for a network
+        A statistical model reads the unscaled windows. A network: its arithmetic in NumPy (`ml.model.networks.numpy_forward`), or, for a network
         of another shape, a direct (eager) Keras call; not `model.predict`, which would trace a
         graph function for every new model (about 0.3 s each, more than the prediction itself).
         """
         import numpy as np
 
+        if not self.is_network:
+            return np.asarray(self.model.predict(x), dtype="float64")
         from ml.model.networks import numpy_forward
 
         inputs = self.x_scaler.transform(x).astype("float32")
@@ -87,7 +99,7 @@ class PriceForecaster:
         return self.y_scaler.inverse(np.asarray(scaled, dtype="float64"))
 
     def network_offsets(self, x: np.ndarray, base: np.ndarray) -> np.ndarray:
-        """(n, 4) how far the network's log-ratio forecast lies from the anchors' `base`."""
+        """(n, 4) how far the model's log-ratio forecast lies from the anchors' `base`."""
         return self.raw_log_ratios(x) - base
 
     def predict_windows(
@@ -99,7 +111,7 @@ class PriceForecaster:
         low_ratio: np.ndarray | None = None,
     ) -> np.ndarray:
         """Prices (n, 4) for relative windows `x` (n, window, n_features): per target, the
-        baseline's log-ratio plus the skill weight times the network's difference from it."""
+        baseline's log-ratio plus the skill weight times the model's difference from it."""
         import numpy as np
 
         if len(x) == 0:
@@ -137,14 +149,25 @@ class PriceForecaster:
         return out
 
     def save(self, directory: Path) -> dict[str, str]:
-        """Write the network and scalers to `directory`; returns the artifact paths by name."""
+        """Write the model and scalers to `directory`; returns the artifact paths by name.
+
+        A network: `model.keras` and `preprocessing.json`; a statistical model is JSON inside
+        `preprocessing.json` (key `model`), one file: every artifact file is one request to the
+        tracking server when logging and again when a champion is downloaded."""
         directory.mkdir(parents=True, exist_ok=True)
-        keras_path = directory / KERAS_FILE
-        self.model.save(keras_path)
+        paths = {}
+        extra: dict[str, Any] = {}
+        if self.is_network:
+            keras_path = directory / KERAS_FILE
+            self.model.save(keras_path)
+            paths["keras_model"] = str(keras_path)
+        else:
+            extra["model"] = self.model.to_dict()
         prep_path = directory / PREPROCESSING_FILE
         prep_path.write_text(
             json.dumps(
                 {
+                    **extra,
                     "kind": self.kind,
                     "window": self.window,
                     "x_scaler": self.x_scaler.to_dict(),
@@ -159,22 +182,33 @@ class PriceForecaster:
                 sort_keys=True,
             )
         )
-        return {"keras_model": str(keras_path), "preprocessing": str(prep_path)}
+        return {**paths, "preprocessing": str(prep_path)}
 
     @classmethod
-    def load(cls, keras_path: str | Path, preprocessing_path: str | Path) -> PriceForecaster:
-        import keras
-
+    def load(cls, keras_path: str | Path | None, preprocessing_path: str | Path) -> PriceForecaster:
+        """The forecaster `save` wrote; `keras_path` is None for a statistical model."""
         prep = json.loads(Path(preprocessing_path).read_text())
+        horizons = tuple(int(k) for k in prep.get("horizons", ()))
+        model: Any
+        if prep["kind"] in NETWORK_KINDS:
+            import keras
+
+            if keras_path is None:
+                raise ValueError(f"a {prep['kind']} forecaster needs its {KERAS_FILE}")
+            model = keras.saving.load_model(keras_path, compile=False)
+        else:
+            from ml.model.statistical import from_dict
+
+            model = from_dict(prep["model"], horizons)
         return cls(
             kind=prep["kind"],
             window=int(prep["window"]),
-            model=keras.saving.load_model(keras_path, compile=False),
+            model=model,
             x_scaler=Scaler.from_dict(prep["x_scaler"]),
             y_scaler=Scaler.from_dict(prep["y_scaler"]),
             skill_weights=tuple(prep.get("skill_weights", (1.0, 1.0, 1.0, 1.0))),
             # Models saved before these keys existed: 8 inputs, persistence anchors.
-            horizons=tuple(int(k) for k in prep.get("horizons", ())),
+            horizons=horizons,
             anchors=tuple(prep.get("anchors", ("persistence",) * len(TARGETS))),
             naive_lookback=int(prep.get("naive_lookback", 20)),
         )

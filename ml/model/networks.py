@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ml.config import MODEL_KINDS
+from ml.config import NETWORK_KINDS
 
 UNROLL_MAX_WINDOW = 32
 # (pid, threads) of the last BLAS limit `configure_tensorflow` set: once per process.
@@ -55,8 +55,8 @@ def configure_tensorflow(threads: int | None = None) -> None:
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}: choose from {', '.join(MODEL_KINDS)}")
+    if kind not in NETWORK_KINDS:
+        raise ValueError(f"unknown network kind {kind!r}: choose from {', '.join(NETWORK_KINDS)}")
 
 
 def _recurrent(kind: str, units: int, window: int, name: str) -> keras.layers.Layer:

@@ -1,12 +1,19 @@
-"""Train one ticker: both candidates with early stopping, keep the best checkpoint by validation loss.
+"""Train one ticker: every candidate kind, keep the one with the best validation score.
 
-Both kinds are fitted at once, as two branches of one Keras graph (`ml.model.networks.build_branches`):
+The candidates are the networks (`lstm`, `gru`) and the statistical models (`har`, `gbm`,
+`ml.model.statistical`) of the config's `kinds`. Each gets its skill weights toward the
+baselines on the validation block, and is then scored there in prices (`validation_score`, the
+mean U2 against persistence over High, Low and Close, the gate's `score`); the lowest wins. The
+test block is never seen by fitting, early stopping or selection; it is only scored afterwards,
+against the persistence and range-aware baselines.
+
+The network kinds are fitted at once, as two branches of one Keras graph (`ml.model.networks.build_branches`):
 same batches, summed MSE, no shared weights, so each branch follows the gradients it would get
 alone. The epochs run through the module's own traced train step (`_compile`), not `Model.fit`.
 Early stopping is per branch (`_score_epoch`); the branch with the lower best
-validation loss is copied out into a standalone `build_model` network, which is what is
-registered. The test block is never seen by fitting or early stopping; it is only scored
-afterwards, against the persistence and range-aware baselines.
+validation loss is copied out into a standalone `build_model` network per kind. A statistical
+winner is fitted again on train and validation together (keeping its validation skill weights):
+it has no early stopping to hold the validation block for, and its selection is already made.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from ml.config import ModelConfig
+from ml.config import NAIVE_KIND, NETWORK_KINDS, ModelConfig
 from ml.data.store import data_fingerprint
 from ml.model.networks import configure_tensorflow
 from ml.model.windows import SplitData, prepare
@@ -44,6 +51,9 @@ class CandidateResult:
     # trace and instantiate the two graph functions (a few tenths of a second, whatever the
     # data), so the fit's wall time minus this is the epochs' own work.
     trace_seconds: float = 0.0
+    # Mean U2 against persistence over High, Low and Close on the validation block, in prices,
+    # after the skill weights (`validation_score`): what selects the registered kind.
+    val_score: float = float("nan")
 
 
 @dataclass
@@ -58,6 +68,10 @@ class TrainResult:
     config_fingerprint: str
     test_predictions: np.ndarray
     evaluation: EvaluationReport
+    # Per candidate kind, as fitted for the selection (train block only): U2 on the test block
+    # against the range-aware naive (High, Low) and persistence (Close). Reports only: the
+    # selection never reads it.
+    candidate_tests: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def chosen(self) -> CandidateResult:
@@ -351,38 +365,149 @@ def train_on_history(
     return fit_and_evaluate(ticker, as_of, history, split, config)
 
 
-def fit_and_evaluate(
-    ticker: str, as_of: date, history: pd.DataFrame, split: SplitData, config: ModelConfig
-) -> TrainResult:
-    """Fit every kind on `split`'s train block (early stopping on validation), keep the best,
-    fit its skill weights on validation and score it on the test block against both baselines.
-    `train_on_history` uses the 70/20/10 split; a rolling-origin backtest passes its own."""
-    from ml.model.evaluation import evaluate, mase_scale
+def validation_score(forecaster: PriceForecaster, split: SplitData) -> float:
+    """Fit `forecaster`'s skill weights on the validation block (in place) and return its mean U2
+    against persistence over High, Low and Close there, in prices: one number that ranks a
+    network and a regression alike (their losses are in different units).
+
+    The score is out of sample for the skill weights too: each half of the validation block is
+    scored with weights fitted on the other half. Weights fitted and scored on the same bars
+    would reward a spurious slope (a network's noise on Close, fitted on validation, scores
+    better there than it forecasts)."""
+    import numpy as np
+
+    from ml.model.evaluation import persistence_forecast, theil_u2
+    from ml.model.features import JUDGED_TARGETS, TARGETS
+
+    val = split.val
+    base = forecaster.anchor_log_ratios(val.high_ratio, val.low_ratio, len(val))
+    offsets = forecaster.network_offsets(val.x, base)
+    actual = val.y - base
+    half = len(val) // 2
+    folds = (slice(0, half), slice(half, len(val)))
+    log_ratio = np.empty_like(offsets)
+    for scored, fitted in (folds, folds[::-1]):
+        weights = np.asarray(fit_skill_weights(offsets[fitted], actual[fitted]))
+        log_ratio[scored] = base[scored] + offsets[scored] * weights
+    forecaster.skill_weights = fit_skill_weights(offsets, actual)
+    close = np.stack([val.last_close] * 3 + [val.last_adj_close], axis=1)
+    predicted = close * np.exp(log_ratio)
+    u2 = theil_u2(val.actual, predicted, persistence_forecast(val.last_close, val.last_adj_close))
+    return float(sum(u2[TARGETS.index(t)] for t in JUDGED_TARGETS) / len(JUDGED_TARGETS))
+
+
+def select_by_validation(
+    forecasters: list[PriceForecaster], split: SplitData
+) -> tuple[int, list[float]]:
+    """The index of the forecaster with the lowest `validation_score` (on a tie or NaN, the one
+    listed first) and every score. The test block plays no part."""
+    scores = [validation_score(f, split) for f in forecasters]
+    ranked = [s if s == s else float("inf") for s in scores]
+    return ranked.index(min(ranked)), scores
+
+
+def _forecaster(kind: str, model: Any, split: SplitData, config: ModelConfig) -> PriceForecaster:
     from ml.model.forecaster import PriceForecaster
 
-    configure_tensorflow()
-    fitted = fit_candidates(tuple(config.kinds), split, config)
-    candidates = [result for _, result in fitted]
-    # The lowest best validation loss wins; on a tie, the kind listed first.
-    weights, chosen = min(fitted, key=lambda f: f[1].best_val_loss)
-    network = standalone_network(
-        chosen.kind, config, split.train.x.shape[-1], split.train.y.shape[-1], weights
-    )
-    forecaster = PriceForecaster(
-        kind=chosen.kind,
+    return PriceForecaster(
+        kind=kind,
         window=config.window,
-        model=network,
+        model=model,
         x_scaler=split.x_scaler,
         y_scaler=split.y_scaler,
         horizons=tuple(config.vol_horizons),
         anchors=config.anchors(),
         naive_lookback=config.naive_lookback,
     )
-    val = split.val
-    base = forecaster.anchor_log_ratios(val.high_ratio, val.low_ratio, len(val))
-    forecaster.skill_weights = fit_skill_weights(
-        forecaster.network_offsets(val.x, base), val.y - base
+
+
+def _statistical_candidates(
+    kinds: tuple[str, ...], split: SplitData, config: ModelConfig
+) -> list[tuple[Any, CandidateResult]]:
+    """Fit each statistical kind on the train block; its `best_val_loss` is the MSE of its
+    scaled log-ratio predictions on validation, comparable with the networks' loss."""
+    import numpy as np
+
+    from ml.model.statistical import fit_statistical
+
+    out = []
+    for kind in kinds:
+        started = time.perf_counter()
+        model = fit_statistical(kind, split.train, tuple(config.vol_horizons), config.seed)
+        predicted = split.y_scaler.transform(model.predict(split.val.x))
+        loss = float(np.mean((predicted - split.y_scaler.transform(split.val.y)) ** 2))
+        result = CandidateResult(kind, loss, 0, 0, round(time.perf_counter() - started, 3))
+        out.append((model, result))
+    return out
+
+
+def fit_and_evaluate(
+    ticker: str, as_of: date, history: pd.DataFrame, split: SplitData, config: ModelConfig
+) -> TrainResult:
+    """Fit every kind on `split`'s train block (the networks with early stopping on validation),
+    fit each one's skill weights on validation, keep the best validation score and score it on
+    the test block against both baselines. `train_on_history` uses the 70/20/10 split; a
+    rolling-origin backtest passes its own."""
+    from dataclasses import replace
+
+    from ml.model.statistical import fit_statistical, join
+
+    networks = tuple(k for k in config.kinds if k in NETWORK_KINDS)
+    others = tuple(k for k in config.kinds if k not in NETWORK_KINDS)
+    n_features, n_targets = split.train.x.shape[-1], split.train.y.shape[-1]
+    fitted: dict[str, tuple[Any, CandidateResult]] = {}
+    if networks:
+        configure_tensorflow()
+        for weights, result in fit_candidates(networks, split, config):
+            network = standalone_network(result.kind, config, n_features, n_targets, weights)
+            fitted[result.kind] = (network, result)
+    for model, result in _statistical_candidates(others, split, config):
+        fitted[result.kind] = (model, result)
+    kinds = [k for k in config.kinds if k in fitted]  # the config's order breaks ties
+    forecasters = [_forecaster(k, fitted[k][0], split, config) for k in kinds]
+    best, scores = select_by_validation(forecasters, split)
+    candidates = [
+        replace(fitted[k][1], val_score=round(s, 6)) for k, s in zip(kinds, scores, strict=True)
+    ]
+    tests = {f.kind: _test_u2(f, split) for f in forecasters}
+    forecaster = forecasters[best]
+    if not forecaster.is_network and forecaster.kind != NAIVE_KIND:
+        forecaster.model = fit_statistical(
+            forecaster.kind, join(split.train, split.val), tuple(config.vol_horizons), config.seed
+        )
+    result = _scored(ticker, as_of, history, split, config, forecaster, candidates)
+    result.candidate_tests = tests
+    return result
+
+
+def _test_u2(forecaster: PriceForecaster, split: SplitData) -> dict[str, float]:
+    """U2 of `forecaster` on the test block: High and Low against the range-aware naive, Close
+    against persistence (the figures a report lists per kind)."""
+    from ml.model.evaluation import range_naive_forecast, theil_u2
+
+    test = split.test
+    predicted = forecaster.predict_windows(
+        test.x, test.last_close, test.last_adj_close, test.high_ratio, test.low_ratio
     )
+    naive = range_naive_forecast(
+        test.last_close, test.last_adj_close, test.high_ratio, test.low_ratio
+    )
+    u2 = theil_u2(test.actual, predicted, naive)  # the naive's Close is persistence
+    return {t: round(float(u2[j]), 6) for j, t in enumerate(("High", "Low", "Close"))}
+
+
+def _scored(
+    ticker: str,
+    as_of: date,
+    history: pd.DataFrame,
+    split: SplitData,
+    config: ModelConfig,
+    forecaster: PriceForecaster,
+    candidates: list[CandidateResult],
+) -> TrainResult:
+    """`forecaster` scored on the test block against both baselines, as a TrainResult."""
+    from ml.model.evaluation import evaluate, mase_scale
+
     test = split.test
     predicted = forecaster.predict_windows(
         test.x, test.last_close, test.last_adj_close, test.high_ratio, test.low_ratio
@@ -411,10 +536,32 @@ def fit_and_evaluate(
     )
 
 
+def naive_result(
+    ticker: str, as_of: date, history: pd.DataFrame, config: ModelConfig
+) -> TrainResult:
+    """The range-aware naive as a forecaster (`naive`: skill weights 0, so High and Low are the
+    range-aware naive and Close and Adj Close persistence), scored on the pipeline's test block:
+    the champion of a ticker none of whose candidates passed the gate. Its config fingerprint
+    is that of `kinds=("naive",)`, so it never stands in for a trained candidate."""
+    from dataclasses import replace
+
+    from ml.model.statistical import NaiveLogRatios
+
+    naive_config = replace(config, kinds=(NAIVE_KIND,))
+    split = prepare(
+        history, config.window, config.split, config.naive_lookback, config.vol_horizons
+    )
+    forecaster = _forecaster(NAIVE_KIND, NaiveLogRatios(), split, naive_config)
+    forecaster.skill_weights = (0.0,) * int(split.train.y.shape[-1])
+    candidate = CandidateResult(NAIVE_KIND, float("nan"), 0, 0, 0.0)
+    return _scored(ticker, as_of, history, split, naive_config, forecaster, [candidate])
+
+
 def candidate_summary(result: TrainResult) -> dict[str, Any]:
     return {
         c.kind: {
             "best_val_loss": c.best_val_loss,
+            "val_score": c.val_score,
             "best_epoch": c.best_epoch,
             "epochs": c.epochs_run,
         }

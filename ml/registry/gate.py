@@ -1,7 +1,8 @@
 """The promotion gate as pure functions of metrics and predictions: no MLflow call here.
 
-A candidate passes against persistence when High and Low have U2 below their caps and are
-significantly better (Diebold-Mariano), and Close is not significantly worse; it replaces the
+A candidate passes against the baselines when High and Low have U2 below their caps and are
+significantly better than persistence (Diebold-Mariano), neither is significantly worse than the
+range-aware naive, and Close is not significantly worse than persistence; it replaces the
 champion when it is not significantly worse on any target on the same test block and its mean U2
 is lower by at least `min_improvement` (README.md, "The gate").
 """
@@ -34,15 +35,22 @@ class PromotionDecision:
 
 
 def gate_failures(
-    u2: dict[str, float], dm: dict[str, dict[str, float]], gate: GateConfig
+    u2: dict[str, float],
+    dm: dict[str, dict[str, float]],
+    gate: GateConfig,
+    dm_range_naive: dict[str, dict[str, float]] | None = None,
 ) -> list[str]:
-    """Reasons the candidate fails the gate against persistence (empty when it passes).
+    """Reasons the candidate fails the gate against the baselines (empty when it passes).
 
     `u2` is the test-block U2 per target, `dm` the Diebold-Mariano test per target against
     persistence ({"stat", "p_worse", "p_better"}, `ml.model.evaluation.diebold_mariano`). High and Low
     must have U2 below their caps and be significantly better (p_better < p_value); Close must
     not be significantly worse (p_worse < p_value fails; a Close equal to persistence has no
     test, NaN, and passes). Missing or NaN values fail closed.
+
+    `dm_range_naive` is the same test of High and Low against the range-aware naive: either one
+    significantly worse (p_worse < p_value) fails; equal to the naive (NaN) passes. None: a
+    version registered before that test existed (its tag is absent), judged without it.
     """
     import math
 
@@ -57,6 +65,13 @@ def gate_failures(
             failures.append(
                 f"{target} not significantly better than persistence "
                 f"(Diebold-Mariano p {p_better:.3g} not < {gate.p_value})"
+            )
+    for target in ("High", "Low") if dm_range_naive is not None else ():
+        p_worse = (dm_range_naive.get(target) or {}).get("p_worse", nan)
+        if p_worse < gate.p_value:
+            failures.append(
+                f"{target} significantly worse than the range-aware naive "
+                f"(Diebold-Mariano p {p_worse:.3g} < {gate.p_value})"
             )
     if math.isnan(u2.get("Close", nan)):
         failures.append("U2 Close missing")
@@ -160,7 +175,7 @@ def decide(
     cand_score = score(u2) if all(t in u2 for t in JUDGED_TARGETS) else None
     champ_score = score(versus[0]) if versus is not None else None
     if failures:
-        promoted, reason = False, "fails the gate against persistence: " + "; ".join(failures)
+        promoted, reason = False, "fails the gate against the baselines: " + "; ".join(failures)
     elif champion_version is None:
         promoted, reason = True, "first champion: beats persistence"
     elif champion_version == version:

@@ -1,5 +1,7 @@
 """The gate applied in the registry: decided once per version, under the ticker's lock; the
-`champion` alias moves forward in time only."""
+`champion` alias moves forward in time only. A ticker whose candidate fails the gate and that
+has no champion gets the range-aware naive registered as its champion (`naive`), so every
+ticker forecasts, at worst the cheap answer."""
 
 from __future__ import annotations
 
@@ -43,7 +45,13 @@ def promote_if_better(
                 None,
             )
         u2 = json.loads(candidate.tags.get("test_u2", "{}"))
-        failures = gate_failures(u2, read_dm(candidate.tags.get("test_dm")), settings.gate)
+        naive_tag = candidate.tags.get("test_dm_range_naive")
+        failures = gate_failures(
+            u2,
+            read_dm(candidate.tags.get("test_dm")),
+            settings.gate,
+            read_dm(naive_tag) if naive_tag is not None else None,
+        )
         # Compare with the champion of this date, not a model trained on later bars (backfills);
         # `holder` (the alias now) decides below whether the alias may move.
         champion, holder = champion_and_alias(client, name, as_of)
@@ -62,16 +70,45 @@ def promote_if_better(
         )
         if versus is not None:  # seconds went by (two models loaded): read the alias again
             holder = get_alias(client, name, CHAMPION)
-        _record(client, name, version, as_of, holder, verdict.promoted, verdict.reason)
+        champion_version = version if verdict.promoted else (champion.version if champion else None)
+        reason = verdict.reason
+        if not verdict.promoted and champion is None and holder is None:
+            # Registered before the candidate's decision is recorded: a try killed in between
+            # leaves the candidate undecided, and the next one finds this champion.
+            champion_version = _naive_champion(instrument, as_of, settings, client)
+            reason += (
+                f"; no champion yet: the range-aware naive is the champion (v{champion_version})"
+            )
+        elif not verdict.promoted and champion is not None:
+            reason += f"; champion v{champion.version} kept"
+        _record(client, name, version, as_of, holder, verdict.promoted, reason)
         return PromotionDecision(
             instrument.ticker,
             version,
             verdict.promoted,
-            verdict.reason,
-            version if verdict.promoted else (champion.version if champion else None),
+            reason,
+            champion_version,
             verdict.candidate_score,
             verdict.champion_score,
         )
+
+
+def _naive_champion(
+    instrument: Instrument, as_of: date, settings: Settings, client: MlflowClient
+) -> str:
+    """Register the range-aware naive (`ml.model.training.naive_result`, bars <= as_of) as the
+    ticker's champion and return its version. It passes no gate (it is the baseline the gate
+    measures against); its tags say why it is there. Called under the ticker's lock."""
+    from ml.data.store import PriceStore
+    from ml.model.training import naive_result
+    from ml.registry.tracking import log_candidate
+
+    history = PriceStore(settings.data_dir).load(instrument, until=as_of)
+    result = naive_result(instrument.ticker, as_of, history, settings.model)
+    outcome = log_candidate(result, instrument, settings, alias=None)
+    reason = "fallback: no candidate passed the gate and the ticker had no champion"
+    _record(client, instrument.model_name, str(outcome.version), as_of, None, True, reason)
+    return str(outcome.version)
 
 
 def _versus_champion(

@@ -28,12 +28,14 @@ class PriceForecastModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from ml.model.networks import configure_tensorflow
+        # A network has `keras_model` beside `preprocessing`; a statistical model (`har`, `gbm`,
+        # `naive`) is all in `preprocessing` and needs no TensorFlow.
+        keras_path = context.artifacts.get("keras_model")
+        if keras_path is not None:
+            from ml.model.networks import configure_tensorflow
 
-        configure_tensorflow()
-        self.forecaster = PriceForecaster.load(
-            context.artifacts["keras_model"], context.artifacts["preprocessing"]
-        )
+            configure_tensorflow()
+        self.forecaster = PriceForecaster.load(keras_path, context.artifacts["preprocessing"])
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -42,6 +44,10 @@ class PriceForecastModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise ValueError(f"input is missing column(s) {missing}")
         return self.forecaster.predict_frame(model_input[PRICE_COLUMNS].copy())
+
+
+# The model logged as code: MLflow runs this file at load time (it calls `set_model`).
+MODEL_CODE = Path(__file__).with_name("model_code.py")
 
 
 class _PyfuncFlavor:
@@ -55,7 +61,8 @@ class _PyfuncFlavor:
 
 
 def log_model(*, validate_serving_input: bool = True, **kwargs: Any) -> Any:
-    """`mlflow.pyfunc.log_model(**kwargs)` of a `PythonModel`, optionally without the serving check.
+    """`mlflow.pyfunc.log_model(**kwargs)` of a `PythonModel` (or of a models-from-code file,
+    `python_model=str(MODEL_CODE)`), optionally without the serving check.
 
     With `validate_serving_input=False`, MLflow still saves the input example (and its serving
     form) but does not load the saved model back and predict on it (about 0.3 s per model).

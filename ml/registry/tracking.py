@@ -37,6 +37,8 @@ PIP_REQUIREMENTS = [
     "numpy==2.4.6",
     "pandas==3.1.1",
 ]
+# What a kind needs beyond those to predict (its fitting libraries are not needed to serve it).
+KIND_REQUIREMENTS = {"gbm": ["lightgbm==4.7.0"]}
 
 
 def _plot_test_block(result: TrainResult) -> str:
@@ -92,8 +94,10 @@ def log_candidate(
     settings: Settings,
     *,
     validation_report: Path | None = None,
+    alias: str | None = CHALLENGER,
 ) -> TrainingOutcome:
-    """Log the run (params, losses, metrics, plot, model) and register it as the `challenger`.
+    """Log the run (params, losses, metrics, plot, model) and register it as the `challenger`
+    (`alias`; None moves no alias: the naive fallback champion, `ml.registry.promotion`).
 
     The run is complete before its model is registered: a process killed after that leaves a
     FINISHED run; one killed inside the run leaves it RUNNING, and the next try marks it FAILED
@@ -131,13 +135,15 @@ def log_candidate(
             "test_u2": json.dumps(u2, sort_keys=True),
             "test_u2_range_naive": json.dumps(u2_naive, sort_keys=True),
             "test_dm": dm_table(dict(result.evaluation.dm_vs_persistence)),
+            "test_dm_range_naive": dm_table(dict(result.evaluation.dm_vs_range_naive)),
             "run_id": run_id,
         },
     )
     version = drop_duplicate_versions(client, instrument.model_name, run_id) or version
     checkpoint("registered")
-    client.set_registered_model_alias(instrument.model_name, CHALLENGER, version.version)
-    checkpoint("challenger")
+    if alias is not None:
+        client.set_registered_model_alias(instrument.model_name, alias, version.version)
+        checkpoint("challenger")
     return TrainingOutcome(
         instrument.ticker,
         as_of,
@@ -200,7 +206,7 @@ def _log_run(
     import mlflow
     from mlflow.models import infer_signature
 
-    from ml.registry.pyfunc import PriceForecastModel, log_model, serving_code
+    from ml.registry.pyfunc import MODEL_CODE, log_model, serving_code
 
     metrics = result.evaluation.as_metrics()
     with mlflow.start_run(
@@ -215,11 +221,12 @@ def _log_run(
             output = result.forecaster.predict_frame(example)
             info = log_model(
                 name="model",
-                python_model=PriceForecastModel(),
+                python_model=str(MODEL_CODE),  # models from code: nothing pickled
                 artifacts=artifacts,
                 signature=infer_signature(example, output),
                 input_example=example,
-                pip_requirements=PIP_REQUIREMENTS,
+                pip_requirements=PIP_REQUIREMENTS
+                + KIND_REQUIREMENTS.get(result.forecaster.kind, []),
                 code_paths=[str(serving_code(Path(tmp) / "code"))],
                 validate_serving_input=False,
             )
@@ -277,7 +284,10 @@ def _run_metrics(
 
     now = int(time.time() * 1000)
     step_zero = [
-        Metric(f"{c.kind}_best_val_loss", c.best_val_loss, now, 0) for c in result.candidates
+        Metric(f"{c.kind}_{key}", value, now, 0)
+        for c in result.candidates
+        for key, value in (("best_val_loss", c.best_val_loss), ("val_score", c.val_score))
+        if value == value  # no NaN (the naive has neither)
     ]
     step_zero += [Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v]  # no NaN
     run_metrics = [

@@ -278,23 +278,28 @@ def load_forecaster(
 
 def download_forecaster(
     instrument: Instrument, settings: Settings, version: str, dest: Path
-) -> tuple[str, str]:
-    """Download a version's network and preprocessing files into `dest` (its own folder per
-    version there); returns their paths, for `PriceForecaster.load`. Only HTTP: safe to run a
-    few at a time in threads (the batch forecast does), unlike loading the Keras models."""
+) -> tuple[str | None, str]:
+    """Download a version's preprocessing file and, for a network, its Keras file into `dest`
+    (its own folder per version there); returns their paths (None: no network), for
+    `PriceForecaster.load`. Only HTTP: safe to run a few at a time in threads (the batch
+    forecast does), unlike loading the Keras models."""
     import mlflow
 
+    from ml.config import NETWORK_KINDS
     from ml.model.forecaster import KERAS_FILE, PREPROCESSING_FILE
 
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     folder = dest / f"{instrument.slug}-v{version}"
     folder.mkdir(parents=True, exist_ok=True)
-    keras_path, prep_path = (
-        mlflow.artifacts.download_artifacts(
+
+    def download(name: str) -> str:
+        return mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{instrument.model_name}/{version}/artifacts/{name}",
             dst_path=str(folder),
             tracking_uri=settings.mlflow_tracking_uri,
         )
-        for name in (KERAS_FILE, PREPROCESSING_FILE)
-    )
+
+    prep_path = download(PREPROCESSING_FILE)
+    kind = json.loads(Path(prep_path).read_text())["kind"]
+    keras_path = download(KERAS_FILE) if kind in NETWORK_KINDS else None
     return keras_path, prep_path

@@ -36,8 +36,9 @@ FORK_MIN_ITEMS = 4
 # What the steps import inside their functions besides the package's own modules: found by
 # listing the modules a train, validate and forecast call adds to `sys.modules` in a process
 # forked from one that had imported `ml.steps.*`, TensorFlow, MLflow and GX (Parquet's dataset
-# reader, GitPython for MLflow's run tags, MLflow's tracing processor and request headers). Each
-# is an import every task process would make again.
+# reader, GitPython for MLflow's run tags, MLflow's tracing processor and request headers;
+# scikit-learn's regression, which fits the `har` candidate). Each is an import every task
+# process would make again.
 LAZY_IMPORTS = (
     "pyarrow.parquet",
     "pyarrow.dataset",
@@ -50,6 +51,7 @@ LAZY_IMPORTS = (
     "mlflow.tracing.processor.base_mlflow",
     "mlflow.tracing.processor.otel",
     "mlflow.tracking.request_header.registry",
+    "sklearn.linear_model",
 )
 STEP_MODULES = ("ml.steps.data", "ml.steps.model", "ml.steps.forecast", "ml.steps.report")
 

@@ -39,7 +39,8 @@ def forecast_all(
     champion already forecast the bar after its last bar (a day without a new bar) keeps that
     row and the model is not loaded again. New forecasts go to the ledger in one transaction and
     to the CSV export in one write. Returns {"forecasts": {ticker: row}, "kept": [ticker],
-    "no_champion": [ticker], "failed": {ticker: error}, "monitor": {ticker: live summary}}.
+    "no_champion": [ticker], "failed": {ticker: error}, "monitor": {ticker: live summary},
+    "kinds": {ticker: the champion's model kind}}.
     """
     from ml.forecasts.ledger import read_table, record_forecasts
     from ml.registry.client import get_client
@@ -107,6 +108,11 @@ def forecast_all(
         "no_champion": no_champion,
         "failed": failed,
         "monitor": monitored,
+        "kinds": {
+            t: state[2].tags.get("model_kind", "?")
+            for t, state in states.items()
+            if state[2] is not None
+        },
     }
 
 

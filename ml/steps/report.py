@@ -121,6 +121,9 @@ def summarize_tickers(
         elif forecasted is not None and ticker in (forecasted.get("no_champion") or ()):
             row["promotion"] = "none"
             row["promotion_reason"] = "no champion yet"
+        kind = ((forecasted or {}).get("kinds") or {}).get(ticker)
+        if kind:
+            row["champion_kind"] = kind
         if forecast:
             row["forecast_close"] = forecast.get("pred_close")
             row["forecast_high"] = forecast.get("pred_high")
@@ -179,6 +182,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "live U2 H/L (n)",
         "model",
         "champion",
+        "kind",
         "next close",
     ]
     lines = []
@@ -205,6 +209,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 live_text,
                 str(r.get("training", "-")),
                 str(r.get("promotion", "-")),
+                str(r.get("champion_kind", "-")),
                 f"{close:.4f}" if isinstance(close, float) else "-",
             ]
         )

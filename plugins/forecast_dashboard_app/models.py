@@ -116,6 +116,8 @@ def _report_row(r: dict[str, Any], settings: "Settings") -> dict[str, Any]:
         "u2_close": _u2_cell(u2, "Close", None),
         "promotion": promotion,
         "promoted": promotion.startswith("promoted"),
+        # the champion's model kind (lstm, gru, har, gbm, naive); "–" in reports written before it
+        "kind": _text(r.get("champion_kind")),
         "why": why,
     }
 
