@@ -131,7 +131,7 @@ def run_day(
     from ml.steps.data import ingest_all, validate_all
     from ml.steps.forecast import forecast_all
     from ml.steps.model import promote_all, train_step
-    from ml.steps.report import format_table, report_path, summarize_tickers, write_run_report
+    from ml.steps.report import format_table, summarize_tickers
 
     try:
         engine_for(settings)
@@ -177,16 +177,7 @@ def run_day(
         step_errors=step_errors,
     )
     print(format_table(rows))
-    written = True
-    try:
-        print(f"report: {write_run_report(settings, as_of, rows, run_id=f'cli__{as_of}')}")
-    except OSError as exc:  # a read-only or full DATA_DIR: the table above is all there is
-        written = False
-        print(
-            f"error: the run report {report_path(settings, as_of)} could not be written "
-            f"({error_text(exc)}): the table above is its summary; make DATA_DIR writable",
-            file=sys.stderr,
-        )
+    written = _write_report(settings, as_of, rows)
     failed = [r["ticker"] for r in rows if r["state"] == "failed"]
     for row in rows:
         if row["state"] == "failed":
@@ -194,6 +185,24 @@ def run_day(
                 f"{row['ticker']} failed at {row['failed_step']}: {row['error']}", file=sys.stderr
             )
     return 1 if failed or not written else 0
+
+
+def _write_report(settings: Settings, as_of: date, rows: list[dict[str, Any]]) -> bool:
+    """Write the run report; on a read-only or full DATA_DIR say so in one line (the table
+    printed before it is then all there is) and return False."""
+    from ml.steps.common import error_text
+    from ml.steps.report import report_path, write_run_report
+
+    try:
+        print(f"report: {write_run_report(settings, as_of, rows, run_id=f'cli__{as_of}')}")
+    except OSError as exc:
+        print(
+            f"error: the run report {report_path(settings, as_of)} could not be written "
+            f"({error_text(exc)}): the table above is its summary; make DATA_DIR writable",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _fmt_u2(u2: dict[str, Any]) -> str:

@@ -304,9 +304,8 @@ class AirflowStack:
         self, run_id: str, logical_date: str | None, conf: Mapping[str, Any] | None = None,
         dag_id: str = DAG_ID,
     ) -> None:  # fmt: skip
-        """Create the run `run_id`. Airflow 3 allows one run per logical date (a second one is an
-        IntegrityError of the metadata DB); `logical_date=None` creates a run without one, which
-        never clashes (the DAG then reads its date from `conf` or the run's `run_after`)."""
+        """Create the run `run_id`. Airflow 3 allows one run per logical date; `logical_date=None`
+        creates a run without one, which never clashes (the DAG reads `as_of` or `run_after`)."""
         extra = ["--conf", json.dumps(conf)] if conf else []
         if logical_date is not None:
             extra += ["--logical-date", logical_date]

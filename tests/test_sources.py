@@ -16,14 +16,8 @@ import pytest
 
 from ml.config import Settings, without_pipeline_env
 from ml.data.schema import OUTPUT_COLUMNS, PRICE_COLUMNS, PriceSourceError
-from ml.data.sources import (
-    ANCHOR_DATE,
-    ANCHOR_PRICES,
-    FileSource,
-    SyntheticSource,
-    YahooSource,
-    get_source,
-)
+from ml.data.sources import FileSource, SyntheticSource, YahooSource, get_source
+from ml.data.synthetic import ANCHOR_DATE, ANCHOR_PRICES
 from ml.universe import Instrument, Universe, load_universe
 
 REPO = Path(__file__).resolve().parent.parent

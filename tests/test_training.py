@@ -194,7 +194,7 @@ def test_train_step_returns_each_branch_mse_and_takes_one_adam_step() -> None:
     `loss="mse"` would report, computed before the update; then one Adam update of every weight."""
     import numpy as np
 
-    from ml.model.training import seeded_branches
+    from ml.model.train_step import seeded_branches
 
     config = ModelConfig(units=4, dense_units=3, learning_rate=0.01)
     compiled = seeded_branches(("gru", "lstm"), config, 5, 2)

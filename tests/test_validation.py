@@ -14,6 +14,7 @@ import pytest
 
 from ml.data.schema import OUTPUT_COLUMNS
 from ml.data.sources import SyntheticSource
+from ml.quality.derived import prepare_frame
 from ml.quality.suite import (
     CLASS_RULES,
     DEFAULT_OHLC_TOLERANCE,
@@ -21,12 +22,7 @@ from ml.quality.suite import (
     build_schema_suite,
     build_suite,
 )
-from ml.quality.validation import (
-    PriceValidationError,
-    ValidationReport,
-    prepare_frame,
-    validate_prices,
-)
+from ml.quality.validation import PriceValidationError, ValidationReport, validate_prices
 from ml.universe import Instrument
 
 INSTRUMENTS = {

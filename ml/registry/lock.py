@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 LOCK_PREFIX = "lock."
 _HOST = socket.gethostname()
+
+
 class RegistryLockTimeout(TimeoutError):
     """The lock stayed held by a live owner for longer than the caller would wait."""
 

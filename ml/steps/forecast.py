@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ml.config import Settings
 from ml.forecasts.ledger import plain
@@ -24,23 +24,18 @@ from ml.universe import Instrument, load_universe
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    pass
-
 
 def forecast_all(
     tickers: Iterable[str], as_of: date, settings: Settings, *, strict: bool = False
 ) -> dict[str, Any]:
     """Score the ledger, then forecast the bar after `as_of` for every ticker with a champion.
 
-    First the ledger (`ml.forecasts.monitor.monitor`): every earlier forecast whose bar is now published is
-    scored, and each ticker gets live metrics and an input-drift test (a ticker that should be
-    retrained is picked up by the next run's `validate_all`). Then the forecasts: a ticker whose
-    champion already forecast the bar after its last bar (a day without a new bar) keeps that
-    row and the model is not loaded again. New forecasts go to the ledger in one transaction and
-    to the CSV export in one write. Returns {"forecasts": {ticker: row}, "kept": [ticker],
-    "no_champion": [ticker], "failed": {ticker: error}, "monitor": {ticker: live summary},
-    "kinds": {ticker: the champion's model kind}}.
+    First the ledger (`ml.forecasts.monitor`): every earlier forecast whose bar is now published
+    is scored; live metrics and input drift per ticker (a retrain is picked up by the next run's
+    `validate_all`). A champion that already forecast the bar after its last bar keeps its row,
+    unloaded. New forecasts go to the ledger in one transaction and to the CSV export in one
+    write. Returns {"forecasts": {ticker: row}, "kept": [ticker], "no_champion": [ticker],
+    "failed": {ticker: error}, "monitor": {ticker: live summary}, "kinds": {ticker: kind}}.
     """
     from ml.forecasts.ledger import read_table, record_forecasts
     from ml.registry.client import get_client
@@ -77,7 +72,7 @@ def forecast_all(
                 files=files.get(ticker),
             )
 
-        # Keras loads and predictions are CPU-bound: the downloaded champions are spread over
+        # Model loads and predictions are CPU-bound: the downloaded champions are spread over
         # the cores; the rest (a kept row, no champion, a failed download) is handled here.
         loads = [t for t, f in files.items() if not isinstance(f, BaseException)]
         done = {t: (found, exc) for t, found, exc in in_processes(one, loads)}
@@ -108,12 +103,13 @@ def forecast_all(
         "no_champion": no_champion,
         "failed": failed,
         "monitor": monitored,
-        "kinds": {
-            t: state[2].tags.get("model_kind", "?")
-            for t, state in states.items()
-            if state[2] is not None
-        },
+        "kinds": _champion_kinds(states),
     }
+
+
+def _champion_kinds(states: dict[str, Any]) -> dict[str, str]:
+    """ticker -> the model kind of its champion (the version's `model_kind` tag)."""
+    return {t: s[2].tags.get("model_kind", "?") for t, s in states.items() if s[2] is not None}
 
 
 def _export(settings: Settings, new_rows: list[dict[str, Any]], kept: list[dict[str, Any]]) -> None:

@@ -79,7 +79,6 @@ def summarize_tickers(
             row.update(state="failed", failed_step=failure[0], error=failure[1])
         summary = summaries.get(ticker) or {}
         outcome = trained_by.get(ticker) or {}
-        decision = decisions.get(ticker) or {}
         forecast = forecasts.get(ticker) or {}
         if not failure and ticker not in to_train:
             row["state"] = "skipped"
@@ -100,27 +99,8 @@ def summarize_tickers(
         row["u2_range_naive"] = (
             outcome.get("metrics_range_naive") or summary.get("metrics_range_naive") or {}
         )
-        if outcome.get("status"):
-            row["training"] = f"{outcome['status']} v{outcome['version']}"
-        elif summary.get("version"):
-            row["training"] = f"not retrained: v{summary['version']} covers these bars"
-        else:
-            row["training"] = "-"
-        if decision:
-            row["promotion"] = (
-                f"promoted v{decision.get('version')}"
-                if decision.get("promoted")
-                else f"kept v{decision['champion_version']}"
-                if decision.get("champion_version")
-                else "none"
-            )
-            row["promotion_reason"] = decision.get("reason")
-        elif forecast:
-            row["promotion"] = f"kept v{forecast.get('model_version')}"
-            row["promotion_reason"] = "no new candidate; champion kept"
-        elif forecasted is not None and ticker in (forecasted.get("no_champion") or ()):
-            row["promotion"] = "none"
-            row["promotion_reason"] = "no champion yet"
+        row["training"] = _training_text(outcome, summary)
+        row.update(_promotion(ticker, decisions.get(ticker) or {}, forecast, forecasted))
         kind = ((forecasted or {}).get("kinds") or {}).get(ticker)
         if kind:
             row["champion_kind"] = kind
@@ -131,6 +111,40 @@ def summarize_tickers(
             row["forecast_version"] = forecast.get("model_version")
         rows.append(row)
     return rows
+
+
+def _training_text(outcome: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    """What training did for a ticker: the version it registered, or the one that covers its bars."""
+    if outcome.get("status"):
+        return f"{outcome['status']} v{outcome['version']}"
+    if summary.get("version"):
+        return f"not retrained: v{summary['version']} covers these bars"
+    return "-"
+
+
+def _promotion(
+    ticker: str,
+    decision: Mapping[str, Any],
+    forecast: Mapping[str, Any],
+    forecasted: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The promotion columns of a ticker's row: the gate's decision, or the champion it kept."""
+    if decision:
+        if decision.get("promoted"):
+            text = f"promoted v{decision.get('version')}"
+        elif decision.get("champion_version"):
+            text = f"kept v{decision['champion_version']}"
+        else:
+            text = "none"
+        return {"promotion": text, "promotion_reason": decision.get("reason")}
+    if forecast:
+        return {
+            "promotion": f"kept v{forecast.get('model_version')}",
+            "promotion_reason": "no new candidate; champion kept",
+        }
+    if forecasted is not None and ticker in (forecasted.get("no_champion") or ()):
+        return {"promotion": "none", "promotion_reason": "no champion yet"}
+    return {}
 
 
 def _failure(

@@ -4,7 +4,7 @@ Loaded only by the Airflow stack of tests/faults/test_airflow_kill.py, through t
 `PRELOAD_MODULES` (plugins/preloading_executor.py imports the listed modules in every LocalExecutor
 worker, and the task processes forked from a worker inherit them). When `FIT_PROBE_DIR` is set,
 importing it wraps the project's fit loop, `ml.model.training.fit_candidates` (its own traced
-train step, epoch after epoch) and `_score_epoch` (called at the end of every epoch): every fit
+train step, epoch after epoch) and `score_epoch` (called at the end of every epoch): every fit
 appends `start <time>` to `$FIT_PROBE_DIR/<pid>.fit` before it, `epoch <n> <time>` after each
 epoch's scoring and `end <time>` after the fit (also when it raises). The fit itself is the
 original one. A process whose file ends in `epoch` lines is in the middle of a fit: that is where
@@ -91,7 +91,7 @@ def install() -> bool:
     if getattr(training.fit_candidates, "fit_probe", False):
         return True
     fit_and_evaluate, fit_candidates = training.fit_and_evaluate, training.fit_candidates
-    score_epoch, checkpoint = training._score_epoch, tracking.checkpoint
+    score_epoch, checkpoint = training.score_epoch, tracking.checkpoint
     current: dict[str, str] = {}  # the ticker this process is training
     holds = _holds()
 
@@ -122,7 +122,7 @@ def install() -> bool:
 
     fit.fit_probe = True  # type: ignore[attr-defined]
     training.fit_and_evaluate, training.fit_candidates = evaluated, fit
-    training._score_epoch, tracking.checkpoint = scored, checked
+    training.score_epoch, tracking.checkpoint = scored, checked
     print(f"fit_probe: ml.model.training's fit records to {folder} (pid {os.getpid()})", flush=True)
     return True
 
