@@ -1,5 +1,5 @@
 """
-### price_forecast: daily prices -> validated store -> LSTM/GRU per ticker -> MLflow champion -> forecast
+### price_forecast: daily prices -> validated store -> a forecaster per ticker -> MLflow champion -> forecast
 
 One pass per logical date **D** (or the `as_of` param of a manual run):
 
@@ -7,14 +7,17 @@ One pass per logical date **D** (or the `as_of` param of a manual run):
 2. **ingest**: one task fetches every ticker's due bars (full history once, then a short
    trailing window) into staging, a few downloads at a time (`FETCH_CONCURRENCY`);
 3. **validate**: one task runs each ticker's Great Expectations suite; a passing batch is merged
-   into the store atomically, a failing one goes to quarantine with its report. It lists the
-   tickers that need training: new or revised bars, no version for these bars and this config,
-   or `force_retrain`;
+   into the store atomically, a failing one goes to quarantine with its report. A split or
+   dividend that re-scaled the vendor's earlier bars is detected and the whole history fetched
+   again and replaced (`full_refresh` forces it). It lists the tickers that need training: new
+   or revised bars, no version for these bars and this config, or `force_retrain`;
 4. **train**: one mapped instance per ticker of that list only (named by ticker in the grid):
-   LSTM and GRU candidates on bars dated <= D, best checkpoint by validation loss, logged to
-   MLflow and registered as `challenger`. A day without new bars runs no train instance;
+   the candidates of `model_kinds` (HAR regression, gradient boosting, LSTM, GRU) on bars dated
+   <= D, the best on the validation block logged to MLflow and registered as `challenger`. A day
+   without new bars runs no train instance;
 5. **promote**: one task walks the new versions one at a time; `champion` moves only if the
-   candidate beats persistence and the current champion on the same held-out block;
+   candidate beats persistence, is not significantly worse than the range-aware naive and beats
+   the current champion on the same held-out block (a ticker without any gets the naive);
 6. **forecast**: one task forecasts the next bar's High, Low, Close and Adj Close with each
    ticker's champion and writes them in one write.
 
@@ -22,7 +25,8 @@ One pass per logical date **D** (or the `as_of` param of a manual run):
 bars, or failed and where), writes `DATA_DIR/reports/<D>.json`, and fails the run if any ticker
 failed, after the good ones finished. One ticker's failure never stops the others.
 
-Manual runs take a params form: a subset of tickers, model kinds, max epochs, force retrain.
+Manual runs take a params form: a subset of tickers, model kinds, max epochs, force retrain,
+full refresh, an as-of date.
 The business logic lives in the `ml` package (`ml.steps.*`); this file is wiring only. The flow
 and the contracts every step keeps (point in time, idempotence, the gate, one writer per ticker
 in the registry): docs/architecture.md in the repository.

@@ -375,10 +375,16 @@ def test_second_run_for_the_same_date_is_idempotent(
     second = full_universe.runs[1]
     assert second.get("state") == "success", full_universe.describe()
     assert second["run_id"] != full_universe.runs[0]["run_id"]
-    # Run 1 registered one version per ticker; run 2 must not add any.
+    # Run 1 registered one trained version per ticker, and the range-aware naive as champion
+    # for a ticker whose candidate the gate refused (it had none); run 2 must not add any.
     registered = _registered(private_mlflow)
-    counts = {name: len(v) for name, v in registered.items()}
-    assert counts == {i.model_name: 1 for i in universe}
+    kinds = {name: [v.tags.get("model_kind") for v in vs] for name, vs in registered.items()}
+    assert set(kinds) == {i.model_name for i in universe}
+    for name, found in kinds.items():
+        trained = [k for k in found if k != "naive"]
+        assert len(trained) == 1 and len(found) - len(trained) <= 1, (name, found)
+        naive = [v for v in registered[name] if v.tags.get("model_kind") == "naive"]
+        assert all(v.tags.get("logical_date") == AS_OF.isoformat() for v in naive), name
     rows = {r["ticker"]: r for r in second["report"]["tickers"]}
     for ticker, row in rows.items():
         assert row["training"] == "not retrained: v1 covers these bars", (ticker, row)
@@ -419,6 +425,8 @@ def test_run_conf_and_env_reach_the_tasks(
     experiment = client.get_experiment_by_name("dag-tests")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    # The range-aware naive registered as a fallback champion has a run of its own: not trained.
+    runs = [r for r in runs if r.data.tags.get("model_kind", r.data.params.get("kinds")) != "naive"]
     assert sorted(r.data.tags["ticker"] for r in runs) == sorted(universe.tickers)
     for r in runs:
         params = r.data.params

@@ -134,6 +134,7 @@ def snapshot(env: dict[str, str], tickers: list[str]) -> DayState:
                     "version": mv.version,
                     **{k: mv.tags.get(k) for k in keep},
                     "gate_status": mv.tags.get("gate_status"),
+                    "model_kind": mv.tags.get("model_kind"),
                 }
             )
         aliases[name] = {a: _alias(client, name, a) for a in ("champion", "challenger")}
