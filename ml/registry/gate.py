@@ -29,6 +29,9 @@ class PromotionDecision:
     champion_version: str | None
     candidate_score: float | None
     champion_score: float | None
+    # The range-aware naive was registered as the ticker's first champion in this decision
+    # (the candidate failed and there was none): `champion_version` is the naive's.
+    fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -72,7 +72,8 @@ def promote_if_better(
             holder = get_alias(client, name, CHAMPION)
         champion_version = version if verdict.promoted else (champion.version if champion else None)
         reason = verdict.reason
-        if not verdict.promoted and champion is None and holder is None:
+        fallback = not verdict.promoted and champion is None and holder is None
+        if fallback:
             # Registered before the candidate's decision is recorded: a try killed in between
             # leaves the candidate undecided, and the next one finds this champion.
             champion_version = _naive_champion(instrument, as_of, settings, client)
@@ -90,6 +91,7 @@ def promote_if_better(
             champion_version,
             verdict.candidate_score,
             verdict.champion_score,
+            fallback,
         )
 
 

@@ -130,7 +130,9 @@ def _promotion(
 ) -> dict[str, Any]:
     """The promotion columns of a ticker's row: the gate's decision, or the champion it kept."""
     if decision:
-        if decision.get("promoted"):
+        if decision.get("fallback"):  # the range-aware naive registered as the first champion
+            text = f"naive v{decision['champion_version']} (fallback)"
+        elif decision.get("promoted"):
             text = f"promoted v{decision.get('version')}"
         elif decision.get("champion_version"):
             text = f"kept v{decision['champion_version']}"
