@@ -20,6 +20,8 @@ from ml.universe import Instrument
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ml.data.revisions import Revision
+
 log = logging.getLogger(__name__)
 
 
@@ -39,14 +41,6 @@ class StagedBatch:
     revision: dict | None = None
 
 
-def fetch_window(
-    store: PriceStore, instrument: Instrument, as_of: date, settings: Settings
-) -> tuple[date, bool]:
-    """The first date to fetch: full history on the first load, a short trailing window after
-    (and the full history again when the published file turned out corrupt: it is quarantined)."""
-    return _window(_published(store, instrument), as_of, settings)
-
-
 def _published(store: PriceStore, instrument: Instrument) -> pd.DataFrame | None:
     """The published history, read (and verified) once; None when there is none or it was
     corrupt (quarantined: the full history is fetched again)."""
@@ -61,6 +55,8 @@ def _published(store: PriceStore, instrument: Instrument) -> pd.DataFrame | None
 
 
 def _window(history: pd.DataFrame | None, as_of: date, settings: Settings) -> tuple[date, bool]:
+    """The first date to fetch and whether it is a trailing window: the full history on the
+    first load (or after a corrupt file was quarantined), a short trailing window after."""
     last = None if history is None else history["Date"].iloc[-1].date()
     if last is None or last < settings.history_start:
         return settings.history_start, False
@@ -99,7 +95,9 @@ def stage_ticker(
         if full_refresh:
             revision = {**found.to_dict(), "replace": True, "full_refresh": True}
         elif found.needs_refetch:
-            batch, revision = _refetch_history(source, instrument, as_of, settings, history, batch)
+            batch, revision = _refetch_history(
+                source, instrument, as_of, settings, history, batch, found
+            )
         elif found.kind != "identical":
             revision = found.to_dict()
     if revision is not None:
@@ -126,9 +124,10 @@ def _refetch_history(
     settings: Settings,
     history: pd.DataFrame,
     window: pd.DataFrame,
+    seen: Revision,
 ) -> tuple[pd.DataFrame, dict]:
     """The whole history fetched again after the trailing `window` showed re-scaled or corrected
-    bars, and what it revised (staged with `replace`: publishing validates it whole and replaces
+    bars (`seen`), and what it revised (staged with `replace`: publishing validates it whole and replaces
     the published file). Up to the newest published bar when that is later than `as_of` (a
     backfill), so no published bar is dropped. A full history that disagrees with the window, or
     whose vendor reports a split its earlier bars do not show, is marked `inconsistent`:
@@ -137,7 +136,6 @@ def _refetch_history(
 
     end = max(as_of, history["Date"].iloc[-1].date())
     full = source.fetch(instrument, settings.history_start, end)
-    seen = classify_revision(history, window, window.attrs.get("events"))
     found = classify_revision(history, full, full.attrs.get("events"))
     inconsistent = vendor_disagreement(window, full)
     if inconsistent or not found.needs_refetch:  # say what the window showed
@@ -190,7 +188,7 @@ def publish_with_history(
             try:
                 report = validate_prices(batch, instrument, as_of, previous=history)
             except PriceValidationError as exc:
-                _annotate(exc.report, batch, revision)
+                _annotate(exc.report.setdefault("meta", {}), batch, revision)
                 store.quarantine(instrument, as_of, _report_json(exc.report))
                 raise
         _annotate(report.meta, batch, revision)
@@ -227,7 +225,7 @@ def _replace_history(
         try:
             report = validate_prices(batch, instrument, checked_as_of)
         except PriceValidationError as exc:
-            _annotate(exc.report, batch, revision)
+            _annotate(exc.report.setdefault("meta", {}), batch, revision)
             target = store.quarantine(instrument, as_of, _report_json(exc.report))
             raise HistoryRevisionError(
                 f"{instrument.ticker}: {what}: the full history fetched to re-adjust the "
@@ -277,10 +275,8 @@ def _revision_report(
 
 
 def _annotate(meta: dict, batch: pd.DataFrame, revision: dict | None) -> None:
-    """What a report must say besides GX's verdicts: the source's assumptions (Adj Close =
-    Close, ...) and the revision this batch brings."""
-    if "results" in meta:  # a whole report dict (a failed batch's)
-        meta = meta.setdefault("meta", {})
+    """What a report's `meta` must say besides GX's verdicts: the source's assumptions (Adj
+    Close = Close, ...) and the revision this batch brings."""
     if batch.attrs.get("notes"):
         meta["source_notes"] = list(batch.attrs["notes"])
     if revision:

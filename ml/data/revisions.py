@@ -140,10 +140,9 @@ def classify_revision(
     after = str(first_new.min().date()) if len(first_new) else None
     split_events = [e for e in events or () if e.get("split")]
     if not n_changed:
-        unadjusted = [
-            e for e in split_events if not dates.size or e["date"] > str(dates[-1].date())
-        ]
-        if unadjusted and len(dates):
+        last = str(dates[-1].date()) if len(dates) else None
+        unadjusted = [e for e in split_events if last is not None and e["date"] > last]
+        if unadjusted:
             # The vendor reports a split in the new bars while the bars before it kept their
             # scale: its history is not re-adjusted yet (or the event is wrong).
             e = unadjusted[0]

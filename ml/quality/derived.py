@@ -34,11 +34,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def _bars_before(previous: pd.DataFrame | None, first: pd.Timestamp, count: int) -> pd.DataFrame:
+def _bars_before(
+    previous: pd.DataFrame | None, first: pd.Timestamp, count: int
+) -> pd.DataFrame | None:
     """The last `count` published bars strictly before the batch (batches overlap the recent
-    history), oldest first; the context the seam checks need."""
-    if previous is None or previous.empty or first is None or first != first:
-        return previous.iloc[0:0] if previous is not None else None
+    history), oldest first, the context the seam checks need; None without any."""
+    if previous is None or previous.empty or first != first:  # no history, or a NaT first date
+        return None
     earlier = previous.loc[previous["Date"] < first]
     return earlier.sort_values("Date", kind="stable").tail(count)
 
