@@ -17,25 +17,21 @@ from pathlib import Path
 import pytest
 
 from ml.cli import main
+from ml.config import without_pipeline_env
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_PREFIXES = ("PRICE_", "MODEL_", "GATE_", "MLFLOW_", "YAHOO_")
-CONFIG_NAMES = {
-    "DATA_DIR",
-    "UNIVERSE_FILE",
-    "HISTORY_START",
-    "TRAILING_DAYS",
-    "LEDGER_DB_URL",
-    "REGISTRY_LOCK_TTL",
-}
 
 
 @pytest.fixture(autouse=True)
 def no_developer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process `main()` reads the environment: start from the defaults."""
-    for key in list(os.environ):
-        if key.startswith(CONFIG_PREFIXES) or key in CONFIG_NAMES:
-            monkeypatch.delenv(key)
+    for key in set(os.environ) - set(without_pipeline_env(os.environ)):
+        monkeypatch.delenv(key)
+
+
+def child_env(**env: str) -> dict[str, str]:
+    """The environment of a `python -m ml` child: no developer setting, this checkout's `ml`."""
+    return {**without_pipeline_env(os.environ), "PYTHONPATH": str(REPO), **env}
 
 
 def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -43,16 +39,10 @@ def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProce
     unless `env` says otherwise."""
     cwd = tmp_path / "cwd"
     cwd.mkdir(exist_ok=True)
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES
-    }
-    base.update({"PYTHONPATH": str(REPO), "DATA_DIR": str(tmp_path / "data"), **env})
     return subprocess.run(
         [sys.executable, "-m", "ml", *args],
         cwd=cwd,
-        env=base,
+        env=child_env(**{"DATA_DIR": str(tmp_path / "data"), **env}),
         capture_output=True,
         text=True,
         timeout=120,
@@ -385,17 +375,7 @@ def test_run_on_a_read_only_data_dir_still_reports_every_ticker(tmp_path: Path) 
     data.mkdir()
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
-        DATA_DIR=str(data),
-        MLFLOW_TRACKING_URI=DOWN,
-        MLFLOW_UNREACHABLE_TIMEOUT="3",
-    )
+    env = child_env(DATA_DIR=str(data), MLFLOW_TRACKING_URI=DOWN, MLFLOW_UNREACHABLE_TIMEOUT="3")
     script = 'mount --bind -o ro "$DATA_DIR" "$DATA_DIR" && exec "$0" "$@"'
     proc = subprocess.run(
         [

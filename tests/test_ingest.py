@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.config import Settings, get_settings
+from ml.config import Settings, get_settings, without_pipeline_env
 from ml.data.ingest import publish_staged, stage_ticker
 from ml.data.sources import PRICE_COLUMNS, FileSource, PriceSourceError, SyntheticSource
 from ml.data.store import PriceStore
@@ -32,8 +32,6 @@ UNIVERSE = load_universe(REPO / "universe.csv")
 HISTORY_START = date(2023, 1, 2)
 AS_OF = date(2024, 6, 28)  # a Friday
 NEXT_DAY = date(2024, 7, 1)  # the Monday after
-CONFIG_PREFIXES = ("PRICE_", "MODEL_", "GATE_", "MLFLOW_", "YAHOO_")
-CONFIG_NAMES = {"DATA_DIR", "UNIVERSE_FILE", "HISTORY_START", "TRAILING_DAYS"}
 
 
 def ingest_ticker(instrument, as_of, settings, source) -> SimpleNamespace:
@@ -46,11 +44,7 @@ def ingest_ticker(instrument, as_of, settings, source) -> SimpleNamespace:
 
 
 def cli_env(data_dir: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(CONFIG_PREFIXES) and k not in CONFIG_NAMES
-    }
+    env = without_pipeline_env(os.environ)
     env.update(
         PYTHONPATH=str(REPO),
         PRICE_SOURCE="synthetic",

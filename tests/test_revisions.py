@@ -383,11 +383,9 @@ def test_a_re_adjusted_history_that_fails_its_suite_is_quarantined(
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
     import os
 
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PRICE_", "MODEL_", "MLFLOW_")) and k != "DATA_DIR"
-    }
+    from ml.config import without_pipeline_env
+
+    env = without_pipeline_env(os.environ)
     env.update(
         PYTHONPATH=str(REPO),
         PRICE_SOURCE="files",
