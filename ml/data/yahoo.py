@@ -236,12 +236,6 @@ def _to_price_frame(raw: pd.DataFrame | None, ticker: str, start: date, end: dat
 
     if raw is None or raw.empty:
         return empty_prices(PRICE_COLUMNS)
-    events = _events(raw, start, end)
-    # yfinance adds a row without prices for an event outside the bars' span (a split on a
-    # holiday at the end of the range): the event is kept above, the row is no bar. The test
-    # is yfinance's own for dropping empty rows when events are not asked for.
-    values = raw[[c for c in PRICE_COLUMNS[1:] if c in raw.columns]]
-    raw = raw.loc[~(values.isna() | (values == 0)).all(axis=1)]
     missing = [c for c in PRICE_COLUMNS[1:] if c not in raw.columns]
     if missing:
         raise YahooError(
@@ -250,6 +244,13 @@ def _to_price_frame(raw: pd.DataFrame | None, ticker: str, start: date, end: dat
     index = pd.DatetimeIndex(raw.index)
     if index.tz is not None:
         index = index.tz_localize(None)  # wall-clock time at the exchange: its session date
+    events = _events(raw, index, start, end)
+    # yfinance adds a row without prices for an event outside the bars' span (a split on a
+    # holiday at the end of the range): the event is kept above, the row is no bar. The test
+    # is yfinance's own for dropping empty rows when events are not asked for.
+    values = raw[PRICE_COLUMNS[1:]]
+    bars = ~(values.isna() | (values == 0)).all(axis=1).to_numpy()
+    raw, index = raw.loc[bars], index[bars]
     frame = pd.DataFrame({"Date": index.normalize().astype("datetime64[ns]")})
     for col in PRICE_COLUMNS[1:]:
         frame[col] = raw[col].to_numpy(dtype="float64")
@@ -259,16 +260,15 @@ def _to_price_frame(raw: pd.DataFrame | None, ticker: str, start: date, end: dat
     return frame
 
 
-def _events(raw: pd.DataFrame, start: date, end: date) -> list[dict[str, Any]]:
+def _events(
+    raw: pd.DataFrame, index: pd.DatetimeIndex, start: date, end: date
+) -> list[dict[str, Any]]:
     """Yahoo's split and dividend events in [start, end]: {"date", "split": shares after per
-    share before} or {"date", "dividend": amount}, by session date (an event on a holiday is
-    reported on the session before it)."""
+    share before} or {"date", "dividend": amount}, by session date (`index`: the rows' exchange
+    wall-clock times; an event on a holiday is reported on the session before it)."""
     import pandas as pd
 
     out: list[dict[str, Any]] = []
-    index = pd.DatetimeIndex(raw.index)
-    if index.tz is not None:
-        index = index.tz_localize(None)
     for column, key in (("Stock Splits", "split"), ("Dividends", "dividend")):
         if column not in raw.columns:
             continue
