@@ -296,9 +296,18 @@ def diebold_mariano(
     forecast equal to its reference).
     """
     e, r = _vectors(errors=errors, reference_errors=reference_errors)
+    return diebold_mariano_losses(e * e, r * r, horizon)
+
+
+def diebold_mariano_losses(
+    losses: ArrayLike, reference_losses: ArrayLike, horizon: int = 1
+) -> dict[str, float]:
+    """`diebold_mariano` of any per-bar loss (an interval score, a pinball loss) against the
+    reference's on the same bars."""
+    loss, reference = _vectors(losses=losses, reference_losses=reference_losses)
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    d = e * e - r * r
+    d = loss - reference
     n = d.shape[0]
     centered = d - d.mean()
     long_run = float(centered @ centered) / n

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from ml.model.quantiles import ResidualQuantiles
     from ml.model.statistical import StatisticalModel
+    from ml.model.windows import SplitData, WindowSet
 
 
 KERAS_FILE = "model.keras"
@@ -50,6 +52,9 @@ class PriceForecaster:
     # "range_naive" (High/Low: last Close x the trailing mean High/Low-to-previous-Close ratio).
     anchors: tuple[str, ...] = ("persistence",) * len(TARGETS)
     naive_lookback: int = 20
+    # The next bar's quantiles (`ml.model.quantiles`), calibrated on the validation block; None:
+    # a model saved before they existed, or one without the volatility memory they read.
+    intervals: ResidualQuantiles | None = None
 
     @property
     def context_bars(self) -> int:
@@ -102,6 +107,16 @@ class PriceForecaster:
         """(n, 4) how far the model's log-ratio forecast lies from the anchors' `base`."""
         return self.raw_log_ratios(x) - base
 
+    def point_log_ratios(
+        self, x: np.ndarray, high_ratio: Any = None, low_ratio: Any = None
+    ) -> np.ndarray:
+        """(n, 4) log-ratios for relative windows `x` (n, window, n_features): per target, the
+        baseline's log-ratio plus the skill weight times the model's difference from it."""
+        import numpy as np
+
+        base = self.anchor_log_ratios(high_ratio, low_ratio, len(x))
+        return base + self.network_offsets(x, base) * np.asarray(self.skill_weights)
+
     def predict_windows(
         self,
         x: np.ndarray,
@@ -110,16 +125,58 @@ class PriceForecaster:
         high_ratio: np.ndarray | None = None,
         low_ratio: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Prices (n, 4) for relative windows `x` (n, window, n_features): per target, the
-        baseline's log-ratio plus the skill weight times the model's difference from it."""
+        """Prices (n, 4) of `point_log_ratios`."""
         import numpy as np
 
         if len(x) == 0:
             return np.empty((0, len(TARGETS)))
-        base = self.anchor_log_ratios(high_ratio, low_ratio, len(x))
-        log_ratio = base + self.network_offsets(x, base) * np.asarray(self.skill_weights)
+        log_ratio = self.point_log_ratios(x, high_ratio, low_ratio)
         prices = np.stack([last_close, last_close, last_close, last_adj_close], axis=1)
         return prices * np.exp(log_ratio)
+
+    def quantile_windows(
+        self, x: np.ndarray, last_close: np.ndarray, point: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Quantile column -> (n,) prices, for windows `x` whose point prices (n, 4) are `point`
+        (empty without `intervals`)."""
+        import numpy as np
+
+        from ml.model.quantiles import QUANTILE_TARGETS
+
+        if self.intervals is None or len(x) == 0:
+            return {}
+        order = [TARGETS.index(t) for t in QUANTILE_TARGETS]
+        log_point = np.log(point[:, order] / last_close[:, None])
+        logs = self.intervals.log_quantiles(x, self.features, log_point)
+        return {name: last_close * np.exp(value) for name, value in logs.items()}
+
+    def residuals(self, part: WindowSet) -> np.ndarray:
+        """(n, 3) log-ratio residuals of the point forecast on `part`, in QUANTILE_TARGETS order."""
+        from ml.model.quantiles import QUANTILE_TARGETS
+
+        order = [TARGETS.index(t) for t in QUANTILE_TARGETS]
+        point = self.point_log_ratios(part.x, part.high_ratio, part.low_ratio)
+        return (part.y - point)[:, order]
+
+    def calibrate(self, split: SplitData) -> None:
+        """Fit `intervals` (in place): the scale on the train block's residuals, the scores on
+        the validation block's (a network) or on train and validation (a statistical model,
+        `ml.model.quantiles`); nothing of the test block. A forecaster without volatility
+        memory (`horizons` empty) gets none."""
+        import numpy as np
+
+        from ml.model.quantiles import ResidualQuantiles
+
+        if not self.horizons or len(split.val) < 2:
+            self.intervals = None
+            return
+        train = (split.train.x, self.residuals(split.train))
+        calibration = (split.val.x, self.residuals(split.val))
+        if not self.is_network:
+            calibration = tuple(
+                np.concatenate(pair) for pair in zip(train, calibration, strict=True)
+            )
+        self.intervals = ResidualQuantiles.fit(self.features, self.horizons, train, calibration)
 
     def predict_frame(self, bars: pd.DataFrame) -> pd.DataFrame:
         """One forecast per window of `bars`: row i predicts the bar after `Date` (window's end)."""
@@ -145,6 +202,10 @@ class PriceForecaster:
             low_ratio[self.window - 1 :],
         )
         out = pd.DataFrame(prices, columns=list(TARGETS))
+        for name, values in self.quantile_windows(
+            x, ends["Close"].to_numpy("float64"), prices
+        ).items():
+            out[name] = values
         out.insert(0, "Date", ends["Date"].to_numpy())
         return out
 
@@ -163,6 +224,8 @@ class PriceForecaster:
             paths["keras_model"] = str(keras_path)
         else:
             extra["model"] = self.model.to_dict()
+        if self.intervals is not None:
+            extra["intervals"] = self.intervals.to_dict()
         prep_path = directory / PREPROCESSING_FILE
         prep_path.write_text(
             json.dumps(
@@ -211,13 +274,21 @@ class PriceForecaster:
             horizons=horizons,
             anchors=tuple(prep.get("anchors", ("persistence",) * len(TARGETS))),
             naive_lookback=int(prep.get("naive_lookback", 20)),
+            intervals=_intervals(prep.get("intervals")),
         )
+
+
+def _intervals(data: dict[str, Any] | None) -> ResidualQuantiles | None:
+    from ml.model.quantiles import ResidualQuantiles
+
+    return None if data is None else ResidualQuantiles.from_dict(data)
 
 
 def forecast_next_bar(
     forecaster: PriceForecaster, history: pd.DataFrame
 ) -> tuple[pd.Timestamp, dict[str, float]]:
-    """The next bar after the last bar of `history`, in prices."""
+    """The next bar after the last bar of `history`, in prices: the points and, when the model
+    has them, the quantile columns (`ml.model.quantiles.column`)."""
     tail = history.iloc[-forecaster.context_bars :]
     predicted = forecaster.predict_frame(tail).iloc[-1]
-    return predicted["Date"], {t: float(predicted[t]) for t in TARGETS}
+    return predicted["Date"], {k: float(v) for k, v in predicted.items() if k != "Date"}

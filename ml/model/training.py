@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from ml.model.evaluation import EvaluationReport
     from ml.model.forecaster import PriceForecaster
+    from ml.model.probabilistic import IntervalReport
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class TrainResult:
     # against the range-aware naive (High, Low) and persistence (Close). Reports only: the
     # selection never reads it.
     candidate_tests: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The forecaster's quantiles on the test block beside historical simulation and a Gaussian
+    # (`ml.model.probabilistic`); None for a forecaster without quantiles.
+    intervals: IntervalReport | None = None
 
     @property
     def chosen(self) -> CandidateResult:
@@ -306,6 +310,9 @@ def fit_and_evaluate(
     ]
     tests = {f.kind: _test_u2(f, split) for f in forecasters}
     forecaster = forecasters[best]
+    # Calibrated before the refit below: the validation block is out of sample only for the
+    # model fitted without it.
+    forecaster.calibrate(split)
     if not forecaster.is_network and forecaster.kind != NAIVE_KIND:
         forecaster.model = fit_statistical(
             forecaster.kind, join(split.train, split.val), tuple(config.vol_horizons), config.seed
@@ -342,6 +349,7 @@ def _scored(
 ) -> TrainResult:
     """`forecaster` scored on the test block against both baselines, as a TrainResult."""
     from ml.model.evaluation import evaluate, mase_scale
+    from ml.model.probabilistic import score_block
 
     test = split.test
     predicted = forecaster.predict_windows(
@@ -368,6 +376,7 @@ def _scored(
         config_fingerprint=config.fingerprint(),
         test_predictions=predicted,
         evaluation=report,
+        intervals=score_block(forecaster, split),
     )
 
 
@@ -388,6 +397,7 @@ def naive_result(
     )
     forecaster = _forecaster(NAIVE_KIND, NaiveLogRatios(), split, naive_config)
     forecaster.skill_weights = (0.0,) * int(split.train.y.shape[-1])
+    forecaster.calibrate(split)
     candidate = CandidateResult(NAIVE_KIND, float("nan"), 0, 0, 0.0)
     return _scored(ticker, as_of, history, split, naive_config, forecaster, [candidate])
 
