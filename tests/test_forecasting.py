@@ -346,7 +346,9 @@ def test_mlflow_models_serve_answers_with_the_champions_forecast(
         served = answer["predictions"][-1]
         forecaster, _ = load_forecaster(instrument_for(TICKER, fc_settings), fc_settings)
         expected = forecaster.predict_frame(bars).iloc[-1]
-        for target in TARGETS:
+        from ml.model.quantiles import quantile_columns
+
+        for target in (*TARGETS, *quantile_columns()):  # the points and the quantiles
             assert served[target] == pytest.approx(float(expected[target]), rel=1e-6)
     finally:
         os.killpg(serve.pid, 15)

@@ -22,6 +22,7 @@ import pytest
 
 from ml.config import GateConfig, Settings
 from ml.model.features import TARGETS
+from ml.model.quantiles import quantile_columns
 from ml.registry.client import CHALLENGER, CHAMPION, get_alias, get_client
 from ml.registry.gate import gate_failures, read_dm, score
 from ml.registry.promotion import promote_if_better
@@ -332,6 +333,13 @@ def test_first_version_tags(first_run: dict[str, Any], reg_settings: Settings) -
     assert set(naive) == {"High", "Low"}
     assert naive == first_run["trained"]["metrics_range_naive"]
     assert f"U2 vs range-aware naive High {naive['High']:.4f}" in tags["gate_reason"]
+    intervals = json.loads(tags["test_intervals"])  # what the gate's interval questions read
+    assert intervals == first_run["trained"]["intervals"]
+    assert intervals["n"] == int(client.get_run(mv.run_id).data.params["n_test"])
+    low, high = intervals["band"]
+    assert 0.0 < low < 0.9 < high < 1.0
+    assert set(intervals["coverage"]) >= {"close_80", "close_90", "high_q90", "low_q10"}
+    assert "Close 90 % coverage" in tags["gate_reason"]
     # Decision tags are written by promotion.
     assert tags["gate_status"] in ("promoted", "rejected")
     assert tags["gate_reason"]
@@ -401,6 +409,14 @@ def test_run_has_params_epoch_metrics_and_test_metrics(
         "test_directional_n",
         "test_range_inside",
         "test_n_test",
+        "test_coverage_close_90",
+        "test_coverage_close_90_historical",
+        "test_interval_score_close_90",
+        "test_interval_score_close_90_vs_historical",
+        "test_interval_score_close_90_vs_gaussian",
+        "test_pinball_high_q90_vs_historical",
+        "test_pinball_tails_vs_historical",
+        "test_dm_interval_score_historical_p_worse",
     ):
         assert key in metrics, key
     assert metrics["test_n_test"] == float(params["n_test"])
@@ -481,7 +497,7 @@ def test_logged_model_has_signature_and_input_example(
     info = mlflow.models.get_model_info(uri)
     assert info.signature is not None
     assert info.signature.inputs.input_names() == PRICE_COLUMNS
-    assert set(TARGETS) <= set(info.signature.outputs.input_names())
+    assert set(TARGETS) | set(quantile_columns()) <= set(info.signature.outputs.input_names())
     assert info.saved_input_example_info is not None
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path))
@@ -509,7 +525,8 @@ def test_champion_loads_through_pyfunc_and_predicts_prices(
     assert model.metadata.run_id == first_run["trained"]["run_id"]
     bars = _history(reg_settings, MAIN, AS_OF)[PRICE_COLUMNS].tail(30).reset_index(drop=True)
     out = model.predict(bars)
-    assert list(out.columns) == ["Date", *TARGETS]
+    assert list(out.columns) == ["Date", *TARGETS, *quantile_columns()]
+    assert (out["Close q05"] < out["Close q95"]).all() and (out["High q90"] > out["Low q10"]).all()
     assert len(out) == len(bars) - reg_settings.model.window
     assert out["Date"].iloc[-1] == bars["Date"].iloc[-1]
     closes = bars["Close"].iloc[reg_settings.model.window :].to_numpy()

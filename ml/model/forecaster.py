@@ -160,9 +160,8 @@ class PriceForecaster:
 
     def calibrate(self, split: SplitData) -> None:
         """Fit `intervals` (in place): the scale on the train block's residuals, the scores on
-        the validation block's (a network) or on train and validation (a statistical model,
-        `ml.model.quantiles`); nothing of the test block. A forecaster without volatility
-        memory (`horizons` empty) gets none."""
+        those of every bar before the test block (`ml.model.quantiles`); nothing of the test
+        block. A forecaster without volatility memory (`horizons` empty) gets none."""
         import numpy as np
 
         from ml.model.quantiles import ResidualQuantiles
@@ -171,11 +170,8 @@ class PriceForecaster:
             self.intervals = None
             return
         train = (split.train.x, self.residuals(split.train))
-        calibration = (split.val.x, self.residuals(split.val))
-        if not self.is_network:
-            calibration = tuple(
-                np.concatenate(pair) for pair in zip(train, calibration, strict=True)
-            )
+        val = (split.val.x, self.residuals(split.val))
+        calibration = tuple(np.concatenate(pair) for pair in zip(train, val, strict=True))
         self.intervals = ResidualQuantiles.fit(self.features, self.horizons, train, calibration)
 
     def predict_frame(self, bars: pd.DataFrame) -> pd.DataFrame:

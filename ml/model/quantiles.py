@@ -12,11 +12,13 @@ point forecast is modelled on its own, for any model kind alike:
    level q takes their k-th smallest value with the split-conformal rank (k = ceil((n + 1) q)
    above the median, floor((n + 1) q) below), which keeps each one-sided level's coverage at
    least q on exchangeable bars (Lei et al. 2018, "locally weighted" split conformal). The
-   scores come from every bar before the test block for a statistical model (train and
-   validation: a longer calibration spans more volatility regimes, and a least-squares fit of a
-   dozen coefficients on thousands of bars leaves its train residuals about as large as unseen
-   ones), and from the validation block alone for a network, whose train residuals are
-   in-sample and smaller. Neither step sees the test block or any bar after it.
+   scores come from every bar before the test block, train and validation: a calibration of
+   years spans more volatility regimes than the validation block alone (which left the 2008
+   crisis under-covered on real MSFT). The train block's residuals are in sample for the point
+   model; for these models (a least-squares fit of a dozen coefficients, or networks stopped
+   early on validation) they are about as large as unseen ones, and the coverage figures in
+   BENCHMARKS.md and REALDATA.md are measured on test blocks nothing was fitted on.
+   Neither step sees the test block or any bar after it.
 3. **Forecast.** The q quantile of a target's log-ratio is the point forecast's plus the scale
    times the calibrated score; a price is the last Close times its exponential. A positive scale
    keeps the levels in order.

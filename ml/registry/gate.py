@@ -2,7 +2,10 @@
 
 A candidate passes against the baselines when High and Low have U2 below their caps and are
 significantly better than persistence (Diebold-Mariano), neither is significantly worse than the
-range-aware naive, and Close is not significantly worse than persistence; it replaces the
+range-aware naive, Close is not significantly worse than persistence, and its quantiles hold:
+Close's 90 % interval covers the test block's bars within the binomial 99 % band of 0.90 for the
+block's size, with an interval score not significantly worse than historical simulation's
+(`interval_failures`); it replaces the
 champion when it is not significantly worse on any target on the same test block and its mean U2
 is lower by at least `min_improvement` (README.md, "The gate").
 """
@@ -85,6 +88,50 @@ def gate_failures(
             f"(Diebold-Mariano p {p_worse:.3g} < {gate.p_value}, U2 {u2.get('Close', nan):.4f})"
         )
     return failures
+
+
+def interval_failures(intervals: dict[str, Any] | None, gate: GateConfig) -> list[str]:
+    """Reasons the candidate's quantiles fail the gate, from its `test_intervals` tag
+    (`ml.model.probabilistic.IntervalReport.to_tag`). None: a version registered before
+    quantiles existed (no tag), judged without them. Missing figures fail closed."""
+    if intervals is None:
+        return []
+    nan = float("nan")
+    low, high = (v if v is not None else nan for v in intervals.get("band") or (None, None))
+    coverage = (intervals.get("coverage") or {}).get("close_90")
+    coverage = nan if coverage is None else coverage
+    failures = []
+    if not low <= coverage <= high:
+        failures.append(
+            f"Close 90 % interval coverage {coverage:.3f} on {intervals.get('n')} bars outside "
+            f"its binomial 99 % band {low:.3f}-{high:.3f}"
+        )
+    p_worse = (intervals.get("dm_historical") or {}).get("p_worse")
+    ratio = intervals.get("interval_score_close_90_vs_historical")
+    if p_worse is not None and p_worse < gate.p_value:
+        failures.append(
+            f"Close 90 % interval score significantly worse than historical simulation "
+            f"(ratio {ratio if ratio is not None else nan:.3f}, Diebold-Mariano p "
+            f"{p_worse:.3g} < {gate.p_value})"
+        )
+    return failures
+
+
+def interval_summary(intervals: dict[str, Any] | None) -> str:
+    """The figures the interval questions read, for a decision's reason ('' without them)."""
+    if not intervals:
+        return ""
+
+    def text(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    coverage = (intervals.get("coverage") or {}).get("close_90")
+    band = intervals.get("band") or (None, None)
+    return (
+        f"Close 90 % coverage {text(coverage)} (band {text(band[0])}-{text(band[1])}), "
+        f"interval score vs historical simulation "
+        f"{text(intervals.get('interval_score_close_90_vs_historical'))}"
+    )
 
 
 def dm_table(dm: dict[str, dict[str, float]]) -> str:

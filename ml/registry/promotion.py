@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING
 
 from ml.config import Settings
 from ml.registry.client import CHAMPION, get_alias, get_client
-from ml.registry.gate import PromotionDecision, decide, dm_table, gate_failures, read_dm
+from ml.registry.gate import (
+    PromotionDecision,
+    decide,
+    dm_table,
+    gate_failures,
+    interval_failures,
+    interval_summary,
+    read_dm,
+)
 from ml.registry.versions import champion_and_alias, champion_as_of, load_forecaster, ticker_lock
 from ml.universe import Instrument
 
@@ -46,12 +54,14 @@ def promote_if_better(
             )
         u2 = json.loads(candidate.tags.get("test_u2", "{}"))
         naive_tag = candidate.tags.get("test_dm_range_naive")
+        intervals_tag = candidate.tags.get("test_intervals")
+        intervals = json.loads(intervals_tag) if intervals_tag else None
         failures = gate_failures(
             u2,
             read_dm(candidate.tags.get("test_dm")),
             settings.gate,
             read_dm(naive_tag) if naive_tag is not None else None,
-        )
+        ) + interval_failures(intervals, settings.gate)
         # Compare with the champion of this date, not a model trained on later bars (backfills);
         # `holder` (the alias now) decides below whether the alias may move.
         champion, holder = champion_and_alias(client, name, as_of)
@@ -72,6 +82,8 @@ def promote_if_better(
             holder = get_alias(client, name, CHAMPION)
         champion_version = version if verdict.promoted else (champion.version if champion else None)
         reason = verdict.reason
+        if intervals and not any(f.startswith("Close 90 %") for f in failures):
+            reason += "; " + interval_summary(intervals)
         fallback = not verdict.promoted and champion is None and holder is None
         if fallback:
             # Registered before the candidate's decision is recorded: a try killed in between

@@ -136,6 +136,7 @@ def log_candidate(
             "test_u2_range_naive": json.dumps(u2_naive, sort_keys=True),
             "test_dm": dm_table(dict(result.evaluation.dm_vs_persistence)),
             "test_dm_range_naive": dm_table(dict(result.evaluation.dm_vs_range_naive)),
+            **({"test_intervals": result.intervals.to_tag()} if result.intervals else {}),
             "run_id": run_id,
         },
     )
@@ -153,6 +154,7 @@ def log_candidate(
         f"registered version {version.version} ({result.forecaster.kind})",
         u2,
         u2_naive,
+        json.loads(result.intervals.to_tag()) if result.intervals else {},
     )
 
 
@@ -209,6 +211,8 @@ def _log_run(
     from ml.registry.pyfunc import MODEL_CODE, log_model, serving_code
 
     metrics = result.evaluation.as_metrics()
+    if result.intervals is not None:
+        metrics.update(result.intervals.as_metrics())
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=f"{instrument.slug}-{tags['logical_date']}", tags=tags
     ) as run:

@@ -45,6 +45,9 @@ class TrainingOutcome:
     metrics: dict[str, float]
     # Test-block U2 against the range-aware naive (High, Low), the strong baseline.
     metrics_range_naive: dict[str, float] = field(default_factory=dict)
+    # The quantiles' test-block figures (`ml.model.probabilistic.IntervalReport.to_tag`): coverage,
+    # its binomial band, interval score and tail pinball vs historical simulation; {} without.
+    intervals: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,7 +121,13 @@ def outcome_of(instrument: Instrument, as_of: date, version: ModelVersion) -> Tr
         reason,
         metrics,
         json.loads(version.tags.get("test_u2_range_naive", "{}")),
+        interval_figures(version),
     )
+
+
+def interval_figures(version: ModelVersion) -> dict[str, Any]:
+    """The version's `test_intervals` tag, or {} for a version registered before quantiles."""
+    return json.loads(version.tags.get("test_intervals") or "{}")
 
 
 def reuse_outcome(

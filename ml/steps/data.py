@@ -250,6 +250,7 @@ def _needs_training(
         gate_status=version.tags.get("gate_status"),
         metrics=json.loads(version.tags.get("test_u2", "{}")),
         metrics_range_naive=json.loads(version.tags.get("test_u2_range_naive", "{}")),
+        intervals=json.loads(version.tags.get("test_intervals") or "{}"),
     )
     return False
 

@@ -99,6 +99,7 @@ def summarize_tickers(
         row["u2_range_naive"] = (
             outcome.get("metrics_range_naive") or summary.get("metrics_range_naive") or {}
         )
+        row["intervals"] = outcome.get("intervals") or summary.get("intervals") or {}
         row["training"] = _training_text(outcome, summary)
         row.update(_promotion(ticker, decisions.get(ticker) or {}, forecast, forecasted))
         kind = ((forecasted or {}).get("kinds") or {}).get(ticker)
@@ -109,6 +110,8 @@ def summarize_tickers(
             row["forecast_high"] = forecast.get("pred_high")
             row["forecast_low"] = forecast.get("pred_low")
             row["forecast_version"] = forecast.get("model_version")
+            if forecast.get("pred_close_q05") is not None:
+                row["forecast_close_90"] = [forecast["pred_close_q05"], forecast["pred_close_q95"]]
         rows.append(row)
     return rows
 
@@ -186,6 +189,16 @@ def _failure(
     return None
 
 
+def _interval_text(intervals: Mapping[str, Any]) -> str:
+    """Close 90 % coverage on the test block and the interval score over historical
+    simulation's, e.g. "0.904 / 0.931"; "-" for a model without quantiles."""
+    coverage = (intervals.get("coverage") or {}).get("close_90")
+    ratio = intervals.get("interval_score_close_90_vs_historical")
+    if coverage is None or ratio is None:
+        return "-"
+    return f"{coverage:.3f} / {ratio:.3f}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the run summary for logs and the terminal."""
     headers = [
@@ -195,6 +208,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "validation",
         "U2 H/L/C",
         "vs naive H/L",
+        "cov90 / IS vs HS",
         "live U2 H/L (n)",
         "model",
         "champion",
@@ -214,6 +228,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             else "-"
         )
         close = r.get("forecast_close")
+        interval = r.get("forecast_close_90") or ()
+        close_text = f"{close:.4f}" if isinstance(close, float) else "-"
+        if len(interval) == 2 and None not in interval:
+            close_text += f" (90 %: {interval[0]:.4f}-{interval[1]:.4f})"
         lines.append(
             [
                 r["ticker"],
@@ -222,11 +240,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 str(r.get("validation", "-")),
                 u2_text,
                 naive_text,
+                _interval_text(r.get("intervals") or {}),
                 live_text,
                 str(r.get("training", "-")),
                 str(r.get("promotion", "-")),
                 str(r.get("champion_kind", "-")),
-                f"{close:.4f}" if isinstance(close, float) else "-",
+                close_text,
             ]
         )
     widths = [
