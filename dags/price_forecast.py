@@ -102,6 +102,21 @@ def _validation_summary() -> dict | None:
     return ti.xcom_pull(task_ids="validate", key="summary", default=None)
 
 
+def _check_map_length(tickers: int) -> None:
+    """Fail before any work when `train` could not map over every ticker: Airflow fails the task
+    that pushes a list longer than `[core] max_map_length` (validate, after the whole data phase)
+    with a message that names neither the list nor the setting."""
+    from airflow.sdk.configuration import conf
+
+    limit = conf.getint("core", "max_map_length", fallback=1024)
+    if tickers > limit:
+        raise AirflowFailException(
+            f"{tickers} tickers to run, more than Airflow's [core] max_map_length={limit} that "
+            f"train can map over: set AIRFLOW__CORE__MAX_MAP_LENGTH to at least {tickers} in "
+            "every Airflow component's environment (docs/scaling.md)"
+        )
+
+
 def _run_key() -> str:
     return get_current_context()["run_id"]
 
@@ -183,6 +198,7 @@ def price_forecast():
             chosen = universe.select(params.get("tickers") or None)
         except (UniverseError, ValueError) as exc:
             raise AirflowFailException(f"invalid run parameters: {exc}") from exc
+        _check_map_length(len(chosen))
         return [i.ticker for i in chosen]
 
     # multiple_outputs=False wherever a task returns a dict: from `-> dict` Airflow infers True

@@ -36,6 +36,11 @@ DATE_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # The characters of a user's value (a ticker, a date, a file's column name) a message echoes:
 # enough to recognize it, never a whole pasted document in a log line or a run report.
 ECHO_LIMIT = 40
+# Airflow's `[core] max_map_length`, as every launcher and docker-compose.yaml set it: `train`
+# maps one instance per ticker that needs training, and Airflow fails the task that pushes a
+# longer list (its default, 1024, is below an S&P 1500 or a Russell 3000 universe). The DAG's
+# resolve_tickers refuses a universe over the configured value before any work.
+AIRFLOW_MAX_MAP_LENGTH = 10_000
 
 
 # The registry lock (`ml.registry.lock`): a holder refreshes its heartbeat this many times per

@@ -1,12 +1,10 @@
 """The one launcher of Airflow + MLflow stacks: `make demo`, the native production topology, the
 benchmarks and the scheduler tests all start theirs with it.
 
-- `POOLS`: the pools every stack creates (docker/airflow-init.sh creates the same for compose;
-  tests/test_compose.py compares them).
-- `airflow_env()`: the environment of every Airflow process of a stack: executor, metadata
-  database (SQLite in AIRFLOW_HOME, or a URL), ports, secrets, the project's dags/ and plugins/,
-  the MLflow tracking URI and the pipeline's defaults. `embedded_env()` is the one-machine layout
-  of `make demo` (everything under one state folder, SQLite, the preloading LocalExecutor).
+- `POOLS`: the pools every stack creates (docker/airflow-init.sh the same for compose).
+- `airflow_env()`: the environment of every Airflow process of a stack (executor, metadata DB:
+  SQLite in AIRFLOW_HOME or a URL, ports, secrets, dags/, plugins/, MLflow URI, pipeline defaults);
+  `embedded_env()`: `make demo`'s layout (one state folder, SQLite, the preloading LocalExecutor).
 - `AirflowStack`: the processes of one stack, each in its own process group: `start()` of Airflow
   components, `start_mlflow()` (ml.servers), `cli()` (retried while SQLite is locked), pools, the
   waits (API health, DAG parsed, runs finished), `stop()` of the groups, their descendants and
@@ -36,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ml.config import AIRFLOW_MAX_MAP_LENGTH  # noqa: E402
 from ml.servers import BasicAuth, MlflowServer, free_port, start_mlflow_server, wait_for_http  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -54,6 +53,7 @@ MARKER_ENV = "PF_STACK_ID"
 # Settings a caller's environment may change (make demo passes its own environment on).
 TUNABLE = {
     "AIRFLOW__CORE__PARALLELISM": "4",
+    "AIRFLOW__CORE__MAX_MAP_LENGTH": str(AIRFLOW_MAX_MAP_LENGTH),  # why: ml/config.py
     # A run is a chain of a few tasks: an idle scheduler loop of 1 s (the default) adds up to a
     # second to every hand-off. A tenth of a second: a day without new bars is seven hand-offs
     # (bench: 4.0 s against 5.2 s at 0.25), and the full day did not get slower. The scheduler

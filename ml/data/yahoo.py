@@ -98,34 +98,86 @@ class _Exchange:
 _exchanges: contextvars.ContextVar[list[_Exchange] | None] = contextvars.ContextVar(
     "ml_yahoo_exchanges", default=None
 )
+# The `sleep` of the fetch running in this context (injected by tests).
+_sleep: contextvars.ContextVar[Callable[[float], object]] = contextvars.ContextVar(
+    "ml_yahoo_sleep", default=time.sleep
+)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A `Retry-After` in seconds (an HTTP date is not used), or None."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+class _Cooldown:
+    """The `Retry-After` of a session's latest 429, for every request of that session.
+
+    Yahoo limits a client, not a ticker: after a 429 no request of the session (the other
+    tickers' downloads in other threads, yfinance's own immediate re-send of the refused request)
+    may leave before the wait it asked for (capped at MAX_RETRY_AFTER_SECONDS) is over. A thread
+    whose retry loop already slept through the deadline (`served`) does not wait again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until = 0.0
+        self._served = threading.local()
+
+    def hold(self, seconds: float) -> None:
+        until = time.monotonic() + min(seconds, MAX_RETRY_AFTER_SECONDS)
+        with self._lock:
+            self._until = max(self._until, until)
+
+    def served(self, up_to: float) -> None:
+        """This thread slept until `up_to` (time.monotonic): a deadline up to it is waited out."""
+        with self._lock:
+            self._served.until = min(self._until, up_to)
+
+    def wait(self, sleep: Callable[[float], object]) -> None:
+        while True:
+            with self._lock:
+                until = self._until
+            if getattr(self._served, "until", 0.0) >= until:
+                return
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            sleep(remaining)
+            self._served.until = until  # then again only if another 429 moved the deadline
 
 
 def _observe(session: Any) -> None:
-    """Make `session.request` report each answer to the attempt being run in this context."""
+    """Make `session.request` report each answer to the attempt being run in this context, and
+    hold every request of the session while a 429's `Retry-After` runs (`_Cooldown`)."""
     if getattr(session, "_ml_yahoo_observed", False):
         return
     inner = session.request
+    cooldown = _Cooldown()
 
     @functools.wraps(inner)
     def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         seen = _exchanges.get()
+        cooldown.wait(_sleep.get())
         try:
             response = inner(method, url, *args, **kwargs)
         except BaseException as exc:
             if seen is not None:
                 seen.append(_Exchange(url, None, exc))
             raise
+        status = getattr(response, "status_code", None)
+        retry_after = (getattr(response, "headers", None) or {}).get("Retry-After")
+        if status == 429:
+            cooldown.hold(_seconds(retry_after) or 0.0)
         if seen is not None:
-            headers = getattr(response, "headers", None) or {}
-            seen.append(
-                _Exchange(
-                    url, getattr(response, "status_code", None), None, headers.get("Retry-After")
-                )
-            )
+            seen.append(_Exchange(url, status, None, retry_after))
         return response
 
     try:
         session.request = request
+        session._ml_yahoo_cooldown = cooldown
         session._ml_yahoo_observed = True
     except (AttributeError, TypeError):  # a session that refuses attributes: classify blind
         log.debug("cannot observe %r; classifying Yahoo errors from exceptions only", session)
@@ -171,13 +223,8 @@ class _Failure:
 
 def _retry_after(seen: list[_Exchange]) -> float | None:
     """The longest `Retry-After` (in seconds; an HTTP date is not used) of this attempt's 429s."""
-    waits = []
-    for e in seen:
-        if e.status == 429 and e.retry_after:
-            try:
-                waits.append(max(0.0, float(e.retry_after)))
-            except ValueError:
-                continue
+    waits = [_seconds(e.retry_after) for e in seen if e.status == 429]
+    waits = [w for w in waits if w is not None]
     return max(waits) if waits else None
 
 
@@ -302,12 +349,14 @@ def _clear_response_cache() -> None:
         cache_clear()
 
 
-def _attempt(ticker: str, start: date, end: date, session: Any) -> pd.DataFrame | _Failure:
+def _attempt(
+    ticker: str, start: date, end: date, session: Any, sleep: Callable[[float], object]
+) -> pd.DataFrame | _Failure:
     import yfinance as yf
 
     _clear_response_cache()
     seen: list[_Exchange] = []
-    token = _exchanges.set(seen)
+    token, sleep_token = _exchanges.set(seen), _sleep.set(sleep)
     try:
         with _raise_errors(yf.config):
             raw = yf.Ticker(ticker, session=session).history(
@@ -327,6 +376,7 @@ def _attempt(ticker: str, start: date, end: date, session: Any) -> pd.DataFrame 
         return _classify(exc, seen)
     finally:
         _exchanges.reset(token)
+        _sleep.reset(sleep_token)
     return _to_price_frame(raw, ticker, start, end)
 
 
@@ -360,12 +410,13 @@ def fetch_yahoo(
         raise ValueError("max_retries and backoff_seconds must be >= 0")
     session = _default_session() if session is None else session
     _observe(session)
+    cooldown = getattr(session, "_ml_yahoo_cooldown", None)
 
     attempts = max_retries + 1
     failure: _Failure | None = None
     for attempt in range(attempts):
         last = attempt + 1 == attempts
-        outcome = _settle(ticker, start, end, _attempt(ticker, start, end, session), last)
+        outcome = _settle(ticker, start, end, _attempt(ticker, start, end, session, sleep), last)
         if not isinstance(outcome, _Failure):
             return outcome
         failure = outcome
@@ -381,7 +432,10 @@ def fetch_yahoo(
                 attempts,
                 wait,
             )
+            slept_until = time.monotonic() + wait
             sleep(wait)
+            if cooldown is not None:
+                cooldown.served(slept_until)
     assert failure is not None  # attempts >= 1
     span = f"{start}..{end}"
     if failure.kind == "rate_limited":

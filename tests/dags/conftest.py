@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from ml.config import without_pipeline_env
+from ml.config import AIRFLOW_MAX_MAP_LENGTH, without_pipeline_env
 from ml.servers import MlflowServer, sqlite_mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +60,8 @@ def airflow_env(home: Path, **overrides: str) -> dict[str, str]:
         # Wait up to 60 s for SQLite's single writer instead of failing with "database is locked".
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "airflow_sqlite.CONNECT_ARGS",
+        # As every launcher sets it (ml/config.py says why).
+        "AIRFLOW__CORE__MAX_MAP_LENGTH": str(AIRFLOW_MAX_MAP_LENGTH),
     }
     return clean_env(**{**settings, **overrides})
 
