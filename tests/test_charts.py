@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from xml.etree import ElementTree
 
-from ml.charts import line_chart, stacked
+from ml.charts import CloseInterval, line_chart, price_band_chart, stacked
 
 SVG = "{http://www.w3.org/2000/svg}"
 DATES = ["2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05"]
@@ -50,3 +50,38 @@ def test_stacked_charts_are_one_standalone_document_one_below_the_other() -> Non
     first, second = (float(c.get("y")) for c in nested)
     assert second == first + float(nested[0].get("height"))
     assert float(root.get("height")) == second + float(nested[1].get("height"))
+
+
+def test_a_price_chart_draws_close_intervals_and_marks_closes_by_shape() -> None:
+    bars = [
+        {"Date": d, "High": c + 1, "Low": c - 1, "Close": c}
+        for d, c in zip(DATES, [100.0, 104.0, 91.0, 100.0], strict=True)
+    ]
+    intervals = {
+        DATES[1]: CloseInterval(95, 97, 103, 105),  # 104: inside the 90 %
+        DATES[2]: CloseInterval(92, 95, 105, 108),  # 91: outside
+    }
+    svg = price_band_chart(
+        bars, {}, (99, 101), "T & co", intervals, CloseInterval(80, 90, 110, 120), "held 1 of 2"
+    )
+    root = ElementTree.fromstring(svg)
+    assert root.findtext(f"{SVG}desc") == "held 1 of 2"
+    classes = [e.get("class") for e in root.iter() if e.get("class")]
+    assert classes.count("interval90") == classes.count("interval80") == 2
+    assert classes.count("next-interval90") == 1
+    # inside: a circle, outside: a cross (a path), each with its reason as a tooltip
+    (inside,) = [e for e in root.iter(f"{SVG}circle") if e.get("class") == "close-inside"]
+    (outside,) = [e for e in root.iter(f"{SVG}path") if e.get("class") == "close-outside"]
+    assert "inside the 90 % interval 95..105" in inside.findtext(f"{SVG}title")
+    assert "Close 91 outside" in outside.findtext(f"{SVG}title")
+    legend = " ".join(t.text or "" for t in root.find(f"{SVG}g").iter(f"{SVG}text"))
+    assert "Close inside 90 %" in legend and "Close outside 90 %" in legend
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert "120" in texts and "80" in texts  # the next bar's 90 % interval sets the axis
+
+
+def test_a_price_chart_without_intervals_has_no_interval_layer() -> None:
+    bars = [{"Date": DATES[0], "High": 2.0, "Low": 1.0, "Close": 1.5}]
+    svg = price_band_chart(bars, {DATES[0]: (1.2, 1.8)}, None, "t")
+    assert "interval" not in svg and "legend" not in svg and "<desc>" not in svg
+    assert ElementTree.fromstring(svg).find(f"{SVG}rect[@class='band']") is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -116,6 +117,76 @@ def forecast_row(ticker: str, as_of: date, last_close: float, **changes: Any) ->
     return row
 
 
+# The quantile fields of a forecast record (issue 29), as multiples of the last Close.
+QUANTILES = {
+    "pred_close_q05": 0.97,
+    "pred_close_q10": 0.98,
+    "pred_close_q50": 1.005,
+    "pred_close_q90": 1.03,
+    "pred_close_q95": 1.04,
+    "pred_high_q90": 1.045,
+    "pred_high_q95": 1.055,
+    "pred_low_q10": 0.965,
+    "pred_low_q05": 0.955,
+}
+
+
+def with_quantiles(row: dict[str, Any], scale: float = 1.0) -> dict[str, Any]:
+    """`row` with its quantile fields: the multiples of QUANTILES, each spread by `scale`."""
+    last = row["last_close"]
+    return {**row, **{k: last * (1 + (m - 1) * scale) for k, m in QUANTILES.items()}}
+
+
+def upsert_with_quantiles(settings: Settings, rows: list[dict[str, Any]]) -> None:
+    """Rows into the forecasts export with their quantile fields. The export of this branch
+    predates those fields (ml.forecasts.export drops them): they are then added to the CSV as
+    the ledger change of issue 29 writes them, empty where a row has none."""
+    import pandas as pd
+
+    from ml.forecasts.export import forecasts_path, upsert_forecasts
+
+    upsert_forecasts(settings, rows)
+    path = forecasts_path(settings)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in QUANTILES if c not in table.columns]
+    if not missing:
+        return
+    given = pd.DataFrame(rows, columns=["ticker", "logical_date", *QUANTILES])
+    table = table.merge(given[["ticker", "logical_date", *missing]], how="left")
+    table.to_csv(path, index=False, float_format="%.6f")
+
+
+def record_with_quantiles(settings: Settings, rows: list[dict[str, Any]]) -> None:
+    """Forecasts into the ledger with their quantile fields. The ledger of this branch predates
+    them (record_forecasts keeps its own columns only): the columns are then added to its
+    `forecasts` table, nullable, and filled, as the ledger change of issue 29 stores them."""
+    from sqlalchemy import inspect, text
+
+    from ml.forecasts.ledger import engine_for, record_forecasts
+
+    record_forecasts(settings, rows)
+    engine = engine_for(settings)
+    present = {c["name"] for c in inspect(engine).get_columns("forecasts")}
+    missing = [c for c in QUANTILES if c not in present]
+    if not missing:
+        return
+    with engine.begin() as connection:
+        for column in missing:
+            connection.execute(text(f"ALTER TABLE forecasts ADD COLUMN {column} FLOAT"))
+        for row in rows:
+            connection.execute(
+                text(
+                    f"UPDATE forecasts SET {', '.join(f'{c} = :{c}' for c in missing)} WHERE "
+                    "ticker = :ticker AND last_bar_date = :last_bar_date "
+                    "AND model_version = :model_version"
+                ),
+                {c: row.get(c) for c in [*missing, "ticker", "last_bar_date", "model_version"]},
+            )
+
+
+NO_QUANTILES = 3  # the ledger fixture's first forecasts, made by a model saved before quantiles
+
+
 def write_ledger_fixture(settings: Settings) -> int:
     """AMD's published bars to D2 and ten days of its forecasts in the ledger, scored, with a
     monitor row per day. Returns the number of scored forecasts."""
@@ -123,7 +194,6 @@ def write_ledger_fixture(settings: Settings) -> int:
 
     from ml.data.sources import SyntheticSource
     from ml.data.store import PriceStore
-    from ml.forecasts.ledger import record_forecasts
     from ml.forecasts.monitor import monitor
     from ml.universe import Instrument
 
@@ -133,26 +203,25 @@ def write_ledger_fixture(settings: Settings) -> int:
     store.publish(amd, bars, D2, "{}")
     closes = bars.set_index(bars["Date"].dt.strftime("%Y-%m-%d"))["Close"]
     days = list(closes.index[-11:])
-    for day in days:
+    rows = []
+    for k, day in enumerate(days):
         last = float(closes[day])
-        record_forecasts(
-            settings,
-            [
-                {
-                    "ticker": "AMD",
-                    "last_bar_date": day,
-                    "model_version": "4",
-                    "logical_date": day,
-                    "model_name": "price-forecast-AMD",
-                    "last_close": last,
-                    "pred_high": last * 1.02,
-                    "pred_low": last * 0.98,
-                    "pred_close": last * 1.001,
-                    "pred_adj_close": last,
-                    "source": "synthetic",
-                }
-            ],
-        )
+        row = {
+            "ticker": "AMD",
+            "last_bar_date": day,
+            "model_version": "4",
+            "logical_date": day,
+            "model_name": "price-forecast-AMD",
+            "last_close": last,
+            "pred_high": last * 1.02,
+            "pred_low": last * 0.98,
+            "pred_close": last * 1.001,
+            "pred_adj_close": last,
+            "source": "synthetic",
+        }
+        # Narrow intervals (a quarter of QUANTILES' spread), so some Closes fall outside.
+        rows.append(row if k < NO_QUANTILES else with_quantiles(row, 0.25))
+    record_with_quantiles(settings, rows)
     history = store.load(amd)
     for day in days[1:]:
         as_of = date.fromisoformat(day)
@@ -165,9 +234,15 @@ def write_fixture_data(settings: Settings) -> None:
     """Forecasts for D1 (2 tickers) and D2 (3 tickers), and the run report of D2."""
     upsert_forecast(settings, forecast_row("AMD", D1, 150.0))
     upsert_forecast(settings, forecast_row("EURUSD=X", D1, 1.04))
-    upsert_forecast(settings, forecast_row("AMD", D2, 155.6043, model_version="4"))
-    upsert_forecast(settings, forecast_row("EURUSD=X", D2, 1.045017))
-    upsert_forecast(settings, forecast_row("SOL-USD", D2, 25.3844, source="yahoo"))
+    # D2: AMD's model forecasts quantiles, EURUSD=X's and SOL-USD's were saved before them.
+    upsert_with_quantiles(
+        settings,
+        [
+            with_quantiles(forecast_row("AMD", D2, 155.6043, model_version="4")),
+            forecast_row("EURUSD=X", D2, 1.045017),
+            forecast_row("SOL-USD", D2, 25.3844, source="yahoo"),
+        ],
+    )
     write_run_report(
         settings,
         D2,
@@ -258,7 +333,8 @@ def test_page_lists_every_ticker_of_the_latest_date(client: Any, env_settings: S
     rows = tables(resp.text)["forecasts"]
     assert [r[0] for r in rows] == ["AMD", "EURUSD=X", "SOL-USD"]
     amd, eur, sol = rows
-    # ticker, last bar, last close, pred low, high, close, vs last, adj close, range, model, source
+    # ticker, last bar, last close, expected low, high, close, vs last, intervals, adj close,
+    # range, model, source
     assert amd == [
         "AMD",
         "2026-11-20",
@@ -267,12 +343,19 @@ def test_page_lists_every_ticker_of_the_latest_date(client: Any, env_settings: S
         "158.72",
         "156.38",
         "+0.50 %",
+        "Close 90 %: 150.94 – 161.83 Close 80 %: 152.49 – 160.27 High q90: 162.61 Low q10: 150.16",
         "140.04",
         "3.00 %",
         "price-forecast-AMD v4",
         "synthetic data",
     ]
     assert eur[2:6] == ["1.0450", "1.0346", "1.0659", "1.0502"]  # 4 decimals for forex
+    assert eur[7] == "no intervals for model v3 (saved before quantile forecasts)"
+    # the point columns say what they are
+    assert (
+        '<th class="num" title="expected value (mean), not a bound">Expected Low</th>' in resp.text
+    )
+    assert "each is the expected value (mean),\nnot a bound" in resp.text
     assert sol[-1] == "yahoo"
     assert "logical date 2026-11-20 (latest)" in resp.text
     assert f'href="{MLFLOW_URI}/#/models/price-forecast-AMD/versions/4"' in resp.text
@@ -740,6 +823,11 @@ def test_dashboard_in_a_real_browser(
             for ticker in ("AMD", "EURUSD=X", "SOL-USD"):
                 expect(table).to_contain_text(ticker)
             expect(table).to_contain_text("synthetic data")
+            expect(table).to_contain_text("Close 90 %: 150.94 – 161.83")
+            expect(table).to_contain_text("no intervals for model v3")
+            expect(table.locator("th").filter(has_text="Expected Close")).to_have_attribute(
+                "title", "expected value (mean), not a bound"
+            )
             expect(page.locator("table#gate")).to_contain_text("promoted v4")
             page.select_option("select#date", "2026-11-19")
             page.get_by_role("button", name="Show").click()
@@ -754,6 +842,20 @@ def test_dashboard_in_a_real_browser(
             expect(page.locator("svg.chart").first).to_be_visible()
             expect(page.locator("svg.chart rect.band")).to_have_count(10)
             expect(page.locator("svg.chart rect.next")).to_be_visible()
+            # The past forecasts' Close intervals as bands, the Closes marked, the coverage.
+            intervals = 10 - NO_QUANTILES
+            expect(page.locator("svg.chart rect.interval90")).to_have_count(intervals)
+            expect(page.locator("svg.chart rect.interval80")).to_have_count(intervals)
+            expect(page.locator("svg.chart rect.next-interval90")).to_have_count(1)
+            marks = page.locator("svg.chart .close-inside, svg.chart .close-outside")
+            expect(marks).to_have_count(intervals)
+            expect(page.locator("svg.chart g.legend")).to_contain_text("Close outside 90 %")
+            box = page.locator("svg.chart rect.interval90").first.bounding_box()
+            assert box is not None and box["width"] > 1 and box["height"] > 1  # drawn, not empty
+            expect(page.locator("#coverage")).to_contain_text(
+                re.compile(rf"Close 90 % interval held on [0-9]+ of {intervals} scored bars")
+            )
+            expect(page.locator("#next-intervals")).to_contain_text("Close 90 %:")
             expect(page.locator("table#live")).to_contain_text("20")
             page.screenshot(path=str(tmp_path / "ticker-chart.png"), full_page=True)
 
@@ -770,7 +872,7 @@ def test_dashboard_in_a_real_browser(
             page.screenshot(path=str(airflow_png))
         finally:
             browser.close()
-    for png in (dashboard_png, airflow_png):
+    for png in (dashboard_png, tmp_path / "ticker-chart.png", airflow_png):
         assert png.stat().st_size > 10_000
         request.node.user_properties.append(("screenshot", str(png)))
         print(f"screenshot: {png}")
@@ -787,6 +889,20 @@ def test_ticker_page_draws_past_forecasts_against_what_happened(
     assert html.count('class="band"') == scored  # one predicted range per scored forecast
     assert html.count('class="next"') == 1  # the forecast of the bar after the last one
     assert html.count('class="series"') == 2  # live U2 High and Low over the monitor's days
+    # The Close intervals of the forecasts that have them, their Closes marked inside or outside
+    # the 90 % interval, as the bars' own Closes say; the next bar's intervals.
+    with_intervals = scored - NO_QUANTILES
+    assert html.count('class="interval90"') == html.count('class="interval80"') == with_intervals
+    inside, outside = html.count('class="close-inside"'), html.count('class="close-outside"')
+    assert inside + outside == with_intervals
+    assert inside == expected_inside(env_settings)
+    assert html.count('class="next-interval90"') == 1
+    assert (
+        f"Close 90 % interval held on {inside} of {with_intervals} scored bars "
+        f"({inside / with_intervals:.2f}; nominal 0.90)"
+    ) in html
+    assert '<g class="legend"' in html and "Close inside 90 %" in html
+    assert '<ul id="next-intervals"><li>Close 90 %: ' in html
     assert 'id="live"' in html and "beats the champion v3" in html
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org", "")
     assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'")
@@ -795,3 +911,145 @@ def test_ticker_page_draws_past_forecasts_against_what_happened(
     assert client.get("/ticker/NOSUCH").status_code == 404
     empty = client.get("/ticker/EURUSD=X")  # in the universe, nothing published or scored
     assert empty.status_code == 200 and "No published bars yet" in empty.text
+
+
+def expected_inside(settings: Settings) -> int:
+    """How many of the ledger fixture's scored Closes fell inside their 90 % interval, from the
+    published bars themselves (the interval is last Close x [1 - 0.0075, 1 + 0.01])."""
+    from ml.data.store import PriceStore
+    from ml.universe import Instrument
+
+    closes = list(PriceStore(settings.data_dir).load(Instrument("AMD", "stock", "AMD"))["Close"])
+    pairs = list(zip(closes[-11:-1], closes[-10:], strict=True))[NO_QUANTILES:]
+    lo, hi = (1 + (QUANTILES[c] - 1) * 0.25 for c in ("pred_close_q05", "pred_close_q95"))
+    return sum(last * lo <= close <= last * hi for last, close in pairs)
+
+
+def test_the_ticker_page_without_quantiles_says_so(client: Any, env_settings: Settings) -> None:
+    """A ledger written before quantile forecasts (no such columns): the points, as before."""
+    from ml.data.sources import SyntheticSource
+    from ml.data.store import PriceStore
+    from ml.forecasts.ledger import record_forecasts
+    from ml.universe import Instrument
+
+    amd = Instrument("AMD", "stock", "AMD")
+    bars = SyntheticSource().fetch(amd, date(2026, 9, 1), D2)
+    PriceStore(env_settings.data_dir).publish(amd, bars, D2, "{}")
+    last = float(bars["Close"].iloc[-1])
+    row = forecast_row("AMD", D2, last, model_version="2")
+    record_forecasts(env_settings, [{**row, "last_bar_date": D2.isoformat()}])
+    html = client.get("/ticker/AMD").text
+    assert (
+        '<p id="next-intervals">no intervals for model v2 (saved before quantile forecasts).'
+        in html
+    )
+    assert '<p id="coverage">No scored forecast with intervals yet.</p>' in html
+    assert "interval90" not in html and "close-inside" not in html and "legend" not in html
+
+
+# --- the intervals' data functions, on hand-made rows ----------------------------------------------
+
+
+def _bars(closes: list[float]) -> list[dict[str, Any]]:
+    return [
+        {"Date": f"2026-01-{i + 1:02d}", "High": c + 1, "Low": c - 1, "Close": c}
+        for i, c in enumerate(closes)
+    ]
+
+
+def _forecast(day: int, last: float, q: tuple[Any, ...] | None, **more: Any) -> dict[str, Any]:
+    """A ledger forecast made after bar `day` with Close quantiles q = (q05, q10, q90, q95)."""
+    record = {
+        "last_bar_date": f"2026-01-{day:02d}",
+        "logical_date": f"2026-01-{day:02d}",
+        "model_version": "2",
+        "last_close": last,
+        **more,
+    }
+    if q is not None:
+        record.update(
+            zip(
+                ("pred_close_q05", "pred_close_q10", "pred_close_q90", "pred_close_q95"),
+                q,
+                strict=True,
+            )
+        )
+    return record
+
+
+def test_coverage_counts_the_intervals_that_held(plugin: ModuleType) -> None:
+    from forecast_dashboard_app.intervals import coverage, interval_outcomes
+
+    bars = _bars([100, 104, 100, 91, 100, 100, 100])
+    records = [
+        _forecast(1, 100, (95, 97, 103, 105)),  # bar 2: 104 inside 90 %, outside 80 %
+        _forecast(2, 104, (99, 100, 108, 109)),  # bar 3: 100 inside both
+        _forecast(3, 100, (92, 95, 105, 108)),  # bar 4: 91 outside both
+        _forecast(4, 91, None),  # a model saved before quantiles: not scored
+        _forecast(5, 100, (float("nan"), None, "", "x")),  # null in every form: not scored
+        _forecast(6, 100, (90, 95, 105, 110), pred_high_q90=100.5, pred_low_q10=99.5),
+        _forecast(7, 100, (90, 95, 105, 110)),  # the newest bar's: nothing to score yet
+    ]
+    # Bar 3 forecast again later by v3, whose interval misses: it replaces v2's.
+    records.append(_forecast(3, 100, (99, 99.5, 100.5, 101), model_version="3"))
+    records[-1]["logical_date"] = "2026-01-04"
+    outcomes = interval_outcomes(records, bars)
+    assert [o["target_date"][-2:] for o in outcomes] == ["02", "03", "04", "05", "06", "07"]
+    assert [o["close_90"] for o in outcomes] == [True, True, False, None, None, True]
+    assert [o["close_80"] for o in outcomes] == [False, True, False, None, None, True]
+    assert outcomes[2]["model_version"] == "3"
+    # the High (101) above its q90, the Low (99) below its q10
+    assert (outcomes[5]["high_q90"], outcomes[5]["low_q10"]) == (False, False)
+    assert coverage(outcomes) == {
+        "close_90": (3, 4),
+        "close_80": (2, 4),
+        "high_q90": (0, 1),
+        "low_q10": (0, 1),
+    }
+    assert coverage([]) == {k: (0, 0) for k in ("close_90", "close_80", "high_q90", "low_q10")}
+
+
+def test_intervals_are_scaled_into_the_published_units(plugin: ModuleType) -> None:
+    """A 2:1 split re-adjusted the published bars after the forecast: its quantiles are halved."""
+    from forecast_dashboard_app.intervals import interval_outcomes
+
+    bars = _bars([100, 101])  # published after the split; the forecast saw a last Close of 200
+    (outcome,) = interval_outcomes([_forecast(1, 200, (196, 198, 204, 206))], bars)
+    assert outcome["interval"] == (98, 99, 102, 103)
+    assert outcome["close_90"] is True and outcome["close_80"] is True
+
+
+def test_forecasts_without_quantiles_show_no_intervals(plugin: ModuleType) -> None:
+    from forecast_dashboard_app.intervals import interval_outcomes
+    from forecast_dashboard_app.models import coverage_lines, interval_lines
+
+    assert interval_lines({"last_close": 10.0}, 2) == []  # the columns missing altogether
+    nulls = dict.fromkeys(QUANTILES, float("nan")) | {"pred_close_q05": None}
+    assert interval_lines(nulls, 2) == []
+    lines = interval_lines(with_quantiles({"last_close": 600.0}), 2)
+    assert lines == [
+        "Close 90 %: 582.00 – 624.00",
+        "Close 80 %: 588.00 – 618.00",
+        "High q90: 627.00",
+        "Low q10: 579.00",
+    ]
+    # Old ledger rows: no quantile column at all; nothing is scored, nothing breaks.
+    old = [_forecast(1, 100, None), _forecast(2, 104, None)]
+    outcomes = interval_outcomes(old, _bars([100, 104, 100]))
+    assert len(outcomes) == 2 and all(o["interval"] is None for o in outcomes)
+    assert coverage_lines(outcomes) == []
+    assert coverage_lines(
+        interval_outcomes([_forecast(1, 100, (95, 97, 103, 105))], _bars([100, 104]))
+    ) == [
+        "Close 90 % interval held on 1 of 1 scored bars (1.00; nominal 0.90)",
+        "Close 80 % interval held on 0 of 1 scored bars (0.00; nominal 0.80)",
+    ]
+
+
+def test_the_json_api_carries_the_quantiles(client: Any, env_settings: Settings) -> None:
+    write_fixture_data(env_settings)
+    rows = {r["ticker"]: r for r in client.get("/api/forecasts").json()["rows"]}
+    assert rows["AMD"]["pred_close_q95"] == pytest.approx(155.6043 * 1.04, abs=1e-5)
+    assert rows["EURUSD=X"]["pred_close_q95"] is None  # null in the file
+    older = client.get("/api/forecasts", params={"date": "2026-11-19"}).json()["rows"]
+    assert all(r["pred_high_q90"] is None for r in older)

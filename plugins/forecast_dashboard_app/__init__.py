@@ -18,6 +18,8 @@ The package:
     data.py       reads (read-only) the forecasts table, the run reports, the price store and the
                   ledger; parses the `date` parameter strictly and refuses a date no run can
                   have processed (after today in UTC, before HISTORY_START), as the CLI does
+    intervals.py  the quantile fields of a forecast (issue 29; missing or null for a model saved
+                  before quantile forecasts) and whether each past forecast's intervals held
     models.py     turns them into view models: formatted numbers, links, the gate table, charts
     views.py      the FastAPI app: routes, Airflow auth, the Jinja2 environment, security headers
     templates/    base.html (the layout), dashboard.html, ticker.html

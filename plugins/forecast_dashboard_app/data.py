@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from .intervals import QUANTILE_COLUMNS, interval_outcomes
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -116,6 +118,10 @@ def _forecast_row(record: dict[str, Any]) -> dict[str, Any]:
         row[column] = number(row[column])
     for column in _TEXT_COLUMNS:
         row[column] = None if row[column] is None else str(row[column])
+    # Every row has every quantile field, None where the model or the file has none, so the
+    # page and the JSON API treat a table written before quantile forecasts like a model without.
+    for column in QUANTILE_COLUMNS:
+        row[column] = number(row.get(column))
     version = row["model_version"]
     if isinstance(version, float) and version.is_integer():
         version = int(version)
@@ -142,7 +148,10 @@ def load_forecasts(settings: "Settings") -> tuple[bool, list[dict[str, Any]]]:
     missing = [c for c in FORECAST_COLUMNS if c not in table.columns]
     if missing:
         raise DashboardError(f"the forecasts table {path} lacks the columns {missing}")
-    return True, [_forecast_row(record) for record in table[FORECAST_COLUMNS].to_dict("records")]
+    # The quantile fields are optional: an export written before them lacks the columns.
+    columns = [*FORECAST_COLUMNS, *(c for c in QUANTILE_COLUMNS if c in table.columns)]
+    columns = list(dict.fromkeys(columns))  # once, should the export's list come to name them
+    return True, [_forecast_row(record) for record in table[columns].to_dict("records")]
 
 
 def valid_dates(values: Iterable[Any]) -> list[date]:
@@ -193,6 +202,9 @@ class TickerData:
     bars: list[dict[str, Any]]  # the last TICKER_BARS bars: Date (ISO), High, Low, Close
     forecasts: "pd.DataFrame"  # the ledger's forecasts of this ticker
     scored: "pd.DataFrame"  # its outcomes joined with the forecasts they score
+    # every published past forecast's Close interval and whether it held (intervals.py), over the
+    # whole published history, not only the bars drawn
+    intervals: list[dict[str, Any]]
     monitor_dates: list[Any]  # the days of its monitor rows, oldest first
     lives: list[dict[str, Any]]  # the live metrics of those rows (window -> stats)
     promotion_reason: str | None  # the gate's reason in the latest run report
@@ -223,7 +235,7 @@ def load_ticker(settings: "Settings", ticker: str) -> TickerData:
     from ml.forecasts.ledger import read_table
 
     instrument = find_instrument(settings, ticker)
-    bars = PriceStore(settings.data_dir).load(instrument).tail(TICKER_BARS)
+    bars = PriceStore(settings.data_dir).load(instrument)
     rows = [
         {"Date": d.date().isoformat(), "High": h, "Low": lo, "Close": c}
         for d, h, lo, c in zip(bars["Date"], bars["High"], bars["Low"], bars["Close"], strict=True)
@@ -237,9 +249,10 @@ def load_ticker(settings: "Settings", ticker: str) -> TickerData:
     monitor = monitor.loc[monitor["ticker"] == instrument.ticker].sort_values("as_of")
     return TickerData(
         ticker=instrument.ticker,
-        bars=rows,
+        bars=rows[-TICKER_BARS:],
         forecasts=forecasts,
         scored=scored,
+        intervals=interval_outcomes(forecasts.to_dict("records"), rows),
         monitor_dates=list(monitor["as_of"]),
         lives=[json.loads(v) for v in monitor["live"]],
         promotion_reason=_latest_promotion_reason(settings, instrument.ticker),

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from .data import DashboardError, TickerData, load_report, number, valid_dates
+from .intervals import CHECKS, close_interval, coverage, published_units, quantile
 
 if TYPE_CHECKING:
     from ml.config import Settings
@@ -60,10 +61,32 @@ def model_version_url(base: str | None, name: str | None, version: str | None) -
 # --- the dashboard --------------------------------------------------------------------------------
 
 
+def no_intervals(version: Any) -> str:
+    """What a forecast without quantiles shows in their place."""
+    return f"no intervals for model v{_text(version)} (saved before quantile forecasts)"
+
+
+def interval_lines(record: dict[str, Any], decimals: int) -> list[str]:
+    """The next bar's intervals of a forecast, one line each ("Close 90 %: 602.10 – 624.00"), or
+    none when its model forecast no quantiles (each line needs both of its ends)."""
+    lines = []
+    interval = close_interval(record)
+    if interval is not None:
+        q05, q10, q90, q95 = (_fmt_price(v, decimals) for v in interval)
+        lines += [f"Close 90 %: {q05} – {q95}", f"Close 80 %: {q10} – {q90}"]
+    # One-sided: the High stays at or below its q90, the Low at or above its q10, 9 times in 10.
+    for label, column in (("High q90", "pred_high_q90"), ("Low q10", "pred_low_q10")):
+        value = quantile(record, column)
+        if value is not None:
+            lines.append(f"{label}: {_fmt_price(value, decimals)}")
+    return lines
+
+
 def view_row(row: dict[str, Any], mlflow_base: str | None) -> dict[str, Any]:
     """A row of the forecasts table as the page shows it."""
     change = row["close_change_pct"]
     decimals = _price_decimals(row["last_close"])
+    intervals = interval_lines(row, decimals)
     return {
         "ticker": row["ticker"] or "–",
         "last_bar_date": row["last_bar_date"] or "–",
@@ -75,6 +98,8 @@ def view_row(row: dict[str, Any], mlflow_base: str | None) -> dict[str, Any]:
         "change_class": "up" if change and change > 0 else "down" if change and change < 0 else "",
         "pred_adj_close": _fmt_price(row["pred_adj_close"], decimals),
         "range_pct": _fmt_pct(row["range_pct"]),
+        "intervals": intervals,
+        "no_intervals": "" if intervals else no_intervals(row["model_version"]),
         "model_name": row["model_name"] or "–",
         "model_version": row["model_version"] or "–",
         "model_url": model_version_url(mlflow_base, row["model_name"], row["model_version"]),
@@ -281,22 +306,40 @@ def dashboard_context(
 
 
 def _next_forecast(
-    data: TickerData, last_bar: str | None
-) -> tuple[dict[str, Any] | None, tuple[float, float] | None]:
-    """The forecast of the bar after the last one, for the text and for the chart's band."""
-    latest = data.forecasts.loc[data.forecasts["last_bar_date"] == last_bar]
+    data: TickerData, last_bar: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, tuple[float, float] | None, tuple[float, ...] | None]:
+    """The forecast of the bar after the last one: its text, and for the chart its band and its
+    Close intervals (in the published units of the bars drawn)."""
+    day = last_bar["Date"] if last_bar else None
+    latest = data.forecasts.loc[data.forecasts["last_bar_date"] == day]
     latest = latest.sort_values("logical_date")
-    if not len(latest):
-        return None, None
-    f = latest.iloc[-1]
+    if not len(latest) or last_bar is None:
+        return None, None, None
+    f = latest.iloc[-1].to_dict()
+    lines = interval_lines(f, 4)
     shown = {
         "last_bar_date": f["last_bar_date"],
         "model_version": f["model_version"],
         "low": _fmt(f["pred_low"], 4),
         "high": _fmt(f["pred_high"], 4),
         "close": _fmt(f["pred_close"], 4),
+        "intervals": lines,
+        "no_intervals": "" if lines else no_intervals(f["model_version"]),
     }
-    return shown, (float(f["pred_low"]), float(f["pred_high"]))
+    interval = close_interval(f, published_units(f, float(last_bar["Close"])))
+    return shown, (float(f["pred_low"]), float(f["pred_high"])), interval
+
+
+def coverage_lines(outcomes: list[dict[str, Any]]) -> list[str]:
+    """How often the past forecasts' intervals held, one line per check that has scored bars,
+    e.g. "Close 90 % interval held on 52 of 58 scored bars (0.90; nominal 0.90)"."""
+    counts = coverage(outcomes)
+    return [
+        f"{label} on {held} of {n} scored bars ({held / n:.2f}; nominal {nominal:.2f})"
+        for key, label, nominal in CHECKS
+        for held, n in [counts[key]]
+        if n
+    ]
 
 
 def _live_windows(lives: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -318,28 +361,47 @@ def _live_windows(lives: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def ticker_context(data: TickerData) -> dict[str, Any]:
     """The template context of a ticker's page: its charts (SVG) and its live skill."""
-    from ml.charts import line_chart, price_band_chart
+    from ml.charts import CloseInterval, line_chart, price_band_chart
 
+    drawn = {bar["Date"] for bar in data.bars}
     scored = data.scored
+    # Only the drawn bars' forecasts: the others would stretch the price axis off the chart.
     bands = {
         t: (float(lo), float(hi))
         for t, lo, hi in zip(
             scored["target_date"], scored["pred_low"], scored["pred_high"], strict=True
         )
+        if t in drawn
     }
-    last_bar = data.bars[-1]["Date"] if data.bars else None
-    next_forecast, next_band = _next_forecast(data, last_bar)
+    intervals = {
+        o["target_date"]: CloseInterval(*o["interval"])
+        for o in data.intervals
+        if o["interval"] is not None and o["target_date"] in drawn
+    }
+    last_bar = data.bars[-1] if data.bars else None
+    next_forecast, next_band, next_interval = _next_forecast(data, last_bar)
+    held = coverage_lines(data.intervals)
     series = {
         f"live U2 {t} (20 bars)": [(x.get("20") or {}).get(f"u2_{t.lower()}") for x in data.lives]
         for t in ("High", "Low")
     }
+    price_svg = price_band_chart(
+        data.bars,
+        bands,
+        next_band,
+        f"{data.ticker}: last bars",
+        intervals,
+        CloseInterval(*next_interval) if next_interval else None,
+        held[0] if held else "",
+    )
     return {
         "ticker": data.ticker,
         "bars_count": len(data.bars),
-        "last_bar": last_bar or "–",
+        "last_bar": last_bar["Date"] if last_bar else "–",
         "reason": data.promotion_reason,
-        "price_svg": price_band_chart(data.bars, bands, next_band, f"{data.ticker}: last bars"),
+        "price_svg": price_svg,
         "next_forecast": next_forecast,
+        "coverage": held,
         "live_svg": line_chart(data.monitor_dates, series, "live U2 against persistence"),
         "live": _live_windows(data.lives),
     }
