@@ -11,7 +11,11 @@ and validation pass, `trace_seconds`: the graph traces for the process's first t
 `train_on_history` seconds, the epochs run per kind, each kind's validation score and the one
 selected, and the test U2 of High, Low and Close; then the mean U2 over High/Low/Close over all
 tickers, the gate's verdicts (a ticker whose candidate fails it and has no champion gets the
-range-aware naive: the "champions" figures count that), and the total fit time.
+range-aware naive: the "champions" figures count that), and the total fit time; then the
+quantiles over the test blocks (`interval_report.pooled`): the pooled coverage (total hits /
+total bars) of Close's 90 % interval, High's q0.90 and Low's q0.10, the mean interval-score and
+tail-pinball ratios against historical simulation and the Gaussian, and how many tickers fall
+outside their block's binomial 99 % band (all also under "probabilistic" in --json).
 
 `--log N` also starts a throwaway SQLite MLflow server and, for the first N tickers, times what
 the train step does around the fit: the registry lookup (`reuse_outcome`) and
@@ -103,6 +107,7 @@ def main() -> int:
         row, results[instrument.ticker] = train_row(instrument, histories, config, as_of)
         rows.append(row)
     totals = summarize(rows)
+    probabilistic = summarize_intervals([r.intervals for r in results.values()])
 
     logging_rows = []
     if args.log:
@@ -130,6 +135,7 @@ def main() -> int:
             "champions_mean_u2_hlc": round(totals["champion_u2"], 6),
             "chosen": totals["chosen"],
             "per_kind_u2_range_naive_hl": totals["per_kind"],
+            "probabilistic": probabilistic,
             "tickers": rows,
             "logging": logging_rows,
         }
@@ -141,6 +147,7 @@ def main() -> int:
 def train_row(instrument, histories, config, as_of) -> tuple[dict, object]:
     """train_on_history for one ticker, timed (wall and CPU), with its test U2 and gate verdicts."""
     import numpy as np
+    from interval_report import summarize as summarize_report
 
     from ml.model.training import train_on_history
 
@@ -175,6 +182,8 @@ def train_row(instrument, histories, config, as_of) -> tuple[dict, object]:
         "test_u2_range_naive": {
             t: round(float(result.evaluation.u2_range_naive[t]), 6) for t in ("High", "Low")
         },
+        # the quantiles on the test block beside historical simulation and a Gaussian
+        "intervals": summarize_report(result.intervals),
     }
     epochs = " ".join(f"{k}:{v:>2}" for k, v in row["epochs"].items() if v)
     print(
@@ -243,6 +252,41 @@ def summarize(rows: list[dict]) -> dict:
             "chosen": {k: chosen.count(k) for k in set(chosen)}, "per_kind": per_kind,
             "fit": fit_total, "train": train_total, "cpu": cpu_total,
             "first_trace": first_trace}  # fmt: skip
+
+
+def summarize_intervals(reports: list) -> dict:
+    """Prints and returns the quantiles' figures over every ticker's test block: the pooled
+    coverage (total hits / total bars) of Close's 90 % interval, High's q0.90 and Low's q0.10,
+    the mean interval-score and tail-pinball ratios against both baselines, and the tickers
+    outside their block's binomial 99 % band (`interval_report.pooled`)."""
+    from interval_report import CHECKS, TARGET_RANGE, pooled
+
+    figures = pooled(reports)
+    if not figures.get("pooled_coverage"):
+        print("no quantiles on any test block", flush=True)
+        return figures
+    low, high = TARGET_RANGE
+    cover, hist = figures["pooled_coverage"], figures["pooled_historical_coverage"]
+    band = figures["pooled_band"]
+    print(
+        f"quantiles over {figures['blocks']} test blocks ({figures['bars']} bars), pooled "
+        "coverage (historical simulation's): "
+        + ", ".join(f"{label} {cover[k]:.4f} ({hist[k]:.4f})" for k, label in CHECKS.items())
+        + f"; the pooled binomial 99 % band of 90 %: {band[0]:.4f}..{band[1]:.4f}; "
+        f"Close 90 % within [{low}, {high}]: {'yes' if low <= cover['close_90'] <= high else 'NO'}"
+        f"\nmean ratios: interval score of Close 90 % / historical "
+        f"{figures['mean_interval_ratio_historical']:.4f}, / Gaussian "
+        f"{figures['mean_interval_ratio_gaussian']:.4f}; pinball of High q90 + Low q10 / "
+        f"historical {figures['mean_tail_ratio_historical']:.4f}, / Gaussian "
+        f"{figures['mean_tail_ratio_gaussian']:.4f}\n"
+        "tickers outside their binomial 99 % band: "
+        + ", ".join(f"{label} {figures['outside_band'][k]}" for k, label in CHECKS.items())
+        + f" (any of the three: {figures['outside_band_any']} of {figures['blocks']})"
+        + f"; outside [{low}, {high}]: "
+        + ", ".join(f"{label} {figures['outside_target_range'][k]}" for k, label in CHECKS.items()),
+        flush=True,
+    )
+    return figures
 
 
 def gate_verdicts(result) -> dict[str, bool]:

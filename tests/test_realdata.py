@@ -134,3 +134,109 @@ def test_the_ceiling_uses_its_look_ahead_and_the_reference_does_not() -> None:
     har = realdata.har_reference(split)["u2_range_naive"]
     assert ceiling["High"] < 1e-6
     assert har["High"] > 0.3 and np.isfinite(har["Low"])
+
+
+def _report(n: int, close_90: float, high_q90: float, low_q10: float, ratio: float = 0.9):
+    """An IntervalReport with the given coverages and every score `ratio` times historical
+    simulation's (and 1.1 x ratio the Gaussian's)."""
+    from ml.model.probabilistic import IntervalReport
+
+    coverage = {
+        "close_80": 0.8, "close_90": close_90, "high_q90": high_q90, "high_q95": 0.95,
+        "low_q10": low_q10, "low_q05": 0.95,
+    }  # fmt: skip
+    pinball = {"Close q05": 1.0, "High q90": 2.0, "High q95": 1.0, "Low q10": 2.0, "Low q05": 1.0}
+    ours = {"close_80": 8.0 * ratio, "close_90": 10.0 * ratio}
+
+    def scaled(factor: float) -> dict:
+        return {
+            "coverage": {k: 0.9 for k in coverage},
+            "interval_score": {k: v * factor / ratio for k, v in ours.items()},
+            "pinball": {k: v * factor for k, v in pinball.items()},
+        }
+
+    return IntervalReport(
+        n=n,
+        coverage=coverage,
+        interval_score=ours,
+        pinball={k: v * ratio for k, v in pinball.items()},
+        baselines={"historical": scaled(1.0), "gaussian": scaled(1 / 1.1)},
+        dm_historical={"stat": -1.0, "p_worse": 0.84, "p_better": 0.16},
+    )
+
+
+def test_outside_probability_is_the_binomial_tail() -> None:
+    from interval_report import inside_count_range, outside_probability
+    from scipy.stats import binom
+
+    # 10 bars: only 9 hits lies within [0.87, 0.93]
+    assert inside_count_range(10) == (9, 9)
+    assert outside_probability(10) == pytest.approx(1 - 10 * 0.9**9 * 0.1)
+    # 160 bars: 140..148 hits (0.875..0.925); 139 is 0.869 and 149 is 0.931
+    assert inside_count_range(160) == (140, 148)
+    inside = sum(binom.pmf(k, 160, 0.9) for k in range(140, 149))
+    assert outside_probability(160) == pytest.approx(1 - inside)
+    assert 0.15 < outside_probability(160) < 0.35  # far from zero at GOOG's origin size
+    assert outside_probability(598) < outside_probability(160)
+
+
+def test_the_probabilistic_table_and_the_done_when_lines() -> None:
+    from interval_report import done_when_lines, summarize, table_lines
+
+    assert summarize(None) is None
+    inside, tail_out, band_out = (
+        summarize(_report(160, 0.9, 0.9, 0.9)),
+        summarize(_report(160, 0.9, 0.95, 0.9, ratio=1.0)),  # outside [0.87, 0.93], in the band
+        summarize(_report(600, 0.9, 0.9, 0.95)),  # outside the band of 600 bars too
+    )
+    assert inside["interval_ratio"] == {"historical": 0.9, "gaussian": pytest.approx(0.99)}
+    assert inside["tail_ratio"]["historical"] == pytest.approx(0.9)
+    assert inside["band"] == [0.8375, 0.95625]
+    per_ticker = {
+        "AAA": {"default_block": {"intervals": inside}, "origins": [{"intervals": inside}] * 2},
+        "BBB": {"default_block": {}, "origins": [{"intervals": tail_out}, {"intervals": band_out}]},
+    }
+    table = table_lines(per_ticker)
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|")
+    row = next(line for line in table if line.startswith("| BBB | origin 2 |"))
+    assert "|  | 600 | 0.800 / 0.900 | 0.900 / 0.950 | 0.950 / 0.950 |" in row
+    assert "| 0.900 / 0.990 | 0.900 / 0.990 | 0.840 / 0.160 |" in row
+    assert not any(line.startswith("| BBB | default block") for line in table)
+    assert table[5].startswith("| AAA | origins: mean | | 320 | 0.800 / 0.900 |")
+    assert table[-1].startswith("| BBB | origins: mean | | 760 |")
+    text = "\n".join(done_when_lines(per_ticker))
+    assert "no (10 of 12 checks inside)" in text
+    assert "BBB origin 1 High q90 0.950 (inside its binomial 99 % band 0.838..0.956" in text
+    assert "BBB origin 2 Low q10 0.950 (**outside** its binomial 99 % band" in text
+    assert "at n = 160 (inside: 140..148 hits)" in text and "at n = 600" in text
+    # (b) and (c): the mean over the four origins, 0.9 x 3 and 1.0 once
+    assert "origins of 2 tickers: 0.925 (target <= 0.95: met" in text
+    assert "origins of 2 tickers: 0.925 (target <= 0.94: met" in text
+
+
+def test_the_report_keeps_the_point_tables_and_adds_the_probabilistic_one() -> None:
+    from ml.config import ModelConfig
+
+    result = realdata.evaluate_ticker("X", _bars(900), ModelConfig(), 2)
+    for row in [result["default_block"], *result["origins"]]:
+        assert row["intervals"]["n"] == row["n_test"]
+        assert 0 < row["intervals"]["coverage"]["close_90"] <= 1
+    text = realdata.render({"default": {"X": result}}, {"X": []}, "python bench/realdata.py", 2)
+    point = text.index("| ticker | block | test bars | U2 vs persistence H / L / C ")
+    probabilistic = text.index("### default: probabilistic forecasts of the next bar")
+    assert point < text.index("Origins, HAR-LS:") < probabilistic
+    assert "| X | origin 2 | har | " in text[probabilistic:]
+    assert "**(a)** 90 % coverage of Close, High q0.90 and Low q0.10" in text
+    assert "**(b)** interval score" in text and "**(c)** pinball loss" in text
+
+
+def test_pooled_coverage_is_total_hits_over_total_bars() -> None:
+    from interval_report import pooled
+
+    figures = pooled([_report(100, 0.9, 0.9, 0.9), _report(300, 0.8, 0.9, 0.95), None])
+    assert figures["blocks"] == 2 and figures["bars"] == 400
+    assert figures["pooled_coverage"] == {"close_90": 0.825, "high_q90": 0.9, "low_q10": 0.9375}
+    assert figures["outside_band"] == {"close_90": 1, "high_q90": 0, "low_q10": 1}
+    assert figures["outside_band_any"] == 1
+    assert figures["mean_interval_ratio_historical"] == pytest.approx(0.9)
+    assert figures["mean_tail_ratio_gaussian"] == pytest.approx(0.99)
