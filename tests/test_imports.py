@@ -46,6 +46,18 @@ def test_ml_has_no_import_cycle() -> None:
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
+def test_ml_packages_have_no_import_cycle() -> None:
+    """Between packages too: `ml.data` (sources, store, fetch) depends on nothing above it, and
+    publishing, which validates, lives in `ml.quality`."""
+    packages: dict[str, set[str]] = {}
+    for module, imports in import_graph().items():
+        package = ".".join(module.split(".")[:2])
+        targets = {".".join(i.split(".")[:2]) for i in imports} - {package}
+        packages.setdefault(package, set()).update(targets)
+    assert "ml.quality" in packages["ml.steps"]
+    assert find_cycle(packages) is None, " -> ".join(find_cycle(packages) or [])
+
+
 def test_importing_ml_modules_stays_light() -> None:
     """No module of `ml` imports TensorFlow, MLflow, GX or pandas at import time (the DAG file
     and the CLI import them in well under a second), except the MLflow pyfunc wrapper and the

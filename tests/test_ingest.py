@@ -20,9 +20,10 @@ import pandas as pd
 import pytest
 
 from ml.config import Settings, get_settings, without_pipeline_env
-from ml.data.ingest import publish_staged, stage_ticker
+from ml.data.ingest import stage_ticker
 from ml.data.sources import PRICE_COLUMNS, FileSource, PriceSourceError, SyntheticSource
 from ml.data.store import PriceStore
+from ml.quality.publish import publish_staged
 from ml.quality.validation import PriceValidationError
 from ml.steps.data import ingest_step, publish_step
 from ml.universe import Instrument, load_universe

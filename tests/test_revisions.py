@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from ml.config import Settings, get_settings
-from ml.data.ingest import HistoryRevisionError, publish_staged, stage_ticker
+from ml.data.ingest import stage_ticker
 from ml.data.revisions import (
     classify_revision,
     max_relative_difference,
@@ -32,6 +32,7 @@ from ml.data.revisions import (
 )
 from ml.data.sources import FileSource, SyntheticSource
 from ml.data.store import PriceStore
+from ml.quality.publish import HistoryRevisionError, publish_staged
 from ml.quality.suite import rules_for
 from ml.steps.data import validate_all
 from ml.universe import Instrument, load_universe

@@ -601,10 +601,11 @@ def test_a_corporate_action_through_yfinance_is_healed(name, replay, tmp_path):
     from datetime import timedelta
 
     from ml.config import get_settings
-    from ml.data.ingest import publish_staged, stage_ticker
+    from ml.data.ingest import stage_ticker
     from ml.data.revisions import max_relative_difference
     from ml.data.sources import SyntheticSource
     from ml.data.store import PriceStore
+    from ml.quality.publish import publish_staged
 
     d0_text, d1_text, events, split, dividend, described = YAHOO_EVENTS[name]
     d0, d1, start = date.fromisoformat(d0_text), date.fromisoformat(d1_text), date(2024, 5, 1)

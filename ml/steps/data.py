@@ -36,7 +36,7 @@ def ingest_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
 
 def publish_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
     """Validate one ticker's staged batch and publish it (raises PriceValidationError)."""
-    from ml.data.ingest import publish_staged
+    from ml.quality.publish import publish_staged
 
     return publish_staged(instrument_for(ticker, settings), as_of, settings)
 
@@ -211,8 +211,8 @@ def _publish(instrument: Instrument, as_of: date, store: Any) -> dict[str, Any]:
     `as_of` (raises PriceValidationError after quarantining a bad batch)."""
     import pandas as pd
 
-    from ml.data.ingest import publish_with_history
     from ml.data.store import data_fingerprint
+    from ml.quality.publish import publish_with_history
 
     summary, history = publish_with_history(instrument, as_of, store)
     history = history.loc[history["Date"] <= pd.Timestamp(as_of)]
