@@ -4,10 +4,12 @@ Three tables in a SQL database through SQLAlchemy Core (`LEDGER_DB_URL`; default
 `DATA_DIR/ledger.db`, PostgreSQL in production):
 
     forecasts  one row per (ticker, last_bar_date, model_version): the forecast of the bar after
-               `last_bar_date` (the next session's date is not known when forecasting: holidays)
+               `last_bar_date` (the next session's date is not known when forecasting: holidays),
+               its points and its quantiles (NULL from a model saved before them)
     outcomes   the same key, once that bar is published: errors per target, the same for
-               persistence, whether the realized High/Low fell inside the predicted range, and
-               whether the direction of Close was right
+               persistence, whether the realized High/Low fell inside the predicted range,
+               whether the direction of Close was right, and the quantiles' coverage flags and
+               Close's 90 % interval score beside historical simulation's (NULL without)
     monitor    one row per (ticker, as_of): live metrics over the last 20 and 60 scored bars,
                input drift against the champion's training block, and why to retrain (if so)
 
@@ -15,8 +17,9 @@ Every write is an upsert of values that depend only on the forecast and the bar,
 transaction per run, so re-running a date changes nothing. An outcome is in the units its
 forecast was made in: after a split or dividend re-adjusted the published history, the realized
 bar is scaled back by the forecast's last Close over the published Close of that date
-(`ml.forecasts.monitor.forecast_units`), so an event makes no fake miss or drift. Scoring and monitoring are in
-`ml.forecasts.monitor`.
+(`ml.forecasts.monitor.forecast_units`), so an event makes no fake miss or drift. A ledger
+created by an earlier version gets the nullable columns it lacks when it is opened. Scoring and
+monitoring are in `ml.forecasts.monitor`.
 """
 
 from __future__ import annotations
