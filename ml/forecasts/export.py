@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.data.store import CorruptFile
 from ml.model.forecaster import PriceForecaster, forecast_next_bar
+from ml.model.quantiles import QUANTILES, RECORD_KEYS, column, record_key
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
     from ml.universe import Instrument
 
 
-FORECAST_COLUMNS = [
+# The columns every row fills in; an export without one of them is not a forecasts table.
+REQUIRED_COLUMNS = [
     "ticker",
     "logical_date",
     "last_bar_date",
@@ -30,6 +32,10 @@ FORECAST_COLUMNS = [
     "model_version",
     "source",
 ]
+# The quantiles of the next bar: empty where the model had none (a champion saved before them),
+# and absent from an export written before them (read as empty).
+QUANTILE_COLUMNS = list(RECORD_KEYS)
+FORECAST_COLUMNS = [*REQUIRED_COLUMNS, *QUANTILE_COLUMNS]
 
 
 def forecasts_path(settings: Settings) -> Path:
@@ -37,8 +43,9 @@ def forecasts_path(settings: Settings) -> Path:
 
 
 def read_forecasts(settings: Settings) -> pd.DataFrame:
-    """The forecasts export (every column filled in: the ledger holds nothing less). A file that
-    is not such a table (garbage, a cut-off row, a value that is not a number) raises
+    """The forecasts export (every required column filled in: the ledger holds nothing less;
+    the quantile columns may be empty, and are added empty to an export written before them). A
+    file that is not such a table (garbage, a cut-off row, a value that is not a number) raises
     CorruptForecastsFile naming it and the way out; it is left in place, never overwritten."""
     import pandas as pd
 
@@ -54,21 +61,28 @@ def read_forecasts(settings: Settings) -> pd.DataFrame:
     except ValueError as exc:  # not UTF-8, not CSV, empty (ParserError, EmptyDataError)
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         raise _corrupt_forecasts(settings, path, error) from exc
-    missing = [c for c in FORECAST_COLUMNS if c not in table.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise _corrupt_forecasts(settings, path, f"no column(s) {', '.join(missing)}")
-    for column in FORECAST_COLUMNS:
-        values = table[column]
-        if column not in text:
+    for name in FORECAST_COLUMNS:
+        if name not in table.columns:
+            table[name] = float("nan")
+            continue
+        values = table[name]
+        if name not in text:
             values = pd.to_numeric(values, errors="coerce")
-        bad = values.isna().to_numpy().nonzero()[0]
+        missed = values.isna()
+        if name in QUANTILE_COLUMNS:  # may be empty (a model without quantiles), not a word
+            missed &= table[name].notna()
+        bad = missed.to_numpy().nonzero()[0]
         if len(bad):
-            what = "empty" if column in text else "empty or not a number"
+            what = "empty" if name in text else "empty or not a number"
+            what = "not a number" if name in QUANTILE_COLUMNS else what
             more = f", {len(bad) - 1} more row(s) too" if len(bad) > 1 else ""
-            where = f"line {int(bad[0]) + 2}: {column} is {what}{more}"
+            where = f"line {int(bad[0]) + 2}: {name} is {what}{more}"
             raise _corrupt_forecasts(settings, path, where)
-        if column not in text:
-            table[column] = values
+        if name not in text:
+            table[name] = values
     return table
 
 
@@ -98,6 +112,7 @@ def upsert_forecasts(settings: Settings, rows: list[dict[str, Any]]) -> Path:
     store = PriceStore(settings.data_dir)
     path = forecasts_path(settings)
     new = pd.DataFrame(rows, columns=FORECAST_COLUMNS)
+    new[QUANTILE_COLUMNS] = new[QUANTILE_COLUMNS].astype("float64")  # None: NaN, not objects
     with store.lock("forecasts"):
         table = read_forecasts(settings)
         replaced = table.set_index(["ticker", "logical_date"]).index.isin(
@@ -167,4 +182,9 @@ def forecast_row(
         "model_name": instrument.model_name,
         "model_version": str(version),
         "source": settings.price_source,
+        **{
+            record_key(t, q): prices.get(column(t, q))
+            for t, levels in QUANTILES.items()
+            for q in levels
+        },
     }

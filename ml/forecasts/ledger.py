@@ -4,10 +4,12 @@ Three tables in a SQL database through SQLAlchemy Core (`LEDGER_DB_URL`; default
 `DATA_DIR/ledger.db`, PostgreSQL in production):
 
     forecasts  one row per (ticker, last_bar_date, model_version): the forecast of the bar after
-               `last_bar_date` (the next session's date is not known when forecasting: holidays)
+               `last_bar_date` (the next session's date is not known when forecasting: holidays),
+               its points and its quantiles (NULL from a model saved before them)
     outcomes   the same key, once that bar is published: errors per target, the same for
-               persistence, whether the realized High/Low fell inside the predicted range, and
-               whether the direction of Close was right
+               persistence, whether the realized High/Low fell inside the predicted range,
+               whether the direction of Close was right, and the quantiles' coverage flags and
+               Close's 90 % interval score beside historical simulation's (NULL without)
     monitor    one row per (ticker, as_of): live metrics over the last 20 and 60 scored bars,
                input drift against the champion's training block, and why to retrain (if so)
 
@@ -15,8 +17,9 @@ Every write is an upsert of values that depend only on the forecast and the bar,
 transaction per run, so re-running a date changes nothing. An outcome is in the units its
 forecast was made in: after a split or dividend re-adjusted the published history, the realized
 bar is scaled back by the forecast's last Close over the published Close of that date
-(`ml.forecasts.monitor.forecast_units`), so an event makes no fake miss or drift. Scoring and monitoring are in
-`ml.forecasts.monitor`.
+(`ml.forecasts.monitor.forecast_units`), so an event makes no fake miss or drift. A ledger
+created by an earlier version gets the nullable columns it lacks when it is opened. Scoring and
+monitoring are in `ml.forecasts.monitor`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ml.config import ConfigError, Settings
 from ml.data.store import CorruptFile
 from ml.model.features import JUDGED_TARGETS
+from ml.model.quantiles import RECORD_KEYS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,6 +74,12 @@ class LedgerUnavailable(OSError):
     """The ledger's database cannot be reached or opened now (a PostgreSQL server down or
     refusing the login, an SQLite file this user may not open): the step fails, a retry once it
     is back does the work."""
+
+
+# The outcome's coverage flags (`covered_<name>`): Close inside its 80 % and 90 % intervals, High
+# at or below its 0.90 quantile, Low at or above its 0.10 quantile (`ml.model.probabilistic`'s
+# INTERVALS and TAILS of the same names).
+COVERAGES = ("close_80", "close_90", "high_q90", "low_q10")
 
 
 # SQLite result codes (sqlite3 exceptions carry them as `sqlite_errorname`, Python >= 3.11).
@@ -250,7 +260,34 @@ def _engine(url: str) -> Engine:
             found = "; ".join(" ".join(str(p).split()) for p in problems[:3])
             raise _corrupt(Path(engine.url.database), f"PRAGMA quick_check: {found}")
     _metadata().create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the nullable columns a ledger created by an earlier version lacks (its rows read them
+    as NULL: an older forecast has no quantiles). Another process may be adding them too: on
+    PostgreSQL `IF NOT EXISTS`, on SQLite a duplicate column is taken as done."""
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import OperationalError
+
+    quote = engine.dialect.identifier_preparer.quote
+    guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
+    for table in _metadata().sorted_tables:
+        present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+        for col in table.columns:
+            if col.name in present or not col.nullable:
+                continue
+            kind = col.type.compile(dialect=engine.dialect)
+            statement = (
+                f"ALTER TABLE {quote(table.name)} ADD COLUMN {guard}{quote(col.name)} {kind}"
+            )
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(statement))
+            except OperationalError as exc:
+                if "duplicate column" not in str(exc).lower():
+                    raise
 
 
 def engine_for(settings: Settings) -> Engine:
@@ -300,6 +337,8 @@ def _metadata() -> Any:
             for t in ("high", "low", "close", "adj_close")
         ],
         Column("source", String(32), nullable=False),
+        # The next bar's quantiles (`ml.model.quantiles.record_key`); NULL from a model without.
+        *[Column(k, Float, nullable=True) for k in RECORD_KEYS],
     )
     Table(
         "outcomes",
@@ -311,6 +350,10 @@ def _metadata() -> Any:
         *[Column(f"persistence_err_{t.lower()}", Float, nullable=False) for t in JUDGED_TARGETS],
         Column("inside_range", Boolean, nullable=False),
         Column("direction_hit", Boolean, nullable=True),  # None: no move, or no call
+        # The quantiles' scores (`ml.forecasts.monitor.interval_scores`); NULL without quantiles.
+        *[Column(f"covered_{k}", Boolean, nullable=True) for k in COVERAGES],
+        Column("interval_score_close_90", Float, nullable=True),
+        Column("hs_interval_score_close_90", Float, nullable=True),
     )
     Table(
         "monitor",
@@ -349,8 +392,11 @@ def upsert(connection: Any, name: str, rows: Sequence[dict[str, Any]]) -> None:
 
 def record_forecasts(settings: Settings, rows: Iterable[dict[str, Any]]) -> int:
     """Upsert forecast rows (as `ml.forecasts.export.forecast_row` makes them) in one transaction."""
-    columns = {c.name for c in ledger_table("forecasts").columns}
-    clean = [{k: plain(v) for k, v in row.items() if k in columns} for row in rows]
+    table = ledger_table("forecasts")
+    columns = {c.name for c in table.columns}
+    # A row without quantiles (a model saved before them) stores NULL there.
+    empty = {c.name: None for c in table.columns if c.nullable}
+    clean = [{**empty, **{k: plain(v) for k, v in row.items() if k in columns}} for row in rows]
     with ledger_errors(settings), engine_for(settings).begin() as connection:
         upsert(connection, "forecasts", clean)
     return len(clean)

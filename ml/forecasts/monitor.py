@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
 from ml.forecasts.ledger import (
+    COVERAGES,
     engine_for,
     ledger_errors,
     ledger_table,
@@ -21,6 +22,8 @@ from ml.forecasts.ledger import (
     upsert,
 )
 from ml.model.features import JUDGED_TARGETS
+from ml.model.probabilistic import INTERVALS, NOMINAL, TAILS
+from ml.model.quantiles import QUANTILE_TARGETS, record_key
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,9 +51,13 @@ DRIFT_MIN_KS = 0.5
 LIVE_U2_LIMIT = 1.0
 
 
-def outcome_row(forecast: dict[str, Any], bar: dict[str, Any]) -> dict[str, Any]:
+def outcome_row(
+    forecast: dict[str, Any], bar: dict[str, Any], hs_close_90: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """The outcome of one forecast against the realized `bar` (the first bar after its
-    last_bar_date): errors (prediction - actual) per target, persistence's, range and direction."""
+    last_bar_date): errors (prediction - actual) per target, persistence's, range and direction,
+    and the scores of its quantiles (`interval_scores`; `hs_close_90` is historical
+    simulation's 90 % interval of Close for the same bar, in the forecast's units)."""
     last = float(forecast["last_close"])
     row = {k: forecast[k] for k in ("ticker", "last_bar_date", "model_version")}
     row["target_date"] = bar["Date"]
@@ -66,7 +73,78 @@ def outcome_row(forecast: dict[str, Any], bar: dict[str, Any]) -> dict[str, Any]
     moved = float(bar["Close"]) - last
     called = float(forecast["pred_close"]) - last
     row["direction_hit"] = None if moved == 0 or called == 0 else (moved > 0) == (called > 0)
+    row.update(interval_scores(forecast, bar, hs_close_90))
     return row
+
+
+def _quantile(forecast: dict[str, Any], target: str, level: float) -> float | None:
+    """The forecast's `level` quantile of `target`, or None (a model without quantiles)."""
+    import math
+
+    value = forecast.get(record_key(target, level))
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _interval_score(actual: float, lower: float | None, upper: float | None) -> float | None:
+    from ml.model.probabilistic import interval_score
+
+    if lower is None or upper is None:
+        return None
+    return float(interval_score(actual, lower, upper, NOMINAL["close_90"]))
+
+
+def interval_scores(
+    forecast: dict[str, Any], bar: dict[str, Any], hs_close_90: tuple[float, float] | None = None
+) -> dict[str, Any]:
+    """`covered_<name>` per COVERAGES (Close inside its 80 % / 90 % interval, High <= its 0.90
+    quantile, Low >= its 0.10 quantile), the interval score of Close's 90 % interval and that of
+    historical simulation's (`hs_close_90`); None where the forecast has no quantiles."""
+    row: dict[str, Any] = {}
+    for name in COVERAGES:
+        if name in INTERVALS:
+            lower, upper = (_quantile(forecast, "Close", q) for q in INTERVALS[name])
+            hit = None if lower is None or upper is None else lower <= float(bar["Close"]) <= upper
+        else:
+            target, level = TAILS[name]
+            q, actual = _quantile(forecast, target, level), float(bar[target])
+            hit = None if q is None else (actual <= q if level > 0.5 else actual >= q)
+        row[f"covered_{name}"] = hit
+    close = float(bar["Close"])
+    ours = (_quantile(forecast, "Close", q) for q in INTERVALS["close_90"])
+    row["interval_score_close_90"] = _interval_score(close, *ours)
+    theirs = hs_close_90 if hs_close_90 is not None else (None, None)
+    row["hs_interval_score_close_90"] = _interval_score(close, *theirs)
+    return row
+
+
+def hs_close_intervals(
+    history: pd.DataFrame, positions: Sequence[int], last_closes: Sequence[float]
+) -> list[tuple[float, float] | None]:
+    """Historical simulation's 90 % interval of Close, in prices, for forecasts whose last bar
+    is `history`'s bar at each of `positions` and whose last Close (in the forecast's units) is
+    `last_closes`'s: from the log-ratios of the published bars up to that bar only. A log-ratio
+    does not change when a split or dividend re-adjusts the history before it, so the interval
+    is in the forecast's units once taken from its own last Close. None: too few bars."""
+    import numpy as np
+
+    from ml.model.probabilistic import baseline_log_quantiles
+    from ml.model.quantiles import column
+
+    if not len(positions):
+        return []
+    close = history["Close"].to_numpy(dtype="float64")
+    ends = {"Close": close, "High": history["High"].to_numpy(dtype="float64")}
+    ends["Low"] = history["Low"].to_numpy(dtype="float64")
+    past = np.column_stack([np.log(ends[t][1:] / close[:-1]) for t in QUANTILE_TARGETS])
+    logs = baseline_log_quantiles(past, np.asarray(positions))["historical"]
+    lower, upper = (logs[column("Close", q)] for q in INTERVALS["close_90"])
+    return [
+        (float(last * np.exp(lo)), float(last * np.exp(hi))) if np.isfinite(lo + hi) else None
+        for last, lo, hi in zip(last_closes, lower, upper, strict=True)
+    ]
 
 
 def forecast_units(forecast: Any, dates: Any, closes: Any, i: int) -> float:
@@ -96,7 +174,6 @@ def score_outcomes(
     `histories` are the published bars per ticker up to `as_of`. Returns the number of scored
     outcomes per ticker (all of them, so a re-run reports the same). One transaction.
     """
-    import pandas as pd
     from sqlalchemy import select
 
     forecasts = ledger_table("forecasts")
@@ -109,32 +186,49 @@ def score_outcomes(
                     forecasts.c.ticker == ticker, forecasts.c.last_bar_date < as_of.isoformat()
                 )
             ).mappings()
-            dates = history["Date"].dt.strftime("%Y-%m-%d").to_numpy()
-            closes = history["Close"].to_numpy(dtype="float64")
-            counts[ticker] = 0
-            for forecast in found:
-                i = int(pd.Index(dates).searchsorted(forecast["last_bar_date"], side="right"))
-                if i >= len(dates):
-                    continue  # its bar has not arrived yet (as of this run)
-                bar = history.iloc[i]
-                scale = forecast_units(forecast, dates, closes, i)
-                rows.append(
-                    outcome_row(
-                        dict(forecast),
-                        {
-                            "Date": dates[i],
-                            **{t: float(bar[t]) * scale for t in JUDGED_TARGETS},
-                        },
-                    )
-                )
-                counts[ticker] += 1
+            scored = _ticker_outcomes([dict(f) for f in found], history)
+            rows.extend(scored)
+            counts[ticker] = len(scored)
         upsert(connection, "outcomes", rows)
     return counts
 
 
+def _ticker_outcomes(found: list[dict[str, Any]], history: pd.DataFrame) -> list[dict[str, Any]]:
+    """The outcomes of one ticker's forecasts `found` whose bar is in `history`, each bar in the
+    units its forecast was made in (`forecast_units`)."""
+    import pandas as pd
+
+    dates = history["Date"].dt.strftime("%Y-%m-%d").to_numpy()
+    closes = history["Close"].to_numpy(dtype="float64")
+    due = []
+    for forecast in found:
+        i = int(pd.Index(dates).searchsorted(forecast["last_bar_date"], side="right"))
+        if i < len(dates):  # else its bar has not arrived yet (as of this run)
+            due.append((forecast, i))
+    # The baseline only where there are quantiles to compare it with (its cost grows with the
+    # ledger: every run scores every forecast again).
+    banded = [
+        (f, i)
+        for f, i in due
+        if None not in (_quantile(f, "Close", q) for q in INTERVALS["close_90"])
+    ]
+    hs = hs_close_intervals(
+        history, [i - 1 for _, i in banded], [float(f["last_close"]) for f, _ in banded]
+    )
+    baseline = {id(f): interval for (f, _), interval in zip(banded, hs, strict=True)}
+    rows = []
+    for forecast, i in due:
+        bar = history.iloc[i]
+        scale = forecast_units(forecast, dates, closes, i)
+        realized = {"Date": dates[i], **{t: float(bar[t]) * scale for t in JUDGED_TARGETS}}
+        rows.append(outcome_row(forecast, realized, baseline.get(id(forecast))))
+    return rows
+
+
 def live_metrics(outcomes: pd.DataFrame, windows: Sequence[int] = LIVE_WINDOWS) -> dict[str, Any]:
     """Over the last `w` scored bars (by target date) for each w in `windows`: MAE and U2 against
-    persistence per target, range coverage and directional accuracy of Close, and the count."""
+    persistence per target, range coverage and directional accuracy of Close, the count, and
+    the quantiles' figures on those of them that had quantiles (`interval_stats`)."""
     import numpy as np
 
     ordered = outcomes.sort_values("target_date", kind="stable")
@@ -153,8 +247,37 @@ def live_metrics(outcomes: pd.DataFrame, windows: Sequence[int] = LIVE_WINDOWS) 
         stats["coverage"] = float(last["inside_range"].astype(bool).mean()) if len(last) else None
         calls = last["direction_hit"].dropna()
         stats["directional_accuracy"] = float(calls.astype(bool).mean()) if len(calls) else None
+        stats.update(interval_stats(last))
         out[str(w)] = stats
     return out
+
+
+def interval_stats(outcomes: pd.DataFrame) -> dict[str, Any]:
+    """`coverage_<name>` per COVERAGES and `n_intervals` (the outcomes whose forecast had
+    quantiles), the mean interval score of Close's 90 % interval and its ratio to historical
+    simulation's on the same bars (`interval_score_close_90_vs_hs`); None where nothing to
+    average (outcomes scored before the quantiles have no such columns)."""
+    import numpy as np
+
+    stats: dict[str, Any] = {}
+    for name in COVERAGES:
+        column = f"covered_{name}"
+        flags = outcomes[column].dropna() if column in outcomes else ()
+        stats[f"coverage_{name}"] = (
+            float(np.mean(np.asarray(flags, dtype=bool))) if len(flags) else None
+        )
+        if name == "close_90":
+            stats["n_intervals"] = len(flags)
+    ours, theirs = (
+        outcomes[c].to_numpy(dtype="float64") if c in outcomes else np.full(len(outcomes), np.nan)
+        for c in ("interval_score_close_90", "hs_interval_score_close_90")
+    )
+    mine = np.isfinite(ours)
+    both = mine & np.isfinite(theirs)
+    stats["interval_score_close_90"] = float(ours[mine].mean()) if mine.any() else None
+    hs = float(theirs[both].mean()) if both.any() else 0.0
+    stats["interval_score_close_90_vs_hs"] = float(ours[both].mean()) / hs if hs > 0 else None
+    return stats
 
 
 def _drift_inputs(bars: pd.DataFrame) -> dict[str, Any]:
@@ -205,7 +328,8 @@ def input_drift(history: pd.DataFrame, train_end: date, bars: int = DRIFT_BARS) 
 
 def retrain_reason(live: dict[str, Any], drift: dict[str, Any]) -> str | None:
     """Why the next run should retrain this ticker, or None: live U2 >= 1 on High or Low over
-    the first live window (when full), or input drift."""
+    the first live window (when full), Close's 90 % coverage outside its binomial band over the
+    last window (`coverage_reason`), or input drift."""
     w = str(LIVE_WINDOWS[0])
     stats = live.get(w) or {}
     reasons = []
@@ -214,6 +338,9 @@ def retrain_reason(live: dict[str, Any], drift: dict[str, Any]) -> str | None:
             value = stats.get(f"u2_{target.lower()}")
             if value is not None and value >= LIVE_U2_LIMIT:
                 reasons.append(f"live U2 {target} {value:.3f} >= {LIVE_U2_LIMIT} over {w} bars")
+    coverage = coverage_reason(live)
+    if coverage:
+        reasons.append(coverage)
     if drift.get("drifted"):
         worst = min(drift["tests"].items(), key=lambda kv: kv[1]["p"])
         reasons.append(
@@ -221,6 +348,26 @@ def retrain_reason(live: dict[str, Any], drift: dict[str, Any]) -> str | None:
             f"last {drift['bars']} bars vs the training block"
         )
     return "; ".join(reasons) or None
+
+
+def coverage_reason(live: dict[str, Any]) -> str | None:
+    """Close's 90 % coverage over the last LIVE_WINDOWS[-1] scored bars outside the binomial
+    99 % band of a calibrated interval, when every one of those bars had quantiles (fewer
+    bars, or a mix with an older model's forecasts, cannot be told from chance)."""
+    from ml.model.probabilistic import BAND_LEVEL, binomial_band
+
+    w = LIVE_WINDOWS[-1]
+    stats = live.get(str(w)) or {}
+    n, coverage = stats.get("n_intervals") or 0, stats.get("coverage_close_90")
+    if n < w or coverage is None:
+        return None
+    low, high = binomial_band(n, NOMINAL["close_90"], BAND_LEVEL)
+    if low <= coverage <= high:
+        return None
+    return (
+        f"Close 90 % coverage {coverage:.2f} over {n} bars outside its "
+        f"{BAND_LEVEL * 100:.0f} % band {low:.2f}-{high:.2f}"
+    )
 
 
 @dataclass(frozen=True)

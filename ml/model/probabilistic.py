@@ -71,27 +71,51 @@ def baseline_log_quantiles(past: np.ndarray, positions: np.ndarray) -> dict[str,
     `positions` of `past`: (m, 3) realized log-ratios in QUANTILE_TARGETS order, one per window
     in date order, so window g may read `past[:g]` (its own target is `past[g]`)."""
     import numpy as np
-    from scipy.stats import norm
 
+    positions = np.asarray(positions, dtype=int)
     out: dict[str, dict[str, Any]] = {
         b: {column(t, q): np.full(len(positions), np.nan) for t in QUANTILES for q in QUANTILES[t]}
         for b in BASELINES
     }
-    for i, g in enumerate(positions):
-        if g < 2:
-            continue
-        history = past[max(0, g - HISTORICAL_BARS) : g]
-        recent = past[max(0, g - GAUSSIAN_BARS) : g]
-        for j, target in enumerate(QUANTILE_TARGETS):
-            if target == "Close":
-                mean, sd = 0.0, float(np.sqrt(np.mean(recent[:, j] ** 2)))
-            else:
-                mean, sd = float(recent[:, j].mean()), float(recent[:, j].std(ddof=1))
-            for q in QUANTILES[target]:
-                name = column(target, q)
-                out["historical"][name][i] = np.quantile(history[:, j], q)
-                out["gaussian"][name][i] = mean + sd * norm.ppf(q)
+    # A bar with both full trailing windows is one of many (the ledger scores every past
+    # forecast again on each run): those are computed at once on strided views of `past`; the
+    # first bars of a series, with shorter windows, one at a time.
+    full = positions >= max(HISTORICAL_BARS, GAUSSIAN_BARS)
+    if full.any():
+        at = positions[full]
+        _fill(out, full, _trailing(past, at, HISTORICAL_BARS), _trailing(past, at, GAUSSIAN_BARS))
+    for i in np.flatnonzero(~full & (positions >= 2)):
+        g = int(positions[i])
+        history = past[max(0, g - HISTORICAL_BARS) : g].T[None]
+        recent = past[max(0, g - GAUSSIAN_BARS) : g].T[None]
+        _fill(out, np.arange(len(positions)) == i, history, recent)
     return out
+
+
+def _trailing(past: np.ndarray, positions: np.ndarray, bars: int) -> np.ndarray:
+    """(k, 3, bars) the `bars` rows of `past` before each of `positions` (each >= bars)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    return sliding_window_view(past, bars, axis=0)[positions - bars]
+
+
+def _fill(
+    out: dict[str, dict[str, Any]], rows: np.ndarray, history: np.ndarray, recent: np.ndarray
+) -> None:
+    """Write both baselines' quantiles of the bars `rows` (a mask of `out`'s bars) from their
+    trailing log-ratios `history` and `recent`, each (k, 3, bars) in QUANTILE_TARGETS order."""
+    import numpy as np
+    from scipy.stats import norm
+
+    for j, target in enumerate(QUANTILE_TARGETS):
+        if target == "Close":
+            mean, sd = 0.0, np.sqrt(np.mean(recent[:, j] ** 2, axis=-1))
+        else:
+            mean, sd = recent[:, j].mean(axis=-1), recent[:, j].std(axis=-1, ddof=1)
+        for q in QUANTILES[target]:
+            name = column(target, q)
+            out["historical"][name][rows] = np.quantile(history[:, j], q, axis=-1)
+            out["gaussian"][name][rows] = mean + sd * norm.ppf(q)
 
 
 def block_baselines(split: SplitData, block: str = "test") -> dict[str, dict[str, Any]]:
@@ -113,6 +137,15 @@ def block_baselines(split: SplitData, block: str = "test") -> dict[str, dict[str
     }
 
 
+def interval_score(actual: Any, lower: Any, upper: Any, nominal: float) -> np.ndarray:
+    """Per bar, the interval score of central `nominal` intervals [lower, upper] (Gneiting and
+    Raftery 2007: the width plus 2 / (1 - nominal) times the miss), in the prices' units."""
+    import numpy as np
+    import scoringrules as sr
+
+    return np.asarray(sr.interval_score(actual, lower, upper, 1 - nominal))
+
+
 def _scores(actual: np.ndarray, quantiles: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-bar coverage hits, interval scores and pinball losses of one forecast."""
     import numpy as np
@@ -124,7 +157,7 @@ def _scores(actual: np.ndarray, quantiles: dict[str, Any]) -> dict[str, dict[str
     for name, (lo, hi) in INTERVALS.items():
         lower, upper = quantiles[column("Close", lo)], quantiles[column("Close", hi)]
         hits[name] = (close >= lower) & (close <= upper)
-        interval[name] = np.asarray(sr.interval_score(close, lower, upper, 1 - NOMINAL[name]))
+        interval[name] = interval_score(close, lower, upper, NOMINAL[name])
     for name, (target, level) in TAILS.items():
         q = quantiles[column(target, level)]
         hits[name] = by_target[target] <= q if level > 0.5 else by_target[target] >= q

@@ -60,6 +60,16 @@ def quantile_columns() -> tuple[str, ...]:
     return tuple(column(t, q) for t, levels in QUANTILES.items() for q in levels)
 
 
+def record_key(target: str, level: float) -> str:
+    """The field of a quantile in a forecast record (the ledger, the CSV export, the dashboard),
+    e.g. "pred_close_q05", "pred_high_q90"."""
+    return f"pred_{target.lower()}_q{round(level * 100):02d}"
+
+
+# Every quantile's record field, in QUANTILES order.
+RECORD_KEYS = tuple(record_key(t, q) for t, levels in QUANTILES.items() for q in levels)
+
+
 def conformal_rank(n: int, level: float) -> int:
     """The 1-based rank of the calibration score that is the `level` quantile of `n` scores."""
     if level > 0.5:
