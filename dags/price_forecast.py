@@ -41,7 +41,7 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from ml.config import DEFAULT_KINDS, MODEL_KINDS
+from ml.config import MODEL_KINDS, model_settings
 from ml.universe import TICKER_PATTERN
 
 DATA_DIR = os.environ.get("DATA_DIR", "")
@@ -49,6 +49,9 @@ FORECASTS = Asset(
     name="price_forecasts",
     uri=f"file://{DATA_DIR or '/price-forecast'}/forecasts/forecasts.csv",
 )
+# The params' defaults are the validated settings of ml.config (MODEL_KINDS, MODEL_MAX_EPOCHS):
+# an invalid value fails the DAG's import with the setting's message, not the first run's form.
+MODEL = model_settings()
 SOURCE_POOL = "price_source"
 TRAINING_POOL = "training"
 
@@ -139,11 +142,7 @@ def _run_key() -> str:
             description="Subset of the universe to run (empty = all tickers in the universe file).",
         ),
         "model_kinds": Param(
-            [
-                k.strip()
-                for k in (os.environ.get("MODEL_KINDS") or ",".join(DEFAULT_KINDS)).split(",")
-                if k.strip()
-            ],
+            list(MODEL.kinds),
             type="array",
             items={"type": "string", "enum": list(MODEL_KINDS)},
             minItems=1,
@@ -151,7 +150,7 @@ def _run_key() -> str:
             description="Candidates to train; the best on validation is registered.",
         ),
         "max_epochs": Param(
-            int(os.environ.get("MODEL_MAX_EPOCHS") or 40),
+            MODEL.max_epochs,
             type="integer",
             minimum=1,
             maximum=500,

@@ -368,18 +368,10 @@ def without_pipeline_env(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def get_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from `env` (default: the process environment)."""
+def model_settings(env: Mapping[str, str] | None = None) -> ModelConfig:
+    """The model config from `env` (default: the process environment), validated: what
+    `get_settings` uses, and the defaults of the DAG's model params."""
     env = os.environ if env is None else env
-    source = env.get("PRICE_SOURCE", "synthetic").strip().lower()
-    if source not in PRICE_SOURCES:
-        raise ConfigError(f"PRICE_SOURCE={source!r}: choose from {', '.join(PRICE_SOURCES)}")
-    files_dir = Path(env["PRICE_FILES_DIR"]) if env.get("PRICE_FILES_DIR") else None
-    if source == "files" and files_dir is None:
-        raise ConfigError(
-            "PRICE_SOURCE=files needs PRICE_FILES_DIR (a folder of <TICKER>.csv/.parquet)"
-        )
-
     model_changes: dict[str, object] = {}
     for attr, (name, kind) in _MODEL_ENV.items():
         if env.get(name):
@@ -392,7 +384,22 @@ def get_settings(env: Mapping[str, str] | None = None) -> Settings:
         model_changes["hl_baseline"] = _parse_choice(
             "MODEL_HL_BASELINE", env["MODEL_HL_BASELINE"], HL_BASELINES
         )
-    model = replace(ModelConfig(), **model_changes)
+    return replace(ModelConfig(), **model_changes)
+
+
+def get_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from `env` (default: the process environment)."""
+    env = os.environ if env is None else env
+    source = env.get("PRICE_SOURCE", "synthetic").strip().lower()
+    if source not in PRICE_SOURCES:
+        raise ConfigError(f"PRICE_SOURCE={source!r}: choose from {', '.join(PRICE_SOURCES)}")
+    files_dir = Path(env["PRICE_FILES_DIR"]) if env.get("PRICE_FILES_DIR") else None
+    if source == "files" and files_dir is None:
+        raise ConfigError(
+            "PRICE_SOURCE=files needs PRICE_FILES_DIR (a folder of <TICKER>.csv/.parquet)"
+        )
+
+    model = model_settings(env)
 
     gate_changes = {
         attr: _parse_number(name, env[name], float, allow_zero=attr == "min_improvement")

@@ -28,7 +28,7 @@ HEAVY = ("tensorflow", "keras", "mlflow", "great_expectations", "pandas")
 PARSE_BUDGET_SECONDS = 2.0
 
 
-def _probe(tmp_path: Path, *args: str) -> dict[str, Any]:
+def _probe(tmp_path: Path, *args: str, **env: str) -> dict[str, Any]:
     home = tmp_path / "airflow"
     home.mkdir()
     out = tmp_path / "probe.json"
@@ -36,7 +36,7 @@ def _probe(tmp_path: Path, *args: str) -> dict[str, Any]:
     with open(log, "wb") as fh:
         proc = subprocess.run(
             [sys.executable, str(HERE / "dag_probe.py"), *args, str(out)],
-            env=airflow_env(home),
+            env={**airflow_env(home), **env},
             stdout=fh,
             stderr=subprocess.STDOUT,
             timeout=300,
@@ -175,6 +175,27 @@ def test_params_exist_with_schemas(dag: dict[str, Any]) -> None:
     for name, param in params.items():
         assert param["schema"].get("type"), f"param {name} has no schema type"
         assert _accepts(param["schema"], param["default"]), f"default of {name} is invalid"
+
+
+def test_model_params_default_to_the_validated_settings_of_ml_config(
+    dag: dict[str, Any], tmp_path: Path
+) -> None:
+    """One source of the model settings: the params' defaults are `ml.config.model_settings()`
+    of the environment, and an invalid value is the DAG's import error, naming the setting."""
+    from ml.config import ModelConfig
+
+    assert dag["params"]["model_kinds"]["default"] == list(ModelConfig().kinds)
+    assert dag["params"]["max_epochs"]["default"] == ModelConfig().max_epochs
+    for name in ("chosen", "bad"):
+        (tmp_path / name).mkdir()
+    chosen = _probe(
+        tmp_path / "chosen", str(DAGS_FOLDER), MODEL_KINDS="GBM, har", MODEL_MAX_EPOCHS="7"
+    )
+    assert chosen["dag"]["params"]["model_kinds"]["default"] == ["gbm", "har"]
+    assert chosen["dag"]["params"]["max_epochs"]["default"] == 7
+    bad = _probe(tmp_path / "bad", str(DAGS_FOLDER), MODEL_KINDS="xgboost")
+    [error] = bad["import_errors"].values()
+    assert "MODEL_KINDS='xgboost': choose from" in error
 
 
 @pytest.mark.parametrize(
