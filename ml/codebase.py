@@ -52,8 +52,8 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-# file's (path, mtime, size) -> its runtime_imports. Parsing is most of a closure's cost (about
-# 0.2 s, measured when a model's serving code was 15 files; every train task paid it): the
+# file's (path, mtime, size) -> its runtime_imports. Parsing is most of a closure's cost, and
+# every train task paid it: the
 # preloading executor's workers fill this once (`ml.steps.common.import_step_modules`) and the
 # tasks they fork only stat the files. An edited file has another key, so it is parsed again.
 _PARSED: dict[tuple[Path, int, int], frozenset[str]] = {}

@@ -74,18 +74,16 @@ class ModelConfig:
     kinds: tuple[str, ...] = DEFAULT_KINDS
     units: int = 64
     dense_units: int = 8
-    # 256 windows per batch at Adam 3e-3 (before: 64 at 1e-3): on the 31 synthetic tickers the
-    # fits ran 2.7x faster for a mean test U2 over High/Low/Close of 0.7723 instead of 0.7719
-    # (bench/training_speed.py).
+    # 256 windows per batch at Adam 3e-3: the larger batch makes the fits several times faster,
+    # and the higher rate keeps the test skill where the smaller batch had it
+    # (bench/training_speed.py; the figures: BENCHMARKS.md, "History").
     learning_rate: float = 3e-3
     batch_size: int = 256
     max_epochs: int = 40
-    # Early stopping after 2 epochs without a better validation loss (before: 5). On the 31
-    # synthetic tickers the fits took 29.1 s instead of 56.4 s for a mean test U2 over
-    # High/Low/Close of 0.7699 instead of 0.7702 (bench/training_speed.py --set patience=2);
-    # on real GOOG and MSFT bars (bench/realdata.py, 70/20/10 block and 4 rolling origins) U2
-    # moved by at most 0.01 either way, and no origin's Close became significantly worse than
-    # persistence (one did with 5).
+    # Early stopping after 2 epochs without a better validation loss: waiting longer did not
+    # improve the test skill, on synthetic or real bars, and cost time in every fit
+    # (bench/training_speed.py --set patience=..., bench/realdata.py; the figures:
+    # BENCHMARKS.md, "History").
     patience: int = 2
     split: tuple[float, float, float] = (0.7, 0.2, 0.1)
     seed: int = 42
@@ -111,8 +109,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """The promotion gate (README, "The gate"): one-sided Diebold-Mariano tests on the test
-    block's squared-error differentials at level `p_value`, plus U2 caps on High and Low."""
+    """The promotion gate (docs/evaluation.md, "The gate"): one-sided Diebold-Mariano tests on
+    the test block's squared-error differentials at level `p_value`, plus U2 caps on High and
+    Low."""
 
     u2_high_max: float = 1.0
     u2_low_max: float = 1.0

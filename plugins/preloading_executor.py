@@ -105,8 +105,8 @@ def _freeze_heap() -> int:
     embedded-stack worker reports about 820,000 frozen, with the scheduler's own that Airflow
     froze before forking it), and every task process forked from it inherits them. Without this, a full collection in a task
     (the collector runs one once enough new objects have survived: a train task's graph trace
-    or a batch step's frames are enough, now and then) walks all of them: 0.4-0.5 s of that
-    task, measured in tasks forked from a preloaded process, and it writes to every page it
+    or a batch step's frames are enough, now and then) walks all of them, a large share of a
+    short task (BENCHMARKS.md, "History"), and it writes to every page it
     walks, which copies the pages the fork shared. Frozen objects are never walked; what a task
     allocates itself is still collected. Airflow's LocalExecutor does the same for the
     scheduler's objects before it forks its workers (`_spawn_workers_with_gc_freeze`); the

@@ -55,14 +55,10 @@ TUNABLE = {
     "AIRFLOW__CORE__PARALLELISM": "4",
     "AIRFLOW__CORE__MAX_MAP_LENGTH": str(AIRFLOW_MAX_MAP_LENGTH),  # why: ml/config.py
     # A run is a chain of a few tasks: an idle scheduler loop of 1 s (the default) adds up to a
-    # second to every hand-off. A tenth of a second: a day without new bars is seven hand-offs
-    # (bench: 4.0 s against 5.2 s at 0.25), and the full day did not get slower. The scheduler
-    # then uses more CPU (up to 40 % of a core in py-spy), but four bench runs alternating 0.1
-    # and 0.25 gave daily/notebook 1.04, 0.96 against 1.09, 1.02: no gain from the slower loop.
-    # With 1.0 (2026-12-07, bench/results/2026-12-07-*.json): the 31-ticker day's scheduler used
-    # 8.9 s of CPU against 11.1 s, its no-new-data day took about as long (median 2.55 s against
-    # 2.42 s), and at 500 tickers the scheduler still used 0.66 s of CPU per ticker (0.72 s at
-    # 0.1): there its loop is rarely idle, and each loop loads every task instance of the run.
+    # second to every hand-off, and a day without new bars is seven hand-offs. A tenth of a
+    # second shortens that day and does not slow the full one; the scheduler uses more CPU when
+    # idle, and a slower loop saves little at 500 tickers, where the loop is rarely idle (each
+    # loop loads every task instance of the run). The A/B runs: BENCHMARKS.md, "History".
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.1",
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
     "PRICE_SOURCE": "synthetic",

@@ -284,8 +284,9 @@ def test_price_forecaster_save_load_round_trip(
 def test_mlflow_models_serve_answers_with_the_champions_forecast(
     champion: dict[str, Any], fc_settings: Settings, tmp_path: Path
 ) -> None:
-    """`mlflow models serve -m models:/<name>@champion` (as the README documents it) from the test
-    server, in this environment (`--env-manager local`); POST the last bars, get the forecast."""
+    """`mlflow models serve -m models:/<name>@champion` (as docs/operations.md documents it)
+    from the test server, in this environment (`--env-manager local`); POST the last bars, get
+    the forecast."""
     import json
     import os
     import subprocess
@@ -302,7 +303,7 @@ def test_mlflow_models_serve_answers_with_the_champions_forecast(
 
     port = free_port()
     env = without_pipeline_env(dict(os.environ))
-    # As the README says: the venv's bin on PATH (the server execs `uvicorn` by name).
+    # As docs/operations.md says: the venv's bin on PATH (the server execs `uvicorn` by name).
     bin_dir = Path(sys.executable).parent
     env.update(
         MLFLOW_TRACKING_URI=fc_settings.mlflow_tracking_uri,

@@ -22,7 +22,7 @@ from ml.universe import (
 REPO = Path(__file__).resolve().parent.parent
 UNIVERSE_FILE = REPO / "universe.csv"
 
-# The 31 default tickers of the project (README.md, "Configuration").
+# The 31 default tickers of the project (docs/data.md, "The universe").
 DESIGN_UNIVERSE = {
     "stock": ["AMD", "BYDDY", "ZI", "PFE", "NU", "WMT", "F", "GOOGL", "Z", "NVDA", "MRNA"],
     "etf": ["SPY", "TQQQ", "IVV", "VOO", "VTI", "QQQ", "VTV", "BND", "IWF", "XLK", "GLD", "SCHD"],

@@ -21,13 +21,10 @@ def configure_tensorflow(threads: int | None = None) -> None:
     or running models).
 
     One thread per process by default (`TF_INTRA_OP_THREADS` overrides it): these networks are
-    so small that TensorFlow's thread hand-offs cost more than they save. Measured on 2 cores,
-    three tickers at the seed config: 17.0 s with one thread, 19.1 s with two, in one process;
-    two processes side by side (the DAG's two training slots) finish 10 % sooner with one each.
-    NumPy's BLAS (OpenBLAS, which runs the forecaster's `numpy_forward`) gets the same number:
-    with its default of one spinning thread per core, the forecast step's two worker processes
-    on 2 cores took 3.5-3.8 s for 31 champions against 2.2-2.5 s with one thread each (forked
-    from a preloaded parent, alternating).
+    so small that TensorFlow's thread hand-offs cost more than they save, and the DAG runs two
+    training processes side by side on two cores. NumPy's BLAS (OpenBLAS, which runs the
+    forecaster's `numpy_forward`) gets the same number: its default of one spinning thread per
+    core takes the other process's core (the measurements: BENCHMARKS.md, "History").
     """
     import os
 
@@ -47,9 +44,8 @@ def configure_tensorflow(threads: int | None = None) -> None:
         pass  # already initialized in this process
     if os.environ.get("TF_GRAPPLER", "off").lower() == "off":
         # Grappler rewrites every traced graph before its first run. For the train step of the
-        # unrolled two-branch network that took 0.2-0.9 s of each fresh process (measured
-        # several times; each Airflow train task is one) and bought no speed: an epoch ran
-        # 0.113 s with it off against 0.116 s on (2,048 windows, both kinds, 2 cores).
+        # unrolled two-branch network that is a fixed cost of every fresh process (each Airflow
+        # train task is one) and it bought no epoch speed (BENCHMARKS.md, "History").
         # TF_GRAPPLER=on keeps it.
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 

@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from ml.model.networks import PlainAdam
 
 
-# XLA for the train step: off. It makes an epoch about 40 % faster (0.068 s instead of 0.113 s for
-# both kinds, 2,048 windows, 2 cores) but its compile costs about 2.4 s more than plain tracing in
-# every fresh process, and each Airflow train task is one: a default fit runs 10-15 epochs.
+# XLA for the train step: off. It makes an epoch faster, but its compile costs more than plain
+# tracing in every fresh process, and each Airflow train task is one: a default fit runs too few
+# epochs to win that back (the measurements: BENCHMARKS.md, "History").
 JIT_COMPILE = False
 
 
@@ -72,9 +72,9 @@ def _compile(kinds: tuple[str, ...], config: ModelConfig, n_features: int, n_tar
     branches' MSEs, gradients, the model's Adam; the forward and Adam written as plain
     TensorFlow operations, `ml.model.networks.branch_forward` and `PlainAdam`, which compute
     what Keras' calls compute), not `Model.fit`: Keras' fit machinery traces
-    its train function twice (inside a loop and a condition) and took about 4 s in a fresh
-    process before the first epoch ran; this step traces once, about 1 s with Grappler off
-    (`ml.model.networks.configure_tensorflow`), and runs an epoch as fast. The loss is what
+    its train function twice (inside a loop and a condition) before the first epoch runs, a
+    cost every fresh process pays; this step traces once (Grappler off,
+    `ml.model.networks.configure_tensorflow`), and runs an epoch as fast. The loss is what
     `compile(loss="mse")` would compute per branch: the mean squared error over the batch and
     the targets.
     """
@@ -88,7 +88,7 @@ def _compile(kinds: tuple[str, ...], config: ModelConfig, n_features: int, n_tar
     variables = model.trainable_variables
     # The network's forward pass and its Adam as plain TensorFlow operations on the model's own
     # variables (`ml.model.networks`): the same computation as `model(x)` and the compiled
-    # optimizer's `apply`, traced in about two thirds of the time.
+    # optimizer's `apply`, which trace faster than Keras' layer calls and optimizer.
     forward = branch_forward(model, kinds)
     optimizer = PlainAdam(model.optimizer, variables)
 

@@ -3,7 +3,7 @@
 Everything goes through the tracking server URI (`MLFLOW_TRACKING_URI`); no task opens the MLflow
 database. The newest candidate holds the `challenger` alias; `champion` moves only through
 `promotion.promote_if_better`, serialized per ticker by `lock`, after the gate (`gate`, a pure
-function of the metrics; README.md, "The gate").
+function of the metrics; docs/evaluation.md, "The gate").
 
 - `client`: the client, the experiment, aliases and version searches;
 - `tracking`: a candidate's run (params, metrics, plot, pyfunc model) and its registration;

@@ -7,7 +7,7 @@ Close's 90 % interval covers the test block's bars within the binomial 99 % band
 block's size, with an interval score not significantly worse than historical simulation's
 (`interval_failures`); it replaces the
 champion when it is not significantly worse on any target on the same test block and its mean U2
-is lower by at least `min_improvement` (README.md, "The gate").
+is lower by at least `min_improvement` (docs/evaluation.md, "The gate").
 """
 
 from __future__ import annotations

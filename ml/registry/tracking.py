@@ -43,8 +43,8 @@ KIND_REQUIREMENTS = {"gbm": ["lightgbm==4.7.0"]}
 
 def _plot_test_block(result: TrainResult) -> str:
     """Actual, model and persistence on the test block for High, Low and Close: an SVG document
-    (`ml.charts`), one chart per target. Written as markup, a few milliseconds; drawing the same
-    with matplotlib cost about 0.2 s of every train task (its ticks and text layout)."""
+    (`ml.charts`), one chart per target. Written as markup, a few milliseconds; matplotlib's
+    ticks and text layout made the same chart a noticeable share of every train task."""
     from ml.charts import line_chart, stacked
 
     test = result.split.test

@@ -1,4 +1,5 @@
-"""A 2:1 split healed through `price_forecast` with `dag.test()` (README.md, "Corporate actions").
+"""A 2:1 split healed through `price_forecast` with `dag.test()` (docs/data.md, "Corporate
+actions and vendor revisions").
 
 Three tickers replayed from CSV files against a real MLflow server: a day before the split,
 then the vendor's series after it (every earlier NVDA bar halved) for the next day, run twice.
