@@ -1,8 +1,10 @@
 """BENCHMARKS.md from a run's results: the figures (ratios, verdicts, table rows) are computed
 here, the prose is `templates/BENCHMARKS.md.j2` (Jinja2, StrictUndefined: a figure the template
-names that the results lack fails the rendering instead of printing a blank).
+names that the results lack fails the rendering instead of printing a blank). The hand-written
+parts are files placed verbatim in every rendering (`make bench` and `--render-only` alike):
+`probabilistic.md` at the top, `notes.md` after the run's description, `history.md` at the end.
 
-    python bench/run.py --render-only RESULTS_JSON [--notes bench/notes.md]
+    python bench/run.py --render-only RESULTS_JSON [--notes OTHER_NOTES.md]
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ from typing import Any
 import jinja2
 from benchlib import HISTORY_START
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+BENCH = Path(__file__).resolve().parent
+TEMPLATES = BENCH / "templates"
 TEMPLATE = "BENCHMARKS.md.j2"
+# Hand-written Markdown that every rendering includes (a missing or empty file is left out).
+TOP = BENCH / "probabilistic.md"  # figures measured outside bench/run.py (realdata, training_speed)
+NOTES = BENCH / "notes.md"  # on the latest run, after its description
+HISTORY = BENCH / "history.md"  # earlier runs and the figures behind code settings, at the end
 # The issue's targets. (2)/(1) is reported without a target (the issue sets none).
 TARGET_DAILY = 1.0  # whole daily run / notebook loop
 TARGET_NO_NEW_DATA = 0.05  # no-new-data day / full day, with zero train instances
@@ -418,8 +425,23 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def render(results: dict[str, Any], notes: str | None = None) -> str:
-    """BENCHMARKS.md from the results (everything it needs is in them, see `--render-only`);
-    `notes`, if given, is Markdown placed verbatim after the run's description."""
-    notes = notes.strip() if notes else None
-    return environment().get_template(TEMPLATE).render(context(results), notes=notes)
+def hand_written(part: str | Path | None) -> str | None:
+    """A hand-written part: a file's text (nothing if it does not exist), or the text itself."""
+    if isinstance(part, Path):
+        part = part.read_text() if part.exists() else None
+    return part.strip() or None if part else None
+
+
+def render(
+    results: dict[str, Any],
+    notes: str | Path | None = NOTES,
+    top: str | Path | None = TOP,
+    history: str | Path | None = HISTORY,
+) -> str:
+    """BENCHMARKS.md from the results (everything it needs is in them, see `--render-only`)
+    and the hand-written parts, each a file (by default bench/notes.md, bench/probabilistic.md,
+    bench/history.md), a text, or None to leave it out: `top` after the title, `notes` after the
+    run's description, `history` at the end."""
+    parts = {"notes": notes, "top": top, "history": history}
+    texts = {name: hand_written(part) for name, part in parts.items()}
+    return environment().get_template(TEMPLATE).render(context(results), **texts)

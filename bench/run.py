@@ -20,7 +20,9 @@ Parts (all by default, always run in this order):
 Writes BENCHMARKS.md (or --out) with the machine, the command, the versions and every figure, and
 the raw figures as JSON in the work folder. Every process it starts is stopped, also on failure.
 The parts are in bench/parts.py; the report is bench/render.py (figures) filling
-bench/templates/BENCHMARKS.md.j2 (prose); --render-only re-renders it from a results.json.
+bench/templates/BENCHMARKS.md.j2 (prose); --render-only re-renders it from a results.json. Both
+include the hand-written bench/probabilistic.md (top), bench/notes.md (after the run's
+description) and bench/history.md (end) every time.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +48,10 @@ sys.path.insert(0, str(BENCH))
 import parts as bench_parts  # noqa: E402
 from benchlib import AS_OF, ROOT, read_universe  # noqa: E402
 from parts import PY, StackRegistry, log  # noqa: E402
-from render import render  # noqa: E402
+from render import NOTES, render  # noqa: E402
 
 PARTS = ("imports", "notebook", "ours", "daily", "incremental", "growth", "profile")
 QUICK_TICKERS = ["AMD", "SPY", "EURUSD=X"]
-NOTES = BENCH / "notes.md"
 
 
 def _ints(text: str) -> list[int]:
@@ -88,8 +90,8 @@ def parser() -> argparse.ArgumentParser:
     add("--keep", action="store_true", help="keep the work folder (stacks' state, logs)")
     add("--render-only", type=Path, metavar="RESULTS_JSON",
         help="only write --out from the results.json of an earlier run (runs nothing)")  # fmt: skip
-    add("--notes", type=Path, metavar="MARKDOWN", help="hand-written notes placed verbatim "
-        "after the run's description (default with --render-only: bench/notes.md if present)")  # fmt: skip
+    add("--notes", type=Path, default=NOTES, metavar="MARKDOWN", help="hand-written notes placed "
+        "verbatim after the run's description (default: bench/notes.md; an empty file: none)")  # fmt: skip
     return p
 
 
@@ -123,6 +125,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def commit() -> str | None:
+    """The short commit of the checkout the bench runs from (None outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def run_meta(args: argparse.Namespace, parts: set[str], work: Path) -> dict[str, Any]:
     """The run's description: command, start, machine, versions, parts and the arguments the
     report quotes (everything `render` needs besides the figures)."""
@@ -130,6 +144,7 @@ def run_meta(args: argparse.Namespace, parts: set[str], work: Path) -> dict[str,
     return {
         "command": command,
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": commit(),
         "machine": bench_parts.machine(),
         "versions": bench_parts.versions(),
         "parts": [p for p in PARTS if p in parts],
@@ -167,12 +182,25 @@ def plan(args: argparse.Namespace, parts: set[str], work: Path, registry: StackR
     return steps
 
 
+def shown(path: Path) -> str:
+    """`path` relative to the repository when it is inside it (a results file kept in
+    bench/results), else as it is."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def write_report(args: argparse.Namespace, results: dict[str, Any], source: Path) -> None:
-    notes = args.notes or (NOTES if args.render_only and NOTES.exists() else None)
-    text = render(results, notes.read_text() if notes else None)
+    """BENCHMARKS.md (--out) from `results`, with the hand-written parts (render.render's
+    defaults: bench/probabilistic.md, bench/history.md; the notes from --notes). Re-rendered from
+    a file, the report names that file as the raw figures."""
+    if args.render_only:
+        results = {**results, "meta": {**results["meta"], "json": shown(source)}}
+    text = render(results, args.notes)
     args.out.write_text(text)
     print(text)
-    log(f"written: {args.out} (figures: {source}; notes: {notes or 'none'})")
+    log(f"written: {args.out} (figures: {source}; notes: {args.notes})")
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:

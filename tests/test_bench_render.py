@@ -1,7 +1,9 @@
 """BENCHMARKS.md is rendered from a run's results.json by `bench/render.py` (the figures) and
 `bench/templates/BENCHMARKS.md.j2` (the prose). The fixture is a real small run (imports, (1),
 (2), profile) completed by hand with (3), (6) and (5) (see tests/fixtures/bench/README.md); the
-golden file is what the renderer wrote for it before the prose moved into the template."""
+golden file is what the renderer wrote for it before the prose moved into the template (plus the
+"Latest run" heading), without the hand-written parts; every real rendering includes those
+(bench/probabilistic.md, bench/notes.md, bench/history.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import render  # noqa: E402
 
+# The hand-written parts left out: the figures alone, as in the golden file.
+BARE = {"notes": None, "top": None, "history": None}
 SECTIONS = (
     "## Summary",
     "## (1) and (2): the notebook's training loop and ours, same data, same model",
@@ -52,7 +56,7 @@ def without(results: dict[str, Any], path: tuple) -> dict[str, Any]:
 
 
 def test_the_fixture_renders_to_the_golden_file(results: dict[str, Any]) -> None:
-    assert render.render(results) == expected()
+    assert render.render(results, **BARE) == expected()
 
 
 def test_the_fixture_has_every_part_the_template_reads(results: dict[str, Any]) -> None:
@@ -65,7 +69,7 @@ def test_the_fixture_has_every_part_the_template_reads(results: dict[str, Any]) 
     assert results["daily"]["daily"] and len(results["growth"]) >= 2
     assert set(results["profile"]["steps"]) == {"ingest", "publish", "train", "promote", "forecast"}
     assert not results["errors"]
-    text = render.render(results)
+    text = render.render(results, **BARE)
     assert [s for s in SECTIONS if s not in text] == []
 
 
@@ -105,15 +109,64 @@ def test_a_figure_the_context_computes_from_fails_too(results: dict[str, Any], p
 
 def test_notes_go_verbatim_after_the_run_description(results: dict[str, Any]) -> None:
     notes = (REPO / "bench" / "notes.md").read_text()
-    text = render.render(results, notes)
+    text = render.render(results, notes, top=None, history=None)
     head, rest = expected().split("## Summary", 1)
     assert text == f"{head}{notes.strip()}\n\n## Summary{rest}"
+
+
+def hand_written() -> dict[str, str]:
+    texts = {name: getattr(render, name.upper()).read_text().strip() for name in BARE}
+    assert all(texts.values()), "a hand-written part of BENCHMARKS.md is empty"
+    return texts
+
+
+def assert_has_the_hand_written_parts(text: str) -> None:
+    """The top after the title, the notes between the run's description and the summary, the
+    history at the end, each verbatim."""
+    parts = hand_written()
+    assert text.startswith(f"# Benchmarks\n\n{parts['top']}\n\n## Latest run (")
+    description, rest = text.split("\n## Summary\n", 1)
+    assert description.endswith(f"\n\n{parts['notes']}\n")
+    assert rest.endswith(f"\n\n{parts['history']}\n")
+    assert text.count("\n## History\n") == 1
+
+
+def test_every_rendering_includes_the_hand_written_parts(results: dict[str, Any]) -> None:
+    """No flag needed: bench/probabilistic.md, bench/notes.md and bench/history.md are in every
+    report, so `make bench` does not drop what was written by hand."""
+    assert_has_the_hand_written_parts(render.render(results))
+    with_them = render.render(results, render.NOTES, render.TOP, render.HISTORY)
+    assert with_them == render.render(results)
+
+
+def test_a_full_run_writes_the_hand_written_parts_too(
+    results: dict[str, Any], tmp_path: Path
+) -> None:
+    """What `make bench` does after measuring (no --render-only, no --notes): the same parts,
+    and the raw figures named where the run wrote them."""
+    import run
+
+    out = tmp_path / "BENCHMARKS.md"
+    args = run.parse_args(["--out", str(out)])
+    run.write_report(args, results, Path(results["meta"]["json"]))
+    text = out.read_text()
+    assert_has_the_hand_written_parts(text)
+    assert f"raw figures: `{results['meta']['json']}`" in text
+
+
+def test_a_missing_or_empty_hand_written_file_is_left_out(
+    results: dict[str, Any], tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.md"
+    empty.write_text("\n")
+    text = render.render(results, empty, tmp_path / "missing.md", None)
+    assert text == expected()
 
 
 def test_a_quick_run_and_failed_parts_are_flagged(results: dict[str, Any]) -> None:
     results["meta"]["args"]["quick"] = True
     results["errors"] = {"growth": "Traceback (most recent call last):\nRuntimeError: boom"}
-    text = render.render(results)
+    text = render.render(results, **BARE)
     assert text.startswith("# Benchmarks\n\n> **QUICK SMOKE RUN (`--quick`)**: tiny sizes")
     assert "\n**Part `growth` failed:** `RuntimeError: boom`\n\n## Summary\n" in text
 
@@ -121,7 +174,7 @@ def test_a_quick_run_and_failed_parts_are_flagged(results: dict[str, Any]) -> No
 def test_a_run_of_some_parts_renders_only_their_sections(results: dict[str, Any]) -> None:
     for part in ("training", "daily", "growth", "profile"):
         del results[part]
-    text = render.render(results)
+    text = render.render(results, **BARE)
     assert [s for s in SECTIONS if s in text] == [
         "## Summary",
         "## Where the time goes: imports in a fresh process",
@@ -137,9 +190,10 @@ def test_render_only_writes_the_report(tmp_path: Path) -> None:
     notes.write_text("> a note\n")
     argv = ["--render-only", str(FIXTURES / "results.json"), "--out", str(out)]
     assert run.main([*argv, "--notes", str(notes)]) == 0
-    assert out.read_text() == render.render(
-        json.loads((FIXTURES / "results.json").read_text()), "> a note"
-    )
+    results = json.loads((FIXTURES / "results.json").read_text())
+    results["meta"]["json"] = "tests/fixtures/bench/results.json"  # the file it was rendered from
+    assert out.read_text() == render.render(results, "> a note")
+    assert "raw figures: `tests/fixtures/bench/results.json`" in out.read_text()
 
 
 def test_the_no_new_data_day_is_judged_on_the_median_of_its_runs(results: dict[str, Any]) -> None:
