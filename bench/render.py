@@ -33,6 +33,8 @@ TARGET_TASK_TICKERS = 31
 TARGET_TRAIN_FIXED = 1.5  # s: a train task's wall time outside its epochs (traces included)
 FLAT_TOLERANCE = 0.10  # growth: wall per ticker each within +10 % of the previous size
 MEMORY_STEPS = ("ingest", "validate", "train", "promote", "forecast")
+# The data phase's tasks since it was split (results recorded before name only "validate").
+SPLIT_DATA_TASKS = ("validate_and_publish", "find_versions", "plan_training")
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def growth_rows(growth: list[dict]) -> list[list[Any]]:
     for g in growth:
         pt, n = g["per_task"], g["tickers"]
         memory = [
-            " / ".join(fmt((pt.get(s) or {}).get(k), 0) for s in MEMORY_STEPS)
+            " / ".join(fmt(_step_memory(pt, s, k), 0) for s in MEMORY_STEPS)
             for k in ("peak_rss_mb", "peak_private_mb")
         ]
         per_ticker = (
@@ -326,7 +328,11 @@ def closing(results: dict[str, Any], daily: dict | None) -> dict[str, Any]:
             "rest": rest,
             "per_task": rest / n_train if n_train else 0,
         }
-        batch = [s for s in ("ingest", "validate", "promote", "forecast") if s in daily["per_task"]]
+        batch = [
+            s
+            for s in ("ingest", "validate", *SPLIT_DATA_TASKS, "promote", "forecast")
+            if s in daily["per_task"]
+        ]
         out["batch"] = ", ".join(
             f"{s} {daily['per_task'][s]['duration'].get('sum')} s" for s in batch
         )
@@ -423,6 +429,16 @@ def environment() -> jinja2.Environment:
         FLAT_PERCENT=int(FLAT_TOLERANCE * 100),
     )
     return env
+
+
+def _step_memory(per_task: dict[str, Any], step: str, key: str) -> float | None:
+    """A step's memory figure; "validate" is the largest of the data-phase tasks it was split
+    into, for results recorded after the split."""
+    if step == "validate" and "validate" not in per_task:
+        found = [(per_task.get(t) or {}).get(key) for t in SPLIT_DATA_TASKS]
+        found = [v for v in found if v is not None]
+        return max(found) if found else None
+    return (per_task.get(step) or {}).get(key)
 
 
 def hand_written(part: str | Path | None) -> str | None:

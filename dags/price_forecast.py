@@ -1,35 +1,23 @@
 """
 ### price_forecast: daily prices -> validated store -> a forecaster per ticker -> MLflow champion -> forecast
 
-One pass per logical date **D** (or the `as_of` param of a manual run):
+One pass per logical date **D** (or the `as_of` param of a manual run), one task per stage of
+the day as `ml.pipeline` declares it; each task takes the records the stages before it
+returned as arguments (their plain form, in XCom) and returns its own:
 
-1. **resolve_tickers**: the params checked, the universe (or the chosen subset) expanded;
-2. **ingest**: one task fetches every ticker's due bars (full history once, then a short
-   trailing window) into staging, a few downloads at a time (`FETCH_CONCURRENCY`);
-3. **validate**: one task runs each ticker's Great Expectations suite; a passing batch is merged
-   into the store atomically, a failing one goes to quarantine with its report. A split or
-   dividend that re-scaled the vendor's earlier bars is detected and the whole history fetched
-   again and replaced (`full_refresh` forces it). It lists the tickers that need training: new
-   or revised bars, no version for these bars and this config, or `force_retrain`;
-4. **train**: one mapped instance per ticker of that list only (named by ticker in the grid):
-   the candidates of `model_kinds` (HAR regression, gradient boosting, LSTM, GRU) on bars dated
-   <= D, the best on the validation block logged to MLflow and registered as `challenger`. A day
-   without new bars runs no train instance;
-5. **promote**: one task walks the new versions one at a time; `champion` moves only if the
-   candidate beats persistence, is not significantly worse than the range-aware naive and beats
-   the current champion on the same held-out block (a ticker without any gets the naive);
-6. **forecast**: one task forecasts the next bar's High, Low, Close and Adj Close with each
-   ticker's champion and writes them in one write.
+    resolve_tickers -> ingest -> validate_and_publish -> find_versions -> plan_training
+        -> train (mapped: one instance per ticker that needs it, named by ticker) -> promote
+        -> forecast -> report
 
-`report` runs when everything else is done, lists every ticker (done, skipped for lack of new
-bars, or failed and where), writes `DATA_DIR/reports/<D>.json`, and fails the run if any ticker
-failed, after the good ones finished. One ticker's failure never stops the others.
+A day without new bars maps no train instance. `promote`, `forecast` and `report` run whatever
+happened before them; `report` lists every ticker (done, skipped for lack of new bars, or failed
+and where), writes `DATA_DIR/reports/<D>.json`, and fails the run if any ticker failed, after
+the good ones finished. One ticker's failure never stops the others.
 
 Manual runs take a params form: a subset of tickers, model kinds, max epochs, force retrain,
-full refresh, an as-of date.
-The business logic lives in the `ml` package (`ml.steps.*`); this file is wiring only. The flow
-and the contracts every step keeps (point in time, idempotence, the gate, one writer per ticker
-in the registry): docs/architecture.md in the repository.
+full refresh, an as-of date. What each stage does: `ml/pipeline.py`; this file is wiring only.
+The flow and the contracts every stage keeps (point in time, idempotence, the gate, one writer
+per ticker in the registry): docs/architecture.md in the repository.
 """
 
 from __future__ import annotations
@@ -65,44 +53,11 @@ default_args = {
 }
 
 
-def _settings(params: dict | None = None):
-    """Settings from the environment, with the run's params applied."""
-    from ml.config import get_settings
-    from ml.steps.common import settings_with_overrides
-
-    params = params or {}
-    return settings_with_overrides(
-        get_settings(), kinds=params.get("model_kinds"), max_epochs=params.get("max_epochs")
-    )
-
-
-def _as_of() -> date:
-    """The run's logical date (never the wall clock); a manual run may pin it with `as_of`."""
-    from ml.config import parse_day
-
-    context = get_current_context()
-    pinned = (context["params"] or {}).get("as_of")
-    if pinned:
-        return parse_day(pinned)
-    stamp = context.get("logical_date") or context["dag_run"].run_after
-    return stamp.date()
-
-
 def _retries_left() -> bool:
     """Whether Airflow will retry this task if it fails now (a batch step then raises on an
     outage, where every ticker failed; on the last try it returns the per-ticker errors)."""
     ti = get_current_context()["ti"]
     return ti.try_number <= (ti.max_tries or 0)
-
-
-def _validation_summary() -> dict | None:
-    """What `validate` found per ticker (its XCom `summary`); None when validate did not finish.
-
-    Pulled here rather than passed as an argument: Airflow resolves a missing custom-key XCom
-    argument as an error, and promote, forecast and report must still run after a failure.
-    """
-    ti = get_current_context()["ti"]
-    return ti.xcom_pull(task_ids="validate", key="summary", default=None)
 
 
 def _check_map_length(tickers: int) -> None:
@@ -120,8 +75,32 @@ def _check_map_length(tickers: int) -> None:
         )
 
 
-def _run_key() -> str:
-    return get_current_context()["run_id"]
+def _logical_date() -> date:
+    """The run's logical date (never the wall clock)."""
+    context = get_current_context()
+    stamp = context.get("logical_date") or context["dag_run"].run_after
+    return stamp.date()
+
+
+def _request(plain: dict):
+    """The run's `DayRequest` from resolve_tickers' XCom."""
+    from ml.steps.records import DayRequest, from_plain
+
+    return from_plain(DayRequest, plain)
+
+
+def _settings(request):
+    """Settings from the environment, with the run's model overrides."""
+    from ml.config import get_settings
+    from ml.pipeline import stage_settings
+
+    return stage_settings(request, get_settings())
+
+
+def _plain(value):
+    from ml.steps.records import to_plain
+
+    return to_plain(value)
 
 
 @dag(
@@ -181,61 +160,76 @@ def _run_key() -> str:
     },
 )
 def price_forecast():
-    @task(retries=0)
-    def resolve_tickers() -> list[str]:
+    @task(retries=0, multiple_outputs=False)
+    def resolve_tickers() -> dict:
         """Validate the params and expand the universe; a bad ticker or a pinned `as_of` in the
         future or before HISTORY_START fails the run before any work."""
         from ml.config import parse_as_of
-        from ml.universe import UniverseError, load_universe
+        from ml.pipeline import resolve_tickers
+        from ml.steps.records import to_plain
+        from ml.universe import UniverseError
 
         params = get_current_context()["params"]
         try:
-            settings = _settings(params)
+            from ml.config import get_settings
+
+            settings = get_settings()
+            as_of = _logical_date()
             if params.get("as_of"):
-                parse_as_of(params["as_of"], settings.history_start)
-            universe = load_universe(settings.universe_file)
-            chosen = universe.select(params.get("tickers") or None)
+                as_of = parse_as_of(params["as_of"], settings.history_start)
+            request = resolve_tickers(
+                as_of,
+                params.get("tickers") or None,
+                settings,
+                force_retrain=bool(params.get("force_retrain")),
+                full_refresh=bool(params.get("full_refresh")),
+                kinds=params.get("model_kinds"),
+                max_epochs=params.get("max_epochs"),
+            )
         except (UniverseError, ValueError) as exc:
             raise AirflowFailException(f"invalid run parameters: {exc}") from exc
-        _check_map_length(len(chosen))
-        return [i.ticker for i in chosen]
+        _check_map_length(len(request.tickers))
+        return to_plain(request)
 
     # multiple_outputs=False wherever a task returns a dict: from `-> dict` Airflow infers True
     # and pushes every key as an XCom of its own besides the return value (one API call and row
-    # each, ten per train instance). The tasks hand each other only the return value.
+    # each). The tasks hand each other only the return value.
     @task(pool=SOURCE_POOL, multiple_outputs=False)
-    def ingest(tickers: list[str]) -> dict:
+    def ingest(request: dict) -> dict:
         """Fetch every ticker's due bars into staging (concurrent downloads, bounded)."""
-        from ml.steps.data import ingest_all
+        from ml import pipeline
 
-        params = get_current_context()["params"]
-        return ingest_all(
-            tickers,
-            _as_of(),
-            _settings(params),
-            strict=_retries_left(),
-            full_refresh=bool(params.get("full_refresh")),
-        )
+        day = _request(request)
+        return _plain(pipeline.ingest(day, _settings(day), strict=_retries_left()))
+
+    @task(multiple_outputs=False)
+    def validate_and_publish(request: dict, ingested: dict) -> dict:
+        """Each staged batch through its Great Expectations suite: published, or quarantined."""
+        from ml import pipeline
+        from ml.steps.records import Ingested, from_plain
+
+        day = _request(request)
+        staged = from_plain(Ingested, ingested)
+        return _plain(pipeline.validate_and_publish(day, _settings(day), staged))
+
+    @task(multiple_outputs=False)
+    def find_versions(request: dict, published: dict) -> dict:
+        """The registered versions that cover unchanged bars; the monitor's retrain asks."""
+        from ml import pipeline
+        from ml.steps.records import Published, from_plain
+
+        day = _request(request)
+        return _plain(pipeline.find_versions(day, _settings(day), from_plain(Published, published)))
 
     @task
-    def validate(ingested: dict) -> list[str]:
-        """GX suites; publish passing batches, quarantine failing ones.
+    def plan_training(request: dict, published: dict, registered: dict) -> list:
+        """The tickers to train and why: the list `train` maps over."""
+        from ml import pipeline
+        from ml.steps.records import Published, Registered, from_plain
 
-        Returns the tickers that need training (what `train` maps over); the per-ticker summary
-        and failures go to the XCom `summary` for promote, forecast and the report.
-        """
-        from ml.steps.data import validate_all
-
-        context = get_current_context()
-        params = context["params"]
-        result = validate_all(
-            list(ingested["staged"]),
-            _as_of(),
-            _settings(params),
-            force=bool(params.get("force_retrain")),
-        )
-        context["ti"].xcom_push(key="summary", value=result)
-        return result["train"]
+        day = _request(request)
+        checked, versions = from_plain(Published, published), from_plain(Registered, registered)
+        return _plain(pipeline.plan_training(day, _settings(day), checked, versions))
 
     @task(
         pool=TRAINING_POOL,
@@ -243,93 +237,106 @@ def price_forecast():
         execution_timeout=timedelta(minutes=45),
         multiple_outputs=False,
     )
-    def train(ticker: str) -> dict:
+    def train(request: dict, order: dict) -> dict:
         """Fit the candidates on bars <= D, log the run, register the best as `challenger`."""
-        from ml.steps.model import train_step
+        from ml import pipeline
+        from ml.steps.records import TrainOrder, from_plain
 
         context = get_current_context()
-        context["ticker_name"] = ticker
-        params = context["params"]
-        # The ledger's monitor may ask to retrain a ticker whose bars did not change (live U2,
-        # input drift): validate then hands over the seed of that retrain.
-        asked = ((_validation_summary() or {}).get("tickers") or {}).get(ticker) or {}
+        context["ticker_name"] = order["ticker"]
+        day = _request(request)
         try:
-            return train_step(
-                ticker,
-                _as_of(),
-                _settings(params),
-                force=bool(params.get("force_retrain")),
-                seed=asked.get("retrain_seed"),
-            )
+            return _plain(pipeline.train(day, _settings(day), from_plain(TrainOrder, order)))
         except Exception as exc:
             # The report names the error; Airflow keeps the XComs of a task's last try.
-            context["ti"].xcom_push(
-                key="error", value={"ticker": ticker, "error": f"{type(exc).__name__}: {exc}"}
-            )
+            error = {"ticker": order["ticker"], "error": f"{type(exc).__name__}: {exc}"}
+            context["ti"].xcom_push(key="error", value=error)
             raise
 
     @task(trigger_rule="all_done", multiple_outputs=False)
-    def promote(trained: list[dict]) -> dict:
+    def promote(request: dict, registered: dict | None, trained: list) -> dict:
         """Apply the gate to this run's new versions, one at a time: one process moves aliases."""
-        from ml.steps.model import promote_all
+        from ml import pipeline
+        from ml.steps.records import Registered, from_plain
 
-        settings = _settings(get_current_context()["params"])
-        return promote_all(
-            _validation_summary(), list(trained or []), _as_of(), settings, strict=_retries_left()
+        day = _request(request)
+        outcomes = pipeline.gathered(list(trained or []), [])
+        versions = from_plain(Registered, registered)
+        return _plain(
+            pipeline.promote(day, _settings(day), versions, outcomes, strict=_retries_left())
         )
 
     @task(trigger_rule="all_done", outlets=[FORECASTS], multiple_outputs=False)
-    def forecast(promoted: dict | None) -> dict:
-        """Forecast the next bar with every ticker's champion; one write of the forecasts table."""
-        from ml.steps.forecast import forecast_all
+    def forecast(request: dict, published: dict | None, promoted: dict | None) -> dict:
+        """Score the ledger, then forecast the next bar with every ticker's champion (after
+        promote: `promoted` orders it, the champions are read from the registry)."""
+        from ml import pipeline
+        from ml.steps.records import Published, from_plain
 
-        settings = _settings(get_current_context()["params"])
-        tickers = sorted((_validation_summary() or {}).get("tickers") or {})
-        return forecast_all(tickers, _as_of(), settings, strict=_retries_left())
+        day = _request(request)
+        checked = from_plain(Published, published)
+        return _plain(pipeline.forecast(day, _settings(day), checked, strict=_retries_left()))
 
     @task(trigger_rule="all_done", retries=0, multiple_outputs=False)
     def report(
-        tickers: list[str] | None,
+        request: dict | None,
         ingested: dict | None,
-        trained: list[dict],
-        train_errors: list[dict],
+        published: dict | None,
+        registered: dict | None,
+        orders: list | None,
+        trained: list,
+        train_errors: list,
         promoted: dict | None,
         forecasted: dict | None,
     ) -> dict:
         """Write the run summary; fail the run if any ticker failed (the others are finished)."""
-        from ml.steps.report import format_table, summarize_tickers, write_run_report
+        from ml import pipeline
+        from ml.steps import records as r
 
-        if tickers is None:
+        if request is None:
             raise AirflowFailException(
                 "resolve_tickers failed: see its log for the invalid parameter"
             )
-        settings = _settings(get_current_context()["params"])
-        rows = summarize_tickers(
-            tickers,
-            ingested=ingested,
-            validated=_validation_summary(),
-            trained=list(trained or []),
-            train_errors=list(train_errors or []),
-            promoted=promoted,
-            forecasted=forecasted,
+        day = _request(request)
+        results = r.DayResults(
+            request=day,
+            ingested=r.from_plain(r.Ingested, ingested),
+            published=r.from_plain(r.Published, published),
+            registered=r.from_plain(r.Registered, registered),
+            orders=r.from_plain(tuple[r.TrainOrder, ...], orders),
+            trained=pipeline.gathered(list(trained or []), list(train_errors or [])),
+            promoted=r.from_plain(r.Promoted, promoted),
+            forecasted=r.from_plain(r.Forecasted, forecasted),
         )
-        path = write_run_report(settings, _as_of(), rows, _run_key())
-        print(format_table(rows))
-        print(f"run summary written to {path}")
-        failed = [r for r in rows if r["state"] == "failed"]
-        if failed:
+        done = pipeline.report(results, _settings(day), get_current_context()["run_id"])
+        if done.failed:
             details = "; ".join(
-                f"{r['ticker']} ({r.get('failed_step')}): {r.get('error')}" for r in failed
+                f"{t} ({stage}): {error}" for t, (stage, error) in done.failed.items()
             )
-            raise AirflowFailException(f"{len(failed)} of {len(rows)} ticker(s) failed: {details}")
-        return {"report": str(path), "tickers": len(rows), "failed": 0}
+            raise AirflowFailException(
+                f"{len(done.failed)} of {len(day.tickers)} ticker(s) failed: {details}"
+            )
+        return {"report": done.path, "tickers": len(day.tickers), "failed": 0}
 
-    tickers = resolve_tickers()
-    ingested = ingest(tickers)
-    trained = train.expand(ticker=validate(ingested))
-    promoted = promote(trained)
-    forecasted = forecast(promoted)
-    report(tickers, ingested, trained, trained["error"], promoted, forecasted)
+    request = resolve_tickers()
+    ingested = ingest(request)
+    published = validate_and_publish(request, ingested)
+    registered = find_versions(request, published)
+    orders = plan_training(request, published, registered)
+    trained = train.partial(request=request).expand(order=orders)
+    promoted = promote(request, registered, trained)
+    forecasted = forecast(request, published, promoted)
+    report(
+        request,
+        ingested,
+        published,
+        registered,
+        orders,
+        trained,
+        trained["error"],
+        promoted,
+        forecasted,
+    )
 
 
 price_forecast()

@@ -118,91 +118,23 @@ def run_day(
     force: bool,
     full_refresh: bool = False,
 ) -> int:
-    """One day in the DAG's shape (`dags/price_forecast.py`) without Airflow: the same steps,
-    one after another in this process, each ticker's failure recorded and the others carried on;
-    the run report is written and printed. Exits 1 if any ticker failed.
-
-    A step that fails as a whole (a ledger or tracking server that is down, a full disk) is
-    reported like a DAG task that returned nothing: its tickers failed at that step, with its
-    error; the later steps run on what is left, and the report is always printed. A ledger
-    whose setting cannot work (LedgerConfigError) ends the run before any work (exit 2)."""
+    """`python -m ml run`: the day as `ml.pipeline` declares it, in this process; exits 1 if
+    any ticker failed or the report could not be written. A ledger whose setting cannot work
+    (LedgerConfigError) ends the run before any work (exit 2)."""
     from ml.forecasts.ledger import LedgerConfigError, engine_for
-    from ml.steps.common import error_text
-    from ml.steps.data import ingest_all, validate_all
-    from ml.steps.forecast import forecast_all
-    from ml.steps.model import promote_all, train_step
-    from ml.steps.report import format_table, summarize_tickers
+    from ml.pipeline import run_day as walk
+    from ml.steps.records import DayRequest
 
     try:
         engine_for(settings)
     except LedgerConfigError:
         raise
-    except Exception:  # down or unreadable now: the forecast step meets it again and reports it
+    except Exception:  # down or unreadable now: the forecast stage meets it again and reports it
         pass
-    step_errors: dict[str, str] = {}
-
-    def step(name: str, call: Callable[[], Any]) -> Any:
-        try:
-            return call()
-        except Exception as exc:
-            step_errors[name] = error_text(exc)
-            print(f"error: the {name} step failed: {step_errors[name]}", file=sys.stderr)
-            return None
-
-    ingested = step(
-        "ingest", lambda: ingest_all(tickers, as_of, settings, full_refresh=full_refresh)
-    )
-    validated = None
-    if ingested is not None:
-        staged = list(ingested["staged"])
-        validated = step("validate", lambda: validate_all(staged, as_of, settings, force=force))
-    trained, errors = [], []
-    for ticker in (validated or {}).get("train") or ():
-        seed = (validated["tickers"].get(ticker) or {}).get("retrain_seed")
-        try:
-            trained.append(train_step(ticker, as_of, settings, force=force, seed=seed))
-        except Exception as exc:
-            errors.append({"ticker": ticker, "error": error_text(exc)})
-    promoted = step("promote", lambda: promote_all(validated, trained, as_of, settings))
-    checked = sorted((validated or {}).get("tickers") or {})
-    forecasted = step("forecast", lambda: forecast_all(checked, as_of, settings))
-    rows = summarize_tickers(
-        tickers,
-        ingested=ingested,
-        validated=validated,
-        trained=trained,
-        train_errors=errors,
-        promoted=promoted,
-        forecasted=forecasted,
-        step_errors=step_errors,
-    )
-    print(format_table(rows))
-    written = _write_report(settings, as_of, rows)
-    failed = [r["ticker"] for r in rows if r["state"] == "failed"]
-    for row in rows:
-        if row["state"] == "failed":
-            print(
-                f"{row['ticker']} failed at {row['failed_step']}: {row['error']}", file=sys.stderr
-            )
-    return 1 if failed or not written else 0
-
-
-def _write_report(settings: Settings, as_of: date, rows: list[dict[str, Any]]) -> bool:
-    """Write the run report; on a read-only or full DATA_DIR say so in one line (the table
-    printed before it is then all there is) and return False."""
-    from ml.steps.common import error_text
-    from ml.steps.report import report_path, write_run_report
-
-    try:
-        print(f"report: {write_run_report(settings, as_of, rows, run_id=f'cli__{as_of}')}")
-    except OSError as exc:
-        print(
-            f"error: the run report {report_path(settings, as_of)} could not be written "
-            f"({error_text(exc)}): the table above is its summary; make DATA_DIR writable",
-            file=sys.stderr,
-        )
-        return False
-    return True
+    # `main` resolved the tickers against the universe already.
+    request = DayRequest(as_of, tuple(tickers), force_retrain=force, full_refresh=full_refresh)
+    report = walk(request, settings)
+    return 1 if report.failed or report.path is None else 0
 
 
 def _fmt_u2(u2: dict[str, Any]) -> str:

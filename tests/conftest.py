@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,3 +150,103 @@ def names_read_by_settings() -> set[str]:
     env = RecordingEnv()
     get_settings(env)
     return env.names
+
+
+def day_from_steps(
+    tickers: list[str],
+    *,
+    ingested: dict | None = None,
+    validated: dict | None = None,
+    trained: list | tuple = (),
+    train_errors: list | tuple = (),
+    promoted: dict | None = None,
+    forecasted: dict | None = None,
+    registered: Any = None,
+) -> Any:
+    """The report's input (`ml.steps.records.DayResults`) from the steps' dict forms, with
+    what a test leaves out filled in: `validated` is `validate_all`'s {"train", "tickers",
+    "failed"}, `trained` the `train_step` dicts, `promoted` and `forecasted` those of
+    `promote_all` and `forecast_all`."""
+    from ml.data.ingest import StagedBatch
+    from ml.registry.gate import PromotionDecision
+    from ml.steps import records as r
+
+    def publication(summary: dict) -> r.Publication:
+        base = {"rows_added": 0, "rows_updated": 0, "total_rows": 0, "last_date": None}
+        base |= {"validation": "passed", "checks": 0, "data_fingerprint": "", "last_bar_date": ""}
+        return r.record(r.Publication, {**base, **summary})
+
+    def decision(ticker: str, d: dict) -> PromotionDecision:
+        base = {"ticker": ticker, "version": d.get("version", ""), "promoted": False}
+        base |= {"reason": "", "champion_version": None, "candidate_score": None}
+        return r.record(PromotionDecision, {**base, "champion_score": None, **d})
+
+    def forecast(row: dict) -> r.ForecastRecord:
+        base = dict.fromkeys(("pred_high", "pred_low", "pred_close", "pred_adj_close"), 0.0)
+        base |= {"ticker": "", "logical_date": "", "last_bar_date": "", "last_close": 0.0}
+        return r.forecast_record(
+            {**base, "model_name": "", "model_version": "", "source": "", **row}
+        )
+
+    summaries = (validated or {}).get("tickers") or {}
+    registered = registered or (
+        r.Registered(
+            {
+                t: r.record(r.Coverage, {"trained_for": None, "gate_status": None, **s})
+                for t, s in summaries.items()
+                if s.get("version")
+            },
+            {},
+            {},
+        )
+        if validated is not None
+        else None
+    )
+    return r.DayResults(
+        request=r.DayRequest(date(2024, 6, 28), tuple(tickers)),
+        ingested=None
+        if ingested is None
+        else r.Ingested(
+            {t: StagedBatch(t, "", "", "", 0, True, "test") for t in ingested["staged"]},
+            ingested.get("failed") or {},
+        ),
+        published=None
+        if validated is None
+        else r.Published(
+            {t: publication(s) for t, s in summaries.items()}, validated.get("failed") or {}
+        ),
+        registered=registered,
+        orders=None
+        if validated is None
+        else tuple(
+            r.TrainOrder(t, summaries.get(t, {}).get("train_reason", "new or revised bars"))
+            for t in validated.get("train") or ()
+        ),
+        trained=r.Trained(
+            tuple(
+                r.record(
+                    r.TrainOutcome,
+                    {"run_id": None, "reason": "", "metrics": {}, **o, "intervals": None},
+                )
+                for o in trained
+                if o
+            ),
+            {e["ticker"]: e["error"] for e in train_errors if e},
+        ),
+        promoted=None
+        if promoted is None
+        else r.Promoted(
+            {t: decision(t, d) for t, d in (promoted.get("decisions") or {}).items()},
+            promoted.get("failed") or {},
+        ),
+        forecasted=None
+        if forecasted is None
+        else r.Forecasted(
+            {t: forecast(row) for t, row in (forecasted.get("forecasts") or {}).items()},
+            tuple(forecasted.get("kept") or ()),
+            tuple(forecasted.get("no_champion") or ()),
+            forecasted.get("failed") or {},
+            {t: r.record(r.Watch, w) for t, w in (forecasted.get("monitor") or {}).items()},
+            forecasted.get("kinds") or {},
+        ),
+    )

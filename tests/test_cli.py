@@ -420,22 +420,26 @@ def test_a_step_that_fails_as_a_whole_fails_its_tickers_there_and_the_report_say
 ) -> None:
     """`run_day` reports a step that raised like the DAG's report a task that returned nothing:
     its tickers failed at that step, here with the step's own error."""
-    from ml import cli
+    from ml import cli, pipeline
     from ml.config import get_settings
+    from ml.data.ingest import StagedBatch
     from ml.forecasts import ledger
     from ml.forecasts.ledger import LedgerUnavailable
-    from ml.steps import data, forecast, model
+    from ml.steps import forecast
+    from ml.steps.records import Ingested, Promoted, Publication, Published, Registered
 
     def down(*args, **kwargs):
         raise LedgerUnavailable("the forecast ledger's database db:5432 cannot be reached")
 
-    summary = {"rows_added": 0, "validation": "passed"}
+    batch = StagedBatch("A", "2024-06-28", "2024-06-20", "2024-06-28", 0, True, "synthetic")
+    publication = Publication(0, 0, 500, "2024-06-28", "passed", 32, "f" * 16, "2024-06-28")
     monkeypatch.setattr(ledger, "engine_for", lambda settings: None)
-    monkeypatch.setattr(data, "ingest_all", lambda *a, **k: {"staged": {"A": {}}, "failed": {}})
-    monkeypatch.setattr(
-        data, "validate_all", lambda *a, **k: {"train": [], "tickers": {"A": summary}, "failed": {}}
-    )
-    monkeypatch.setattr(model, "promote_all", lambda *a, **k: {"decisions": {}, "failed": {}})
+    monkeypatch.setattr(pipeline, "ingest", lambda *a, **k: Ingested({"A": batch}, {}))
+    published = Published({"A": publication}, {})
+    monkeypatch.setattr(pipeline, "validate_and_publish", lambda *a, **k: published)
+    monkeypatch.setattr(pipeline, "find_versions", lambda *a, **k: Registered({"A": None}, {}, {}))
+    monkeypatch.setattr(pipeline, "plan_training", lambda *a, **k: ())
+    monkeypatch.setattr(pipeline, "promote", lambda *a, **k: Promoted({}, {}))
     monkeypatch.setattr(forecast, "forecast_all", down)
     settings = replace(get_settings({}), data_dir=tmp_path / "data")
 
@@ -453,7 +457,8 @@ def test_a_step_that_fails_as_a_whole_fails_its_tickers_there_and_the_report_say
 
 
 def test_the_dags_report_points_at_the_log_of_a_task_that_returned_nothing() -> None:
-    from ml.steps.report import summarize_tickers
+    from ml.steps.report import summarize_day
+    from tests.conftest import day_from_steps
 
-    [row] = summarize_tickers(["A"], ingested=None, validated=None)
+    [row] = summarize_day(day_from_steps(["A"], ingested=None, validated=None))
     assert (row["failed_step"], row["error"]) == ("ingest", "the ingest task failed: see its log")

@@ -92,7 +92,8 @@ def test_ten_days_leave_one_scored_outcome_per_forecast_whose_bar_arrived(ten_da
 def test_live_metrics_reach_the_run_summary_and_the_champion_version(ten_days) -> None:
     from ml.registry.client import CHAMPION, get_alias, get_client
     from ml.steps.common import instrument_for
-    from ml.steps.report import summarize_tickers
+    from ml.steps.report import summarize_day
+    from tests.conftest import day_from_steps
 
     settings = ten_days["settings"]
     last = ten_days["runs"][DAYS[-1]]
@@ -108,13 +109,15 @@ def test_live_metrics_reach_the_run_summary_and_the_champion_version(ten_days) -
         assert tags["live_as_of"] == DAYS[-1].isoformat()
         assert json.loads(tags["live_metrics"])["20"]["n"] == len(DAYS) - 1
         assert "tested" in json.loads(tags["input_drift"])
-    rows = summarize_tickers(
-        TICKERS,
-        ingested={"staged": {t: {} for t in TICKERS}, "failed": {}},
-        validated=last["validated"],
-        trained=last["trained"],
-        promoted=last["promoted"],
-        forecasted=last["forecasted"],
+    rows = summarize_day(
+        day_from_steps(
+            TICKERS,
+            ingested={"staged": {t: {} for t in TICKERS}, "failed": {}},
+            validated=last["validated"],
+            trained=last["trained"],
+            promoted=last["promoted"],
+            forecasted=last["forecasted"],
+        )
     )
     assert any(r.get("live", {}).get("n") == len(DAYS) - 1 for r in rows)
 

@@ -221,7 +221,8 @@ def test_rejected_ticker_forecasts_with_its_naive_champion(
 ) -> None:
     """Its candidate failed the gate and it had no champion: the naive champion forecasts."""
     from ml.steps.forecast import forecast_all
-    from ml.steps.report import summarize_tickers
+    from ml.steps.report import summarize_day
+    from tests.conftest import day_from_steps
 
     strict = replace(pl_settings, gate=GateConfig(u2_high_max=0.0, u2_low_max=0.0))
     validated = _data_phase([REJECTED], SATURDAY, strict)
@@ -229,12 +230,14 @@ def test_rejected_ticker_forecasts_with_its_naive_champion(
     forecasted = forecast_all([REJECTED], SATURDAY, strict)
     assert forecasted["no_champion"] == [] and set(forecasted["forecasts"]) == {REJECTED}
     assert forecasted["kinds"] == {REJECTED: "naive"}
-    [row] = summarize_tickers(
-        [REJECTED],
-        ingested={"staged": {REJECTED: {}}, "failed": {}},
-        validated=validated,
-        promoted={"decisions": {}, "failed": {}},
-        forecasted=forecasted,
+    [row] = summarize_day(
+        day_from_steps(
+            [REJECTED],
+            ingested={"staged": {REJECTED: {}}, "failed": {}},
+            validated=validated,
+            promoted={"decisions": {}, "failed": {}},
+            forecasted=forecasted,
+        )
     )
     assert row["state"] == "skipped"
     assert row["training"].startswith("not retrained: v")
@@ -362,41 +365,44 @@ def test_a_local_source_is_ingested_over_processes_and_isolates_failures(
 
 
 def test_summary_names_the_step_each_ticker_failed_at() -> None:
-    from ml.steps.report import summarize_tickers
+    from ml.steps.report import summarize_day
+    from tests.conftest import day_from_steps
 
     tickers = ["ING", "VAL", "TRN", "LOST", "PRO", "FOR", "OK", "SKIP"]
-    rows = summarize_tickers(
-        tickers,
-        ingested={"staged": {t: {} for t in tickers[1:]}, "failed": {"ING": "YahooError: 429"}},
-        validated={
-            "train": ["TRN", "LOST", "PRO", "FOR", "OK"],
-            "tickers": {t: {"rows_added": 1, "validation": "passed"} for t in tickers[2:]},
-            "failed": {"VAL": "PriceValidationError: VAL: high_ge_low"},
-        },
-        trained=[
-            {"ticker": t, "status": "trained", "version": "1", "metrics": {"High": 0.7}}
-            for t in ("PRO", "FOR", "OK")
-        ],
-        train_errors=[{"ticker": "TRN", "error": "ValueError: too few bars"}],
-        promoted={
-            "decisions": {
-                "FOR": {"promoted": True, "version": "1", "reason": "first champion"},
-                "OK": {"promoted": True, "version": "1", "reason": "first champion"},
+    rows = summarize_day(
+        day_from_steps(
+            tickers,
+            ingested={"staged": {t: {} for t in tickers[1:]}, "failed": {"ING": "YahooError: 429"}},
+            validated={
+                "train": ["TRN", "LOST", "PRO", "FOR", "OK"],
+                "tickers": {t: {"rows_added": 1, "validation": "passed"} for t in tickers[2:]},
+                "failed": {"VAL": "PriceValidationError: VAL: high_ge_low"},
             },
-            "failed": {"PRO": "MlflowException: boom"},
-        },
-        forecasted={
-            "forecasts": {"OK": {"pred_close": 1.5, "model_version": "1"}},
-            "kept": [],
-            "no_champion": [],
-            "failed": {"FOR": "ValueError: need at least 7 bars"},
-        },
+            trained=[
+                {"ticker": t, "status": "trained", "version": "1", "metrics": {"High": 0.7}}
+                for t in ("PRO", "FOR", "OK")
+            ],
+            train_errors=[{"ticker": "TRN", "error": "ValueError: too few bars"}],
+            promoted={
+                "decisions": {
+                    "FOR": {"promoted": True, "version": "1", "reason": "first champion"},
+                    "OK": {"promoted": True, "version": "1", "reason": "first champion"},
+                },
+                "failed": {"PRO": "MlflowException: boom"},
+            },
+            forecasted={
+                "forecasts": {"OK": {"pred_close": 1.5, "model_version": "1"}},
+                "kept": [],
+                "no_champion": [],
+                "failed": {"FOR": "ValueError: need at least 7 bars"},
+            },
+        )
     )
     by = {r["ticker"]: r for r in rows}
     assert [r["ticker"] for r in rows] == tickers
     expected = {
         "ING": ("ingest", "YahooError: 429"),
-        "VAL": ("validate", "PriceValidationError: VAL: high_ge_low"),
+        "VAL": ("validate_and_publish", "PriceValidationError: VAL: high_ge_low"),
         "TRN": ("train", "ValueError: too few bars"),
         "LOST": ("train", "the train task did not finish: see its log"),
         "PRO": ("promote", "MlflowException: boom"),
@@ -416,18 +422,23 @@ def test_summary_names_the_step_each_ticker_failed_at() -> None:
 
 def test_summary_when_a_whole_task_failed() -> None:
     """A batch task that failed returned nothing: its tickers are failed at that step."""
-    from ml.steps.report import summarize_tickers
+    from ml.steps.report import summarize_day
+    from tests.conftest import day_from_steps
 
-    [row] = summarize_tickers(["A"], ingested=None, validated=None)
+    [row] = summarize_day(day_from_steps(["A"], ingested=None, validated=None))
     assert (row["failed_step"], row["error"]) == ("ingest", "the ingest task failed: see its log")
-    [row] = summarize_tickers(["A"], ingested={"staged": {"A": {}}, "failed": {}}, validated=None)
-    assert row["failed_step"] == "validate"
-    [row] = summarize_tickers(
-        ["A"],
-        ingested={"staged": {"A": {}}, "failed": {}},
-        validated={"train": [], "tickers": {"A": {}}, "failed": {}},
-        promoted={"decisions": {}, "failed": {}},
-        forecasted=None,
+    [row] = summarize_day(
+        day_from_steps(["A"], ingested={"staged": {"A": {}}, "failed": {}}, validated=None)
+    )
+    assert row["failed_step"] == "validate_and_publish"
+    [row] = summarize_day(
+        day_from_steps(
+            ["A"],
+            ingested={"staged": {"A": {}}, "failed": {}},
+            validated={"train": [], "tickers": {"A": {}}, "failed": {}},
+            promoted={"decisions": {}, "failed": {}},
+            forecasted=None,
+        )
     )
     assert row["failed_step"] == "forecast"
 

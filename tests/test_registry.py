@@ -1048,15 +1048,18 @@ def test_a_ticker_whose_first_candidate_fails_gets_the_naive_as_champion(
     assert "U2 High" in decision["reason"]
     assert "no champion yet: the range-aware naive is the champion (v2)" in decision["reason"]
     assert decision["champion_version"] == "2" and decision["fallback"] is True
-    from ml.steps.report import summarize_tickers
+    from ml.steps.report import summarize_day
+    from tests.conftest import day_from_steps
 
-    [row] = summarize_tickers(
-        [NAIVE],
-        ingested={"staged": {NAIVE: {}}, "failed": {}},
-        validated={"train": [NAIVE], "tickers": {NAIVE: {}}},
-        trained=[trained],
-        promoted={"decisions": {NAIVE: decision}, "failed": {}},
-        forecasted={"forecasts": {}, "failed": {}},
+    [row] = summarize_day(
+        day_from_steps(
+            [NAIVE],
+            ingested={"staged": {NAIVE: {}}, "failed": {}},
+            validated={"train": [NAIVE], "tickers": {NAIVE: {}}},
+            trained=[trained],
+            promoted={"decisions": {NAIVE: decision}, "failed": {}},
+            forecasted={"forecasts": {}, "failed": {}},
+        )
     )
     assert row["promotion"] == "naive v2 (fallback)", row
 

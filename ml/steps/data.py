@@ -3,9 +3,8 @@ say which tickers need training."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ml.data.sources import PriceSource
+    from ml.steps.records import Published, Registered, TrainOrder
 
 
 def ingest_step(ticker: str, as_of: date, settings: Settings) -> dict[str, Any]:
@@ -96,30 +96,49 @@ def validate_all(
     force: bool = False,
     check_registry: bool = True,
 ) -> dict[str, Any]:
-    """Validate and publish every staged ticker; say which need training.
+    """The data phase's three stages at once (`publish_all`, `registered_versions`,
+    `plan_training`), in the dict form the command line's `ingest` and the tests read: without
+    `check_registry` nothing asks MLflow or the ledger, and a ticker whose bars did not change is
+    not listed for training.
 
-    A batch that fails its suite is quarantined (with its report) and its ticker listed in
-    `failed`. A ticker needs training when its bars up to `as_of` changed, when no registered
-    version was trained on exactly these bars and this model config, or when `force`. For the
-    others, `tickers[t]` names the version that covers them (and whether its gate has run).
-    Without `check_registry` (the CLI's `ingest`, which only publishes) nothing asks MLflow and
-    every ticker whose bars did not change is listed as not needing training. The registry is
-    asked a few tickers at a time; after one failed lookup, those not started are not tried:
-    every ticker left goes to training, which checks again.
-
-    Returns {"train": [ticker], "tickers": {ticker: summary}, "failed": {ticker: error}}.
+    Returns {"train": [ticker], "tickers": {ticker: summary}, "failed": {ticker: error}}: each
+    summary is the ticker's `Publication`, with its `train_reason` (and `retrain_seed`) when it
+    trains, or the `Coverage` of the version that covers its bars.
     """
+    from ml.steps.records import Registered, to_plain
+
+    published = publish_all(staged, as_of, settings)
+    registered = (
+        registered_versions(published, as_of, settings, force=force)
+        if check_registry
+        else Registered({}, {}, {})
+    )
+    orders = plan_training(published, registered, as_of, settings, force=force)
+    tickers = {t: to_plain(p) for t, p in published.tickers.items()}
+    for ticker, coverage in registered.versions.items():
+        if coverage is not None:
+            tickers[ticker].update(to_plain(coverage))
+    for order in orders:
+        tickers[order.ticker]["train_reason"] = order.reason
+        if order.seed is not None:
+            tickers[order.ticker]["retrain_seed"] = order.seed
+    return {
+        "train": [o.ticker for o in orders],
+        "tickers": tickers,
+        "failed": dict(published.failed),
+    }
+
+
+def publish_all(staged: Iterable[str], as_of: date, settings: Settings) -> Published:
+    """Validate every staged ticker's batch with its suite and publish it; a batch that fails
+    is quarantined (with its report) and its ticker listed in `failed`."""
     from ml.data.store import PriceStore
     from ml.quality.validation import warm_context
+    from ml.steps.records import Publication, Published, record
 
     staged = list(staged)
     universe = load_universe(settings.universe_file)
     store = PriceStore(settings.data_dir)
-    # What the ledger's monitor asked for after the last run (live U2 >= 1 or input drift).
-    monitor_asks = _pending_retrains(settings, staged, as_of) if check_registry and staged else {}
-    summaries: dict[str, dict[str, Any]] = {}
-    failed: dict[str, str] = {}
-    unchanged: list[str] = []
     warm_context()  # built once here, inherited by the worker processes
 
     def publish(ticker: str) -> dict[str, Any]:
@@ -128,34 +147,95 @@ def validate_all(
     # The suites are CPU-bound Python: spread over the cores (each ticker's publish holds its
     # own lock in the store; a worker killed mid-publish fails the step, and the retry finds
     # what it published).
+    done: dict[str, Publication] = {}
+    failed: dict[str, str] = {}
     for ticker, summary, exc in in_processes(publish, staged):
         if exc is not None:  # PriceValidationError: quarantined with its report
             failed[ticker] = error_text(exc)
-            continue
-        summaries[ticker] = summary
-        if force or summary["rows_added"] or summary["rows_updated"]:
-            changed = summary.get("revision") or "new or revised bars"
-            summary["train_reason"] = "force_retrain" if force else changed
         else:
-            unchanged.append(ticker)
-    found = _trained_versions(unchanged, universe, summaries, settings) if check_registry else {}
-    to_train: list[str] = []
-    for ticker in (t for t in staged if t in summaries):
-        summary = summaries[ticker]
-        if "train_reason" in summary:
-            to_train.append(ticker)
-        elif ticker not in found:
-            continue  # not asked (the CLI's `ingest`)
-        elif isinstance(found[ticker], BaseException):
-            summary["train_reason"] = f"registry lookup failed ({found[ticker]})"
-            to_train.append(ticker)
-        elif _needs_training(summary, found[ticker], monitor_asks.get(ticker), settings, as_of):
-            to_train.append(ticker)
-    return {"train": to_train, "tickers": summaries, "failed": failed}
+            done[ticker] = record(Publication, summary)
+    return Published({t: done[t] for t in staged if t in done}, failed)
+
+
+def registered_versions(
+    published: Published, as_of: date, settings: Settings, *, force: bool = False
+) -> Registered:
+    """For the tickers whose bars did not change: the registered version trained on exactly
+    these bars and this config (or None), and the retrains the ledger's monitor asked for after
+    the last run (live U2, coverage, input drift). The registry is asked a few tickers at a
+    time; after one failed lookup, those not started are not tried (`lookup_errors`): each of
+    them goes to training, which checks again."""
+    from ml.steps.records import Registered, RetrainAsk, coverage_of
+
+    tickers = list(published.tickers)
+    unchanged = [t for t in tickers if not (force or published.tickers[t].changed)]
+    asks = _pending_retrains(settings, tickers, as_of) if tickers else {}
+    universe = load_universe(settings.universe_file)
+    prints = {t: published.tickers[t].data_fingerprint for t in unchanged}
+    found = _trained_versions(unchanged, universe, prints, settings)
+    return Registered(
+        versions={
+            t: (None if v is None else coverage_of(v))
+            for t, v in found.items()
+            if not isinstance(v, BaseException)
+        },
+        lookup_errors={t: str(v) for t, v in found.items() if isinstance(v, BaseException)},
+        asks={t: RetrainAsk(reason, flagged_on) for t, (reason, flagged_on) in asks.items()},
+    )
+
+
+def plan_training(
+    published: Published,
+    registered: Registered | None,
+    as_of: date,
+    settings: Settings,
+    *,
+    force: bool = False,
+) -> tuple[TrainOrder, ...]:
+    """The tickers to train and why, in the order they were staged: new or revised bars, no
+    version trained on these bars and this config, a retrain the monitor asked for since the
+    version was trained, a failed registry lookup, or `force`. `registered` None (that stage
+    failed as a whole): every ticker without new bars trains, and training checks again."""
+    from ml.steps.records import TrainOrder
+
+    orders = []
+    for ticker, publication in published.tickers.items():
+        if force or publication.changed:
+            reason = "force_retrain" if force else (publication.revision or "new or revised bars")
+            orders.append(TrainOrder(ticker, reason))
+        elif registered is None:
+            orders.append(TrainOrder(ticker, "registry lookup failed (its stage did not finish)"))
+        elif ticker in registered.lookup_errors:
+            error = registered.lookup_errors[ticker]
+            orders.append(TrainOrder(ticker, f"registry lookup failed ({error})"))
+        elif ticker in registered.versions:
+            order = _order_for_unchanged(ticker, registered, settings, as_of)
+            if order is not None:
+                orders.append(order)
+    return tuple(orders)
+
+
+def _order_for_unchanged(
+    ticker: str, registered: Registered, settings: Settings, as_of: date
+) -> TrainOrder | None:
+    """A ticker whose bars did not change trains when the monitor asked for it since its
+    version was trained, or when no version covers these bars."""
+    from ml.steps.records import TrainOrder
+
+    version, ask = registered.versions[ticker], registered.asks.get(ticker)
+    if ask and (version is None or (version.trained_for or "") <= ask.flagged_on):
+        # Flagged and nothing trained since: retrain on the same bars with a seed of this date
+        # (the same seed would reproduce the same network); the gate still decides. A re-run
+        # finds that version by its config and reuses it.
+        seed = settings.model.seed + as_of.toordinal() % 100_000
+        return TrainOrder(ticker, f"monitor ({ask.flagged_on}): {ask.reason}", seed)
+    if version is None:
+        return TrainOrder(ticker, "no version trained on these bars and this config")
+    return None
 
 
 def _trained_versions(
-    tickers: list[str], universe: Any, summaries: dict[str, dict[str, Any]], settings: Settings
+    tickers: list[str], universe: Any, prints: Mapping[str, str], settings: Settings
 ) -> dict[str, Any]:
     """ticker -> the version trained on exactly its published bars and this config (or None),
     or the exception of a failed lookup. One request per 50 of them (`trained_versions`), then
@@ -175,7 +255,7 @@ def _trained_versions(
             client = get_client(settings)  # MlflowUnreachable: every ticker goes to training
             names = {universe.get(t).model_name: t for t in tickers}
             settled, unsettled = trained_versions(
-                client, {n: summaries[t]["data_fingerprint"] for n, t in names.items()}, config_fp
+                client, {n: prints[t] for n, t in names.items()}, config_fp
             )
         except Exception as exc:  # the check only saves work: train, which checks again
             first_error.append(error_text(exc))
@@ -190,7 +270,7 @@ def _trained_versions(
             return trained_version(
                 client,
                 universe.get(ticker),
-                summaries[ticker]["data_fingerprint"],
+                prints[ticker],
                 config_fp,
             )
         except Exception as exc:  # the check only saves work: train, which checks again
@@ -221,38 +301,6 @@ def _publish(instrument: Instrument, as_of: date, store: Any) -> dict[str, Any]:
     summary["data_fingerprint"] = data_fingerprint(history)
     summary["last_bar_date"] = history["Date"].iloc[-1].date().isoformat()
     return summary
-
-
-def _needs_training(
-    summary: dict[str, Any],
-    version: Any,
-    asked: tuple[str, str] | None,
-    settings: Settings,
-    as_of: date,
-) -> bool:
-    """For a ticker whose bars did not change: train when the monitor asked for it since
-    `version` was trained, or when no version covers these bars; else note the version."""
-    if asked and (version is None or version.tags.get("logical_date", "") <= asked[1]):
-        # Flagged (live U2 or input drift) and nothing trained since: retrain on the same bars
-        # with a seed of this date (the same seed would reproduce the same network); the gate
-        # still decides. A re-run finds that version by its config and reuses it.
-        summary.update(
-            train_reason=f"monitor ({asked[1]}): {asked[0]}",
-            retrain_seed=settings.model.seed + as_of.toordinal() % 100_000,
-        )
-        return True
-    if version is None:
-        summary["train_reason"] = "no version trained on these bars and this config"
-        return True
-    summary.update(
-        version=str(version.version),
-        trained_for=version.tags.get("logical_date"),
-        gate_status=version.tags.get("gate_status"),
-        metrics=json.loads(version.tags.get("test_u2", "{}")),
-        metrics_range_naive=json.loads(version.tags.get("test_u2_range_naive", "{}")),
-        intervals=json.loads(version.tags.get("test_intervals") or "{}"),
-    )
-    return False
 
 
 def _pending_retrains(

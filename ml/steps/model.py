@@ -100,26 +100,40 @@ def promote_all(
     *,
     strict: bool = False,
 ) -> dict[str, Any]:
+    """`promote_candidates` of the dicts `validate_all` and `train_step` return (the command
+    line's and the tests' form). Returns {"decisions": {ticker: decision}, "failed": {...}}."""
+    waiting = {
+        ticker: str(summary["version"])
+        for ticker, summary in ((validated or {}).get("tickers") or {}).items()
+        if summary.get("version") and not summary.get("gate_status")
+    }
+    new = {o["ticker"]: str(o["version"]) for o in trained or () if o and o.get("version")}
+    decisions, failed = promote_candidates(waiting, new, as_of, settings, strict=strict)
+    return {"decisions": {t: d.to_dict() for t, d in decisions.items()}, "failed": failed}
+
+
+def promote_candidates(
+    waiting: Mapping[str, str],
+    new: Mapping[str, str],
+    as_of: date,
+    settings: Settings,
+    *,
+    strict: bool = False,
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Apply the gate to every version of this run that has not been through it, one at a time.
 
-    The candidates are the versions the train tasks returned, plus versions found by validation
-    whose gate never ran (a run that died between train and promote): the next run finishes it.
-    Returns {"decisions": {ticker: decision}, "failed": {ticker: error}}.
+    The candidates are the versions this run's training returned (`new`, ticker -> version),
+    plus versions that cover a ticker's bars but whose gate never ran (`waiting`: a run that
+    died between train and promote): the next run finishes it. Returns (ticker ->
+    PromotionDecision, ticker -> error).
     """
     from ml.registry.client import get_client
     from ml.registry.promotion import promote_if_better
     from ml.registry.versions import set_challenger
 
     universe = load_universe(settings.universe_file)
-    candidates: dict[str, str] = {}
-    for ticker, summary in ((validated or {}).get("tickers") or {}).items():
-        if summary.get("version") and not summary.get("gate_status"):
-            candidates[ticker] = str(summary["version"])
-    unfinished = set(candidates)  # left by a run that died after registering them
-    for outcome in trained or ():
-        if outcome and outcome.get("version"):
-            candidates[outcome["ticker"]] = str(outcome["version"])
-            unfinished.discard(outcome["ticker"])
+    candidates = {**waiting, **new}
+    unfinished = set(waiting) - set(new)  # left by a run that died after registering them
     decisions: dict[str, Any] = {}
     failed: dict[str, str] = {}
     for ticker in sorted(candidates):
@@ -127,11 +141,9 @@ def promote_all(
             instrument = universe.get(ticker)
             if ticker in unfinished:  # that run may have died before moving `challenger`
                 set_challenger(get_client(settings), instrument.model_name, candidates[ticker])
-            decision = promote_if_better(instrument, as_of, candidates[ticker], settings)
+            decisions[ticker] = promote_if_better(instrument, as_of, candidates[ticker], settings)
         except Exception as exc:
             failed[ticker] = error_text(exc)
             log.warning("%s: promotion failed: %s", ticker, failed[ticker])
-            continue
-        decisions[ticker] = decision.to_dict()
     raise_if_all_failed("promote", len(candidates), failed, strict)
-    return {"decisions": decisions, "failed": failed}
+    return decisions, failed

@@ -4,15 +4,24 @@ and as a plain-text table."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.config import Settings
+from ml.steps.records import to_plain
 
 if TYPE_CHECKING:
-    pass
+    from ml.registry.gate import PromotionDecision
+    from ml.steps.records import (
+        Coverage,
+        DayResults,
+        Forecasted,
+        ForecastRecord,
+        TrainOrder,
+        TrainOutcome,
+    )
 
 
 def report_path(settings: Settings, as_of: date) -> Path:
@@ -37,155 +46,143 @@ def write_run_report(
     return path
 
 
-def summarize_tickers(
-    tickers: Iterable[str],
-    *,
-    ingested: Mapping[str, Any] | None,
-    validated: Mapping[str, Any] | None,
-    trained: Iterable[Mapping[str, Any] | None] = (),
-    train_errors: Iterable[Mapping[str, Any] | None] = (),
-    promoted: Mapping[str, Any] | None = None,
-    forecasted: Mapping[str, Any] | None = None,
-    step_errors: Mapping[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """One row per ticker from what the steps returned: done, skipped (no new data) or failed.
+def summarize_day(day: DayResults) -> list[dict[str, Any]]:
+    """One row per ticker of the day, read off the stages' results: done, skipped (no new
+    data) or failed, at which stage and why.
 
-    A step whose whole task failed returned nothing (None): its tickers are failed at that step,
-    with its error from `step_errors` (step -> error) when the caller caught it (`python -m ml
-    run`; the DAG's report points at the task's log).
+    A stage that failed as a whole returned nothing (None): its tickers are failed at that
+    stage, with its error from `day.step_errors` when the caller caught it (`python -m ml run`;
+    the DAG's report points at the task's log).
     """
-    trained_by = {t["ticker"]: t for t in trained or () if t}
-    errors_by = {e["ticker"]: e["error"] for e in train_errors or () if e}
-    ingested = ingested or {}
-    summaries = (validated or {}).get("tickers") or {}
-    to_train = set((validated or {}).get("train") or ())
-    decisions = (promoted or {}).get("decisions") or {}
-    forecasts = (forecasted or {}).get("forecasts") or {}
+    trained_by = {o.ticker: o for o in (day.trained.outcomes if day.trained else ())}
+    orders = {o.ticker: o for o in day.orders or ()}
+    forecasts = day.forecasted.forecasts if day.forecasted else {}
     rows = []
-    for ticker in tickers:
+    for ticker in day.request.tickers:
         row: dict[str, Any] = {"ticker": ticker, "state": "done"}
-        failure = _failure(
-            ticker,
-            ingested,
-            validated,
-            to_train,
-            trained_by,
-            errors_by,
-            promoted,
-            forecasted,
-            step_errors or {},
-        )
+        failure = _failure(ticker, day, orders, trained_by)
         if failure:
             row.update(state="failed", failed_step=failure[0], error=failure[1])
-        summary = summaries.get(ticker) or {}
-        outcome = trained_by.get(ticker) or {}
-        forecast = forecasts.get(ticker) or {}
-        if not failure and ticker not in to_train:
+        publication = day.published.tickers.get(ticker) if day.published else None
+        coverage = (day.registered.versions.get(ticker) if day.registered else None) or None
+        outcome = trained_by.get(ticker)
+        forecast = forecasts.get(ticker)
+        if not failure and ticker not in orders:
             row["state"] = "skipped"
-        row["rows_added"] = summary.get("rows_added", "-")
+        row["rows_added"] = publication.rows_added if publication else "-"
         row["validation"] = (
-            "failed" if row.get("failed_step") == "validate" else (summary.get("validation", "-"))
+            "failed"
+            if row.get("failed_step") == "validate_and_publish"
+            else (publication.validation if publication else "-")
         )
-        row["u2"] = outcome.get("metrics") or summary.get("metrics") or {}
-        watched = ((forecasted or {}).get("monitor") or {}).get(ticker) or {}
+        version = outcome or coverage
+        row["u2"] = dict(version.metrics) if version else {}
+        watched = day.forecasted.monitor.get(ticker) if day.forecasted else None
         if watched:
-            row["live"] = watched.get("live")
-            row["drifted"] = watched.get("drifted")
-            row["retrain_next_run"] = watched.get("retrain_reason")
-        if summary.get("train_reason"):
-            row["train_reason"] = summary["train_reason"]
-        if summary.get("revision"):  # a corporate action or a vendor correction, healed
-            row["data_event"] = summary["revision"]
-        row["u2_range_naive"] = (
-            outcome.get("metrics_range_naive") or summary.get("metrics_range_naive") or {}
-        )
-        row["intervals"] = outcome.get("intervals") or summary.get("intervals") or {}
-        row["training"] = _training_text(outcome, summary)
-        row.update(_promotion(ticker, decisions.get(ticker) or {}, forecast, forecasted))
-        kind = ((forecasted or {}).get("kinds") or {}).get(ticker)
+            row.update(
+                live=dict(watched.live),
+                drifted=watched.drifted,
+                retrain_next_run=watched.retrain_reason,
+            )
+        if ticker in orders:
+            row["train_reason"] = orders[ticker].reason
+        if publication and publication.revision:  # a corporate action or a correction, healed
+            row["data_event"] = publication.revision
+        row["u2_range_naive"] = dict(version.metrics_range_naive) if version else {}
+        row["intervals"] = to_plain(version.intervals) if version and version.intervals else {}
+        row["training"] = _training_text(outcome, coverage)
+        decision = day.promoted.decisions.get(ticker) if day.promoted else None
+        row.update(_promotion(ticker, decision, forecast, day.forecasted))
+        kind = day.forecasted.kinds.get(ticker) if day.forecasted else None
         if kind:
             row["champion_kind"] = kind
         if forecast:
-            row["forecast_close"] = forecast.get("pred_close")
-            row["forecast_high"] = forecast.get("pred_high")
-            row["forecast_low"] = forecast.get("pred_low")
-            row["forecast_version"] = forecast.get("model_version")
-            if forecast.get("pred_close_q05") is not None:
-                row["forecast_close_90"] = [forecast["pred_close_q05"], forecast["pred_close_q95"]]
+            row.update(_forecast_columns(forecast))
         rows.append(row)
     return rows
 
 
-def _training_text(outcome: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+def _forecast_columns(forecast: ForecastRecord) -> dict[str, Any]:
+    out = {
+        "forecast_close": forecast.pred_close,
+        "forecast_high": forecast.pred_high,
+        "forecast_low": forecast.pred_low,
+        "forecast_version": forecast.model_version,
+    }
+    low, high = forecast.quantiles.get("pred_close_q05"), forecast.quantiles.get("pred_close_q95")
+    if low is not None and high is not None:
+        out["forecast_close_90"] = [low, high]
+    return out
+
+
+def _training_text(outcome: TrainOutcome | None, coverage: Coverage | None) -> str:
     """What training did for a ticker: the version it registered, or the one that covers its bars."""
-    if outcome.get("status"):
-        return f"{outcome['status']} v{outcome['version']}"
-    if summary.get("version"):
-        return f"not retrained: v{summary['version']} covers these bars"
+    if outcome is not None:
+        return f"{outcome.status} v{outcome.version}"
+    if coverage is not None:
+        return f"not retrained: v{coverage.version} covers these bars"
     return "-"
 
 
 def _promotion(
     ticker: str,
-    decision: Mapping[str, Any],
-    forecast: Mapping[str, Any],
-    forecasted: Mapping[str, Any] | None,
+    decision: PromotionDecision | None,
+    forecast: ForecastRecord | None,
+    forecasted: Forecasted | None,
 ) -> dict[str, Any]:
     """The promotion columns of a ticker's row: the gate's decision, or the champion it kept."""
-    if decision:
-        if decision.get("fallback"):  # the range-aware naive registered as the first champion
-            text = f"naive v{decision['champion_version']} (fallback)"
-        elif decision.get("promoted"):
-            text = f"promoted v{decision.get('version')}"
-        elif decision.get("champion_version"):
-            text = f"kept v{decision['champion_version']}"
+    if decision is not None:
+        if decision.fallback:  # the range-aware naive registered as the first champion
+            text = f"naive v{decision.champion_version} (fallback)"
+        elif decision.promoted:
+            text = f"promoted v{decision.version}"
+        elif decision.champion_version:
+            text = f"kept v{decision.champion_version}"
         else:
             text = "none"
-        return {"promotion": text, "promotion_reason": decision.get("reason")}
-    if forecast:
+        return {"promotion": text, "promotion_reason": decision.reason}
+    if forecast is not None:
         return {
-            "promotion": f"kept v{forecast.get('model_version')}",
+            "promotion": f"kept v{forecast.model_version}",
             "promotion_reason": "no new candidate; champion kept",
         }
-    if forecasted is not None and ticker in (forecasted.get("no_champion") or ()):
+    if forecasted is not None and ticker in forecasted.no_champion:
         return {"promotion": "none", "promotion_reason": "no champion yet"}
     return {}
 
 
 def _failure(
     ticker: str,
-    ingested: Mapping[str, Any],
-    validated: Mapping[str, Any] | None,
-    to_train: set[str],
-    trained_by: Mapping[str, Any],
-    errors_by: Mapping[str, str],
-    promoted: Mapping[str, Any] | None,
-    forecasted: Mapping[str, Any] | None,
-    step_errors: Mapping[str, str],
+    day: DayResults,
+    orders: Mapping[str, TrainOrder],
+    trained_by: Mapping[str, TrainOutcome],
 ) -> tuple[str, str] | None:
-    """(step, error) for the first step at which `ticker` failed, or None."""
+    """(stage, error) for the first stage at which `ticker` failed, or None."""
 
-    def whole(step: str) -> tuple[str, str]:  # the step failed as a whole, returned nothing
-        return step, step_errors.get(step) or f"the {step} task failed: see its log"
+    def whole(stage: str) -> tuple[str, str]:  # the stage failed as a whole, returned nothing
+        return stage, day.step_errors.get(stage) or f"the {stage} task failed: see its log"
 
-    if not ingested:
+    if day.ingested is None:
         return whole("ingest")
-    if ticker in (ingested.get("failed") or {}):
-        return "ingest", ingested["failed"][ticker]
-    if validated is None:
-        return whole("validate")
-    if ticker in (validated.get("failed") or {}):
-        return "validate", validated["failed"][ticker]
-    if ticker in to_train and ticker not in trained_by:
-        return "train", errors_by.get(ticker, "the train task did not finish: see its log")
-    if promoted is None and ticker in trained_by:
+    if ticker in day.ingested.failed:
+        return "ingest", day.ingested.failed[ticker]
+    if day.published is None:
+        return whole("validate_and_publish")
+    if ticker in day.published.failed:
+        return "validate_and_publish", day.published.failed[ticker]
+    if day.orders is None and ticker in day.published.tickers:
+        return whole("find_versions" if day.registered is None else "plan_training")
+    if ticker in orders and ticker not in trained_by:
+        errors = day.trained.errors if day.trained else {}
+        return "train", errors.get(ticker, "the train task did not finish: see its log")
+    if day.promoted is None and ticker in trained_by:
         return whole("promote")
-    if ticker in ((promoted or {}).get("failed") or {}):
-        return "promote", promoted["failed"][ticker]
-    if forecasted is None:
+    if day.promoted is not None and ticker in day.promoted.failed:
+        return "promote", day.promoted.failed[ticker]
+    if day.forecasted is None:
         return whole("forecast")
-    if ticker in (forecasted.get("failed") or {}):
-        return "forecast", forecasted["failed"][ticker]
+    if ticker in day.forecasted.failed:
+        return "forecast", day.forecasted.failed[ticker]
     return None
 
 

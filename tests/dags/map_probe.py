@@ -4,8 +4,9 @@
 
 The environment gives AIRFLOW_HOME, the DAG folder, UNIVERSE_FILE and `[core] max_map_length`
 (Airflow reads its configuration at import). The data phase is made cheap: `ingest_all` stages
-nothing and `validate_all` lists every ticker for training, so what runs for real is the DAG's
-wiring, resolve_tickers' own check and Airflow's: validate's list goes through the execution
+nothing, `publish_all` publishes every ticker with new bars and no version is looked up, so
+what runs for real is the DAG's wiring, resolve_tickers' own check, plan_training and
+Airflow's: plan_training's list goes through the execution
 API's length check, and the scheduler loop of `dag.test()` expands `train` over it. `train` is
 marked success instead of run (`mark_success_pattern`): its expansion is what is tested, not
 thousands of model fits. promote, forecast and report are left out (a subset of the DAG).
@@ -25,16 +26,26 @@ from pathlib import Path
 
 def _stub_data_phase() -> None:
     import ml.steps.data as data
+    from ml.steps.records import Publication, Published, Registered
 
     def ingest_all(tickers, as_of, settings, **_):
-        return {"staged": {t: {} for t in tickers}, "failed": {}}
+        day = as_of.isoformat()
+        batch = {"as_of": day, "start": day, "end": day, "rows_fetched": 1}
+        batch |= {"incremental": True, "source": "stub"}
+        return {"staged": {t: {"ticker": t, **batch} for t in tickers}, "failed": {}}
 
-    def validate_all(staged, as_of, settings, **_):
-        staged = list(staged)
-        return {"train": staged, "tickers": {t: {} for t in staged}, "failed": {}}
+    def publish_all(staged, as_of, settings):
+        day = as_of.isoformat()
+        return Published(
+            {t: Publication(1, 0, 1, day, "passed", 0, "stub", day) for t in staged}, {}
+        )
+
+    def registered_versions(published, as_of, settings, **_):
+        return Registered({}, {}, {})
 
     data.ingest_all = ingest_all
-    data.validate_all = validate_all
+    data.publish_all = publish_all
+    data.registered_versions = registered_versions
 
 
 def main(out_path: str) -> int:

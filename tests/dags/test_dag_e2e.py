@@ -31,7 +31,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 LOGICAL_DATE = "2024-06-28T22:30:00+00:00"
 AS_OF = date(2024, 6, 28)
-ONCE_PER_RUN = ("resolve_tickers", "ingest", "validate", "promote", "forecast", "report")
+ONCE_PER_RUN = (
+    "resolve_tickers",
+    "ingest",
+    "validate_and_publish",
+    "find_versions",
+    "plan_training",
+    "promote",
+    "forecast",
+    "report",
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +125,9 @@ def test_unknown_ticker_fails_resolve_before_any_ticker_work(bad_params: DagTest
     ]
     assert {t["task_id"] for t in downstream} == {
         "ingest",
-        "validate",
+        "validate_and_publish",
+        "find_versions",
+        "plan_training",
         "train",
         "promote",
         "forecast",
@@ -125,7 +136,9 @@ def test_unknown_ticker_fails_resolve_before_any_ticker_work(bad_params: DagTest
     # promote and forecast run after any outcome (all_done) and found nothing to do.
     assert {t["task_id"]: (t["map_index"], t["state"]) for t in downstream} == {
         "ingest": (-1, "upstream_failed"),
-        "validate": (-1, "upstream_failed"),
+        "validate_and_publish": (-1, "upstream_failed"),
+        "find_versions": (-1, "upstream_failed"),
+        "plan_training": (-1, "upstream_failed"),
         "train": (-1, "upstream_failed"),
         "promote": (-1, "success"),
         "forecast": (-1, "success"),
@@ -215,7 +228,7 @@ def test_bad_batch_report_names_ticker_and_check(bad_batch: DagTestResult) -> No
     rows = {r["ticker"]: r for r in report["tickers"]}
     assert list(rows) == BATCH_TICKERS
     bad = rows[BAD_TICKER]
-    assert bad["state"] == "failed" and bad["failed_step"] == "validate"
+    assert bad["state"] == "failed" and bad["failed_step"] == "validate_and_publish"
     assert bad["validation"] == "failed"
     assert bad["error"].startswith("PriceValidationError"), bad["error"]
     assert BAD_TICKER in bad["error"] and "high_ge_low" in bad["error"], bad["error"]
@@ -225,7 +238,7 @@ def test_bad_batch_report_names_ticker_and_check(bad_batch: DagTestResult) -> No
             assert rows[ticker]["state"] == "done", rows[ticker]
             assert rows[ticker]["validation"] == "passed"
     log = bad_batch.log
-    assert f"1 of {len(BATCH_TICKERS)} ticker(s) failed: {BAD_TICKER} (validate)" in log
+    assert f"1 of {len(BATCH_TICKERS)} ticker(s) failed: {BAD_TICKER} (validate_and_publish)" in log
 
 
 def test_bad_batch_is_quarantined_not_published(

@@ -21,7 +21,16 @@ from tests.dags.conftest import DAGS_FOLDER, HERE, airflow_env, tail
 
 DAG_FILE = DAGS_FOLDER / "price_forecast.py"
 # One pass: the data phase, promotion and forecasting are one task each; only train is mapped.
-CHAIN = ("resolve_tickers", "ingest", "validate", "train", "promote", "forecast")
+CHAIN = (
+    "resolve_tickers",
+    "ingest",
+    "validate_and_publish",
+    "find_versions",
+    "plan_training",
+    "train",
+    "promote",
+    "forecast",
+)
 EXPECTED_TASKS = {*CHAIN, "report"}
 NO_RETRY_BY_DESIGN = {"resolve_tickers", "report"}
 HEAVY = ("tensorflow", "keras", "mlflow", "great_expectations", "pandas")
@@ -113,13 +122,7 @@ def test_tasks_are_exactly_the_expected_ones(tasks: dict[str, dict[str, Any]]) -
 def test_task_dependencies(tasks: dict[str, dict[str, Any]]) -> None:
     for upstream, downstream in itertools.pairwise(CHAIN):
         assert upstream in tasks[downstream]["upstream"], (upstream, downstream)
-    assert set(tasks["report"]["upstream"]) == {
-        "resolve_tickers",
-        "ingest",
-        "train",
-        "promote",
-        "forecast",
-    }
+    assert set(tasks["report"]["upstream"]) == set(CHAIN)
     assert tasks["report"]["downstream"] == []
 
 

@@ -122,7 +122,7 @@ def test_the_ticker_trains_once_and_a_rerun_changes_nothing(healed) -> None:
 def test_a_hostile_bar_is_quarantined_and_never_published(healed) -> None:
     _, second, extra = healed
     rows = {r["ticker"]: r for r in second.runs[0]["report"]["tickers"]}
-    assert rows["GLD"]["failed_step"] == "validate"
+    assert rows["GLD"]["failed_step"] == "validate_and_publish"
     assert "[range_to_close]" in rows["GLD"]["error"] and "High=1e+308" in rows["GLD"]["error"]
     assert (second.data_dir / "prices" / "GLD.parquet").read_bytes() == extra["gld"]
     report = second.data_dir / "quarantine" / "GLD" / D1.isoformat() / "validation.json"

@@ -70,7 +70,7 @@ def test_a_5000_ticker_universe_passes_validate_and_maps_train(
     airflow_db_template: Path, tmp_path: Path
 ) -> None:
     probe = _run_probe(airflow_db_template, tmp_path, UNIVERSE_SIZE)
-    assert probe["tasks"]["validate"] == {"success": 1}, probe["log"][-6000:]
+    assert probe["tasks"]["plan_training"] == {"success": 1}, probe["log"][-6000:]
     assert probe["tasks"]["train"] == {"success": UNIVERSE_SIZE}
     assert probe["train_map_indexes"] == list(range(UNIVERSE_SIZE))
     assert probe["state"] == "success"

@@ -131,10 +131,10 @@ def _task_instances(stack: Stack) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def _train_order(stack: Stack) -> list[str] | None:
-    """The tickers `train` maps over, in map-index order (validate's return value)."""
+    """The tickers `train` maps over, in map-index order (plan_training's return value)."""
     rows = _query(
         stack,
-        "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = 'validate' "
+        "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = 'plan_training' "
         "AND key = 'return_value' AND map_index = -1",
         DAG_ID,
         RUN_ID,
@@ -144,7 +144,7 @@ def _train_order(stack: Stack) -> list[str] | None:
     value: Any = rows[0]["value"]
     while isinstance(value, (str, bytes)):  # stored JSON-encoded, possibly twice
         value = json.loads(value)
-    return list(value)
+    return [order["ticker"] for order in value]
 
 
 def _try_history(stack: Stack, map_index: int, try_number: int) -> dict[str, Any] | None:
@@ -287,7 +287,9 @@ def _inject(stack: Stack, client, probe_dir: Path) -> dict[str, dict[str, Any]]:
                 ticker = order[map_index]
                 if ticker in victims or ticker in targets:
                     continue
-                assert ticker in KILL_IN, f"validate sent {ticker} to train: not in the universe"
+                assert ticker in KILL_IN, (
+                    f"plan_training sent {ticker} to train: not in the universe"
+                )
                 assert ti["state"] != "success", (
                     f"{ticker}: train succeeded before the test saw its kill point "
                     f"({KILL_IN[ticker]})\n{_task_logs(stack, map_index)}"
