@@ -40,20 +40,11 @@ import records
 from harness import Stack
 from records import parse_ts
 
-# The DAG's tasks in order (ml.pipeline.STAGES); "validate" is the name results recorded
-# before the data phase was split into validate_and_publish, find_versions and plan_training.
-TASKS = (
-    "resolve_tickers",
-    "ingest",
-    "validate",
-    "validate_and_publish",
-    "find_versions",
-    "plan_training",
-    "train",
-    "promote",
-    "forecast",
-    "report",
-)
+from ml.pipeline import STAGES
+
+# The DAG's tasks in order, with "validate": the name results recorded before the data phase
+# was split into validate_and_publish, find_versions and plan_training.
+TASKS = (*STAGES[:2], "validate", *STAGES[2:])
 DATA_TASKS = ("ingest", "validate", "validate_and_publish", "find_versions", "plan_training")
 STATES = ("done", "skipped", "failed")  # a ticker's state in the run report
 COMPONENTS = (

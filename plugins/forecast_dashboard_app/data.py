@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from .intervals import QUANTILE_COLUMNS, interval_outcomes
+from .intervals import QUANTILE_COLUMNS, interval_outcomes, number
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -98,17 +98,6 @@ def clean(value: Any) -> Any:
     except TypeError:
         return None
     return value
-
-
-def number(value: Any) -> float | None:
-    """`value` as a finite float, else None."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return None
-    return result if math.isfinite(result) else None
 
 
 def _forecast_row(record: dict[str, Any]) -> dict[str, Any]:

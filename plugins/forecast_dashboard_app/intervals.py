@@ -40,9 +40,8 @@ CHECKS = (
 )
 
 
-def quantile(record: Mapping[str, Any], column: str) -> float | None:
-    """The finite float of `record[column]`, else None (missing column, None, NaN, '', text)."""
-    value = record.get(column)
+def number(value: Any) -> float | None:
+    """`value` as a finite float, else None (None, NaN, '', text)."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -50,6 +49,11 @@ def quantile(record: Mapping[str, Any], column: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return result if math.isfinite(result) else None
+
+
+def quantile(record: Mapping[str, Any], column: str) -> float | None:
+    """The finite float of `record[column]`, else None (a missing column too)."""
+    return number(record.get(column))
 
 
 def close_interval(record: Mapping[str, Any], factor: float = 1.0) -> tuple[float, ...] | None:

@@ -10,8 +10,8 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from .data import DashboardError, TickerData, load_report, number, valid_dates
-from .intervals import CHECKS, close_interval, coverage, published_units, quantile
+from .data import DashboardError, TickerData, load_report, valid_dates
+from .intervals import CHECKS, close_interval, coverage, number, published_units, quantile
 
 if TYPE_CHECKING:
     from ml.config import Settings

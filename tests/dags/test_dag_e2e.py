@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from ml.config import PROJECT_ROOT
+from ml.pipeline import STAGES
 from ml.servers import MlflowServer
 from ml.universe import Universe, load_universe
 from tests.dags.conftest import DagTestResult, pipeline_env, task_states
@@ -31,16 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 LOGICAL_DATE = "2024-06-28T22:30:00+00:00"
 AS_OF = date(2024, 6, 28)
-ONCE_PER_RUN = (
-    "resolve_tickers",
-    "ingest",
-    "validate_and_publish",
-    "find_versions",
-    "plan_training",
-    "promote",
-    "forecast",
-    "report",
-)
+ONCE_PER_RUN = tuple(s for s in STAGES if s != "train")
 
 
 @pytest.fixture(scope="module")
@@ -123,23 +115,11 @@ def test_unknown_ticker_fails_resolve_before_any_ticker_work(bad_params: DagTest
     downstream = [
         t for t in run["task_instances"] if t["task_id"] not in ("resolve_tickers", "report")
     ]
-    assert {t["task_id"] for t in downstream} == {
-        "ingest",
-        "validate_and_publish",
-        "find_versions",
-        "plan_training",
-        "train",
-        "promote",
-        "forecast",
-    }
+    assert {t["task_id"] for t in downstream} == set(STAGES) - {"resolve_tickers", "report"}
     # The data phase never ran and train was never expanded (one unmapped placeholder);
     # promote and forecast run after any outcome (all_done) and found nothing to do.
     assert {t["task_id"]: (t["map_index"], t["state"]) for t in downstream} == {
-        "ingest": (-1, "upstream_failed"),
-        "validate_and_publish": (-1, "upstream_failed"),
-        "find_versions": (-1, "upstream_failed"),
-        "plan_training": (-1, "upstream_failed"),
-        "train": (-1, "upstream_failed"),
+        **{stage: (-1, "upstream_failed") for stage in STAGES[1 : STAGES.index("train") + 1]},
         "promote": (-1, "success"),
         "forecast": (-1, "success"),
     }
