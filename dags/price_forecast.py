@@ -254,11 +254,13 @@ def price_forecast():
             raise
 
     @task(trigger_rule="all_done", multiple_outputs=False)
-    def promote(request: dict, registered: dict | None, trained: list) -> dict:
+    def promote(request: dict | None, registered: dict | None, trained: list) -> dict:
         """Apply the gate to this run's new versions, one at a time: one process moves aliases."""
         from ml import pipeline
-        from ml.steps.records import Registered, from_plain
+        from ml.steps.records import Promoted, Registered, from_plain
 
+        if request is None:  # resolve_tickers failed: nothing to decide
+            return _plain(Promoted({}, {}))
         day = _request(request)
         outcomes = pipeline.gathered(list(trained or []), [])
         versions = from_plain(Registered, registered)
@@ -267,12 +269,14 @@ def price_forecast():
         )
 
     @task(trigger_rule="all_done", outlets=[FORECASTS], multiple_outputs=False)
-    def forecast(request: dict, published: dict | None, promoted: dict | None) -> dict:
+    def forecast(request: dict | None, published: dict | None, promoted: dict | None) -> dict:
         """Score the ledger, then forecast the next bar with every ticker's champion (after
         promote: `promoted` orders it, the champions are read from the registry)."""
         from ml import pipeline
-        from ml.steps.records import Published, from_plain
+        from ml.steps.records import Forecasted, Published, from_plain
 
+        if request is None:  # resolve_tickers failed: no ticker to forecast
+            return _plain(Forecasted({}, (), (), {}, {}, {}))
         day = _request(request)
         checked = from_plain(Published, published)
         return _plain(pipeline.forecast(day, _settings(day), checked, strict=_retries_left()))

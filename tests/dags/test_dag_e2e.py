@@ -292,8 +292,8 @@ def test_full_universe_run_succeeds(full_universe: DagTestResult, universe: Univ
     failed = [t for t in first["task_instances"] if t["state"] != "success"]
     assert not failed, failed
     assert len(universe) == 31
-    # One pass: six tasks plus one train instance per ticker (was five instances per ticker).
-    assert len(first["task_instances"]) == len(ONCE_PER_RUN) + 31 == 37
+    # One pass: one task per stage plus one train instance per ticker.
+    assert len(first["task_instances"]) == len(ONCE_PER_RUN) + 31 == 39
 
 
 def test_mapped_task_instances_are_named_by_ticker(
