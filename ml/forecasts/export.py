@@ -3,6 +3,7 @@ written in one atomic write. The ledger (`ml.forecasts.ledger`) is the store of 
 
 from __future__ import annotations
 
+import csv
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,12 @@ QUANTILE_COLUMNS = list(RECORD_KEYS)
 FORECAST_COLUMNS = [*REQUIRED_COLUMNS, *QUANTILE_COLUMNS]
 
 
+def _row_widths(path: Path) -> set[int]:
+    """The numbers of fields of the file's rows (one, for a table)."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        return {len(row) for row in csv.reader(fh) if row}
+
+
 def forecasts_path(settings: Settings) -> Path:
     return settings.data_dir / "forecasts" / "forecasts.csv"
 
@@ -58,9 +65,14 @@ def read_forecasts(settings: Settings) -> pd.DataFrame:
         table = pd.read_csv(
             path, dtype=dict.fromkeys(text, str), keep_default_na=False, na_values=[""]
         )
-    except ValueError as exc:  # not UTF-8, not CSV, empty (ParserError, EmptyDataError)
+        widths = _row_widths(path)
+    except (ValueError, csv.Error) as exc:  # not UTF-8, not CSV, empty (ParserError, ...)
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         raise _corrupt_forecasts(settings, path, error) from exc
+    if len(widths) > 1:
+        # pandas fills a row cut short with empty values, and the quantile columns at the end
+        # may be empty: only the number of fields tells a cut-off row.
+        raise _corrupt_forecasts(settings, path, "rows of different lengths (a row cut short)")
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise _corrupt_forecasts(settings, path, f"no column(s) {', '.join(missing)}")
