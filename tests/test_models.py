@@ -1,5 +1,5 @@
 """ml.model.networks: the notebook's network, `recurrent(units) -> Dense(8, relu) -> Dense(4)`, Adam + MSE;
-and every path derived from it (ml.model.kernels, the train step) against Keras, for every kind."""
+and every path derived from it (ml.model.networks, the train step) against Keras, for every kind."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_build_model_keeps_the_layer_names_of_saved_models() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Every path derived from the one definition (ml.model.kernels, the train step) against Keras
+# Every path derived from the one definition (ml.model.networks, the train step) against Keras
 # --------------------------------------------------------------------------------------------------
 
 
@@ -116,7 +116,7 @@ def check_derived_paths(kind: str, window: int, tmp_path, *, numpy_kernels: bool
     import keras
     import numpy as np
 
-    from ml.model.kernels import numpy_forward, tf_forward
+    from ml.model.networks import numpy_forward, tf_forward
     from ml.model.train_step import seeded_branches
 
     rng = np.random.default_rng(window)
@@ -160,7 +160,7 @@ def test_every_derived_path_computes_what_keras_computes(kind: str, window: int,
 def test_a_new_layer_is_one_edit_to_network_layers(new_layer: str, monkeypatch, tmp_path) -> None:
     """The steps of docs/models.md: add the layer to `network_layers`, nothing else, and the
     train step and the forecaster compute the new network as Keras does. A layer class with a
-    kernel in `ml.model.kernels` (Dense) keeps the NumPy predictions; one without
+    kernel in `ml.model.networks` (Dense) keeps the NumPy predictions; one without
     (LayerNormalization) trains through its own Keras call and predicts through Keras."""
     import keras
 
@@ -195,7 +195,7 @@ def test_a_model_saved_by_an_earlier_version_predicts_as_it_did(kind: str) -> No
     import keras
     import numpy as np
 
-    from ml.model.kernels import numpy_forward
+    from ml.model.networks import numpy_forward
 
     fixtures = Path(__file__).parent / "fixtures" / "models"
     saved = json.loads((fixtures / "outputs.json").read_text())
@@ -212,7 +212,7 @@ def test_a_layer_config_no_kernel_computes_goes_through_keras() -> None:
     import keras
     import numpy as np
 
-    from ml.model.kernels import layer_kernel, numpy_forward, tf_forward
+    from ml.model.networks import layer_kernel, numpy_forward, tf_forward
 
     model = keras.Sequential(
         [
@@ -260,7 +260,7 @@ def test_numpy_forward_saturates_without_warnings() -> None:
     import keras
     import numpy as np
 
-    from ml.model.kernels import numpy_forward
+    from ml.model.networks import numpy_forward
 
     keras.utils.set_random_seed(11)
     for kind in NETWORK_KINDS:

@@ -89,7 +89,7 @@ class PriceForecaster:
         """The model's log-ratio predictions for relative windows `x`, before shrinkage.
 
         A statistical model reads the unscaled windows. A network: its arithmetic in NumPy
-        (`ml.model.kernels.numpy_forward`), or, for a network with a layer no NumPy kernel
+        (`ml.model.networks.numpy_forward`), or, for a network with a layer no NumPy kernel
         computes, a direct (eager) Keras call; not `model.predict`, which would trace a graph
         function for every new model (about 0.3 s each, more than the prediction itself).
         """
@@ -97,7 +97,7 @@ class PriceForecaster:
 
         if not self.is_network:
             return np.asarray(self.model.predict(x), dtype="float64")
-        from ml.model.kernels import numpy_forward
+        from ml.model.networks import numpy_forward
 
         inputs = self.x_scaler.transform(x).astype("float32")
         forward = numpy_forward(self.model)

@@ -78,7 +78,7 @@ def _compile(kinds: tuple[str, ...], config: ModelConfig, n_features: int, n_tar
     its train function twice (inside a loop and a condition) and took about 4 s in a fresh
     process before the first epoch ran; this step traces once, about 1 s with Grappler off
     (`ml.model.networks.configure_tensorflow`), and runs an epoch as fast. The forward pass is
-    `ml.model.kernels.tf_forward` of each network and the optimizer `PlainAdam`, both derived
+    `ml.model.networks.tf_forward` of each network and the optimizer `PlainAdam`, both derived
     from the Keras model and computing what its own calls compute, traced in about two thirds
     of the time. The loss is what `compile(loss="mse")` would compute per branch: the mean
     squared error over the batch and the targets.
@@ -86,8 +86,7 @@ def _compile(kinds: tuple[str, ...], config: ModelConfig, n_features: int, n_tar
     import keras
     import tensorflow as tf
 
-    from ml.model.kernels import tf_forward
-    from ml.model.networks import build_model
+    from ml.model.networks import build_model, tf_forward
 
     if not kinds or len(set(kinds)) != len(kinds):
         raise ValueError(f"kinds must be distinct and non-empty, got {kinds!r}")
