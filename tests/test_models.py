@@ -1,11 +1,12 @@
-"""ml.model.networks: the notebook's network, `recurrent(units) -> Dense(8, relu) -> Dense(4)`, Adam + MSE."""
+"""ml.model.networks: the notebook's network, `recurrent(units) -> Dense(8, relu) -> Dense(4)`, Adam + MSE;
+and every path derived from it (ml.model.networks, the train step) against Keras, for every kind."""
 
 from __future__ import annotations
 
 import pytest
 
-from ml.config import NETWORK_KINDS
-from ml.model.networks import branch_layer_names, branch_weights, build_branches, build_model
+from ml.config import NETWORK_KINDS, ModelConfig
+from ml.model.networks import build_model
 
 WINDOW, N_FEATURES, N_TARGETS = 6, 8, 4
 
@@ -75,180 +76,145 @@ def test_build_model_unknown_kind_raises(kind: str) -> None:
         build_model(kind, WINDOW, N_FEATURES, N_TARGETS)
 
 
+def test_build_model_keeps_the_layer_names_of_saved_models() -> None:
+    for kind in NETWORK_KINDS:
+        model = build_model(kind, WINDOW, N_FEATURES, N_TARGETS, units=4)
+        assert model.name == f"{kind}_w{WINDOW}"
+        assert [layer.name for layer in model.layers] == [kind, "hidden", "targets"]
+
+
 # --------------------------------------------------------------------------------------------------
-# build_branches: every kind side by side in one graph (what ml.model.training fits)
+# Every path derived from the one definition (ml.model.networks, the train step) against Keras
 # --------------------------------------------------------------------------------------------------
 
 
-def test_build_branches_has_one_notebook_network_per_kind() -> None:
-    import keras
-
-    model = build_branches(("lstm", "gru"), WINDOW, N_FEATURES, N_TARGETS, units=12)
-    assert tuple(model.input_shape) == (None, WINDOW, N_FEATURES)
-    assert [tuple(s) for s in model.output_shape] == [(None, N_TARGETS), (None, N_TARGETS)]
-    for kind, recurrent_cls in (("lstm", keras.layers.LSTM), ("gru", keras.layers.GRU)):
-        recurrent, hidden, out = (model.get_layer(n) for n in branch_layer_names(kind))
-        assert type(recurrent) is recurrent_cls and recurrent.units == 12
-        assert hidden.units == 8 and hidden.activation is keras.activations.relu
-        assert out.units == N_TARGETS and out.activation is keras.activations.linear
-    # The branches share no weights: the model holds exactly both networks' weights.
-    lstm = build_model("lstm", WINDOW, N_FEATURES, N_TARGETS, units=12)
-    gru = build_model("gru", WINDOW, N_FEATURES, N_TARGETS, units=12)
-    assert model.count_params() == lstm.count_params() + gru.count_params()
+def _away_from_init(model, rng, scale: float = 0.3) -> None:
+    """Weights away from their initial values (biases included), so a swapped gate or a missed
+    bias shows."""
+    model.set_weights(
+        [w + rng.normal(scale=scale, size=w.shape).astype("float32") for w in model.get_weights()]
+    )
 
 
-def test_branch_weights_make_the_standalone_network_of_that_branch() -> None:
+def _forecaster(kind: str, window: int, model):
+    """A forecaster of `model` with identity scalers: its raw predictions are the network's."""
     import numpy as np
 
-    model = build_branches(("lstm", "gru"), WINDOW, N_FEATURES, N_TARGETS, units=6)
-    x = np.random.default_rng(1).normal(size=(9, WINDOW, N_FEATURES)).astype("float32")
-    outputs = model(x)
-    for i, kind in enumerate(("lstm", "gru")):
-        alone = build_model(kind, WINDOW, N_FEATURES, N_TARGETS, units=6)
-        alone.set_weights(branch_weights(model, kind))
-        np.testing.assert_allclose(alone(x), outputs[i], rtol=1e-5, atol=1e-6)
+    from ml.model.forecaster import PriceForecaster
+    from ml.model.windows import Scaler
+
+    identity = Scaler(np.zeros(N_FEATURES), np.ones(N_FEATURES))
+    return PriceForecaster(kind, window, model, identity, Scaler(np.zeros(4), np.ones(4)))
 
 
-def test_build_branches_loss_is_the_sum_of_the_branch_mses() -> None:
+def check_derived_paths(kind: str, window: int, tmp_path, *, numpy_kernels: bool = True) -> None:
+    """What the train step and a forecaster compute for a `build_model(kind)` network is what
+    Keras computes for it: the forward pass (`tf_forward`, the traced validation pass, the
+    forecaster's predictions, also after a save and load) on random weights and inputs, and
+    three steps of the traced train step against Keras' own `train_on_batch` (the compiled MSE
+    and Adam) from the same weights on the same batches: losses and every weight after."""
     import keras
     import numpy as np
 
-    model = build_branches(("gru", "lstm"), 5, 3, 2, units=4, learning_rate=0.005)
-    assert isinstance(model.optimizer, keras.optimizers.Adam)
-    assert float(model.optimizer.learning_rate) == pytest.approx(0.005)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(7, 5, 3)).astype("float32")
-    y = rng.normal(size=(7, 2)).astype("float32")
-    predicted = model.predict(x, verbose=0)
-    expected = [float(np.mean((p - y) ** 2)) for p in predicted]
-    logs = model.evaluate(x, [y, y], verbose=0, batch_size=7, return_dict=True)
-    assert logs["loss"] == pytest.approx(sum(expected), rel=1e-4)
-    assert logs["gru_targets_loss"] == pytest.approx(expected[0], rel=1e-4)
-    assert logs["lstm_targets_loss"] == pytest.approx(expected[1], rel=1e-4)
+    from ml.model.networks import numpy_forward, tf_forward
+    from ml.model.train_step import seeded_branches
 
+    rng = np.random.default_rng(window)
+    sizes = {"units": 7, "dense_units": 5, "learning_rate": 0.01}
+    config = ModelConfig(window=window, **sizes)
+    compiled = seeded_branches((kind,), config, N_FEATURES, N_TARGETS)
+    [network] = compiled.networks
+    _away_from_init(network, rng)
+    reference = build_model(kind, window, N_FEATURES, N_TARGETS, **sizes)
+    reference.set_weights(network.get_weights())
+    x = rng.normal(size=(24, window, N_FEATURES)).astype("float32")
+    expected = np.asarray(reference(x))
 
-@pytest.mark.parametrize("kinds", [(), ("lstm", "lstm"), ("lstm", "rnn")])
-def test_build_branches_rejects_empty_repeated_or_unknown_kinds(kinds: tuple[str, ...]) -> None:
-    with pytest.raises(ValueError, match="kind"):
-        build_branches(kinds, WINDOW, N_FEATURES, N_TARGETS)
+    assert (numpy_forward(network) is not None) == numpy_kernels
+    network.save(tmp_path / f"{kind}.keras")
+    loaded = keras.saving.load_model(tmp_path / f"{kind}.keras", compile=False)
+    for name, outputs in (
+        ("tf_forward", tf_forward(network)(x)),
+        ("the traced validation pass", compiled.val_outputs(x)[0]),
+        ("the forecaster", _forecaster(kind, window, network).raw_log_ratios(x)),
+        ("the forecaster, loaded", _forecaster(kind, window, loaded).raw_log_ratios(x)),
+    ):
+        np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
-
-@pytest.mark.parametrize("kinds", [("lstm", "gru"), ("gru",), ("lstm",)])
-def test_branch_forward_computes_what_the_keras_model_computes(kinds: tuple[str, ...]) -> None:
-    """The train step's and validation pass's forward in plain TF ops (`branch_forward`) gives
-    the Keras model's outputs: same operations, same order, so equal bit for bit here."""
-    import keras
-    import numpy as np
-
-    from ml.model.networks import branch_forward
-
-    keras.utils.set_random_seed(3)
-    model = build_branches(kinds, WINDOW, N_FEATURES, N_TARGETS, units=7, dense_units=5)
-    x = np.random.default_rng(2).normal(size=(11, WINDOW, N_FEATURES)).astype("float32")
-    ours = branch_forward(model, kinds)(x)
-    theirs = model(x, training=True)
-    theirs = theirs if isinstance(theirs, (list, tuple)) else [theirs]
-    assert len(ours) == len(kinds)
-    for a, b in zip(ours, theirs, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-
-
-def test_train_steps_in_plain_ops_update_every_weight_as_keras_does() -> None:
-    """Three steps through `branch_forward` and `PlainAdam` (the train step's forward and Adam)
-    move every weight as the same steps through Keras' layer calls and the compiled Adam do
-    (same seed, same batches, two fresh models)."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    from ml.model.networks import PlainAdam, branch_forward
-
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(16, WINDOW, N_FEATURES)).astype("float32")
-    y = rng.normal(size=(16, N_TARGETS)).astype("float32")
-    after = []
-    for use_keras in (True, False):
-        keras.utils.set_random_seed(5)
-        model = build_branches(("lstm", "gru"), WINDOW, N_FEATURES, N_TARGETS, units=6)
-        forward = (
-            (lambda v, m=model: m(v, training=True))
-            if use_keras
-            else branch_forward(model, ("lstm", "gru"))
-        )
-        variables = model.trainable_variables
-        if use_keras:
-            model.optimizer.build(variables)
-
-            def apply(gradients, m=model, v=variables):
-                m.optimizer.apply(gradients, v)
-        else:
-            apply = PlainAdam(model.optimizer, variables).apply
-        for _ in range(3):
-            with tf.GradientTape() as tape:
-                total = tf.add_n([tf.reduce_mean(tf.square(y - o)) for o in forward(x)])
-            apply(tape.gradient(total, variables))
-        after.append(model.get_weights())
-    for ours, theirs in zip(after[1], after[0], strict=True):
+    y = rng.normal(size=(len(x), N_TARGETS)).astype("float32")
+    for batch in np.split(np.arange(len(x)), 3):
+        theirs = float(reference.train_on_batch(x[batch], y[batch]))
+        [ours] = compiled.train_step(x[batch], y[batch]).numpy()
+        assert ours == pytest.approx(theirs, rel=1e-5)
+    for ours, theirs in zip(network.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
-
-
-def test_plain_adam_refuses_an_optimizer_it_does_not_compute() -> None:
-    import keras
-
-    from ml.model.networks import PlainAdam
-
-    model = build_model("lstm", WINDOW, N_FEATURES, N_TARGETS, units=4)
-    clipped = keras.optimizers.Adam(1e-3, clipnorm=1.0)
-    with pytest.raises(ValueError, match="clipnorm"):
-        PlainAdam(clipped, model.trainable_variables)
-
-
-def test_branch_forward_refuses_layers_it_does_not_compute() -> None:
-    import keras
-
-    from ml.model.networks import branch_forward
-
-    inputs = keras.Input(shape=(WINDOW, N_FEATURES))
-    h = keras.layers.GRU(4, name="gru", reset_after=False)(inputs)
-    h = keras.layers.Dense(3, activation="relu", name="gru_hidden")(h)
-    model = keras.Model(inputs, keras.layers.Dense(N_TARGETS, name="gru_targets")(h))
-    with pytest.raises(ValueError, match="reset_after"):
-        branch_forward(model, ("gru",))
 
 
 @pytest.mark.parametrize("kind", NETWORK_KINDS)
 @pytest.mark.parametrize("window", [WINDOW, 40])  # unrolled, and a window Keras loops over
-def test_numpy_forward_computes_what_the_keras_model_computes(kind: str, window: int) -> None:
-    """A forecaster's predictions in NumPy (`numpy_forward`) equal the Keras network's own, with
-    weights away from their initial values (biases included), read at each call."""
+def test_every_derived_path_computes_what_keras_computes(kind: str, window: int, tmp_path) -> None:
+    check_derived_paths(kind, window, tmp_path)
+
+
+@pytest.mark.parametrize("new_layer", ["Dense", "LayerNormalization"])
+def test_a_new_layer_is_one_edit_to_network_layers(new_layer: str, monkeypatch, tmp_path) -> None:
+    """The steps of docs/models.md: add the layer to `network_layers`, nothing else, and the
+    train step and the forecaster compute the new network as Keras does. A layer class with a
+    kernel in `ml.model.networks` (Dense) keeps the NumPy predictions; one without
+    (LayerNormalization) trains through its own Keras call and predicts through Keras."""
+    import keras
+
+    from ml.model import networks, train_step
+
+    defined = networks.network_layers
+
+    def with_the_new_layer(kind, window, n_targets, *, units, dense_units):  # the one edit
+        *body, targets = defined(kind, window, n_targets, units=units, dense_units=dense_units)
+        if new_layer == "Dense":
+            return [*body, keras.layers.Dense(6, activation="tanh", name="new"), targets]
+        return [*body, keras.layers.LayerNormalization(name="new"), targets]
+
+    monkeypatch.setattr(networks, "network_layers", with_the_new_layer)
+    # Networks compiled under the old definition earlier in this process (the definition never
+    # changes inside a real one).
+    monkeypatch.setattr(train_step, "_COMPILED", {})
+    for kind in NETWORK_KINDS:
+        model = build_model(kind, WINDOW, N_FEATURES, N_TARGETS, units=4)
+        assert [layer.name for layer in model.layers] == [kind, "hidden", "new", "targets"]
+        check_derived_paths(kind, WINDOW, tmp_path, numpy_kernels=new_layer == "Dense")
+
+
+@pytest.mark.parametrize("kind", NETWORK_KINDS)
+def test_a_model_saved_by_an_earlier_version_predicts_as_it_did(kind: str) -> None:
+    """tests/fixtures/models: `build_model` networks (window 6, 8 inputs, 4 units, weights away
+    from their initial values) saved by the code before the networks were defined once, and
+    their Keras outputs then: they load and predict the same, with the NumPy kernels."""
+    import json
+    from pathlib import Path
+
     import keras
     import numpy as np
 
     from ml.model.networks import numpy_forward
 
-    keras.utils.set_random_seed(6)
-    model = build_model(kind, window, N_FEATURES, N_TARGETS, units=9, dense_units=5)
-    rng = np.random.default_rng(7)
-    model.set_weights([w + rng.normal(scale=0.3, size=w.shape) for w in model.get_weights()])
-    x = rng.normal(size=(23, window, N_FEATURES)).astype("float32")
-    forward = numpy_forward(model)
-    assert forward is not None
-    np.testing.assert_allclose(forward(x), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
-    model.set_weights([w * 0.5 for w in model.get_weights()])
-    np.testing.assert_allclose(forward(x), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    fixtures = Path(__file__).parent / "fixtures" / "models"
+    saved = json.loads((fixtures / "outputs.json").read_text())
+    model = keras.saving.load_model(fixtures / f"{kind}_w6.keras", compile=False)
+    x = np.asarray(saved["x"], dtype="float32")
+    assert numpy_forward(model) is not None
+    predicted = _forecaster(kind, WINDOW, model).raw_log_ratios(x)
+    np.testing.assert_allclose(predicted, saved[kind], rtol=1e-5, atol=1e-6)
 
 
-def test_numpy_forward_declines_a_network_it_does_not_compute() -> None:
-    """Other layers or cell settings: None, and the forecaster calls Keras instead (same
-    predictions as the network's own)."""
+def test_a_layer_config_no_kernel_computes_goes_through_keras() -> None:
+    """A GRU without `reset_after` (not what the GRU kernel computes): no NumPy forward, so the
+    forecaster calls Keras, and `tf_forward` calls the layer itself; both give Keras' outputs."""
     import keras
     import numpy as np
 
-    from ml.model.forecaster import PriceForecaster
-    from ml.model.networks import numpy_forward
-    from ml.model.windows import Scaler
+    from ml.model.networks import layer_kernel, numpy_forward, tf_forward
 
-    other = keras.Sequential(
+    model = keras.Sequential(
         [
             keras.Input(shape=(WINDOW, N_FEATURES)),
             keras.layers.GRU(4, reset_after=False),
@@ -256,46 +222,34 @@ def test_numpy_forward_declines_a_network_it_does_not_compute() -> None:
             keras.layers.Dense(N_TARGETS),
         ]
     )
-    tanh_head = build_model("lstm", WINDOW, N_FEATURES, N_TARGETS, units=4)
-    tanh_head.layers[1].activation = keras.activations.tanh
-    assert numpy_forward(other) is None
-    assert numpy_forward(tanh_head) is None
-    x = np.random.default_rng(8).normal(size=(5, WINDOW, N_FEATURES))
-    identity = Scaler(np.zeros(N_FEATURES), np.ones(N_FEATURES))
-    forecaster = PriceForecaster("gru", WINDOW, other, identity, Scaler(np.zeros(4), np.ones(4)))
+    assert layer_kernel(model.layers[0]) is None
+    assert layer_kernel(model.layers[1]) is not None
+    assert numpy_forward(model) is None
+    x = np.random.default_rng(8).normal(size=(5, WINDOW, N_FEATURES)).astype("float32")
+    expected = np.asarray(model(x))
+    np.testing.assert_allclose(tf_forward(model)(x), expected, rtol=1e-6)
     np.testing.assert_allclose(
-        forecaster.raw_log_ratios(x), np.asarray(other(x.astype("float32"))), rtol=1e-6
+        _forecaster("gru", WINDOW, model).raw_log_ratios(x), expected, rtol=1e-6
     )
 
 
-@pytest.mark.parametrize("window", [WINDOW, 40])
-def test_gru_branch_gradient_equals_the_one_through_kerass_layer(window: int) -> None:
-    """The gradient through the GRU branch's plain operations (`branch_forward`, what the train
-    step differentiates) is the one through Keras' own GRU layer, for every weight of the branch,
-    with weights away from their initial values, a loss that weighs the outputs unevenly, and a
-    window Keras loops over as well as the unrolled one."""
+def test_plain_adam_refuses_an_optimizer_it_does_not_compute() -> None:
     import keras
-    import numpy as np
-    import tensorflow as tf
 
-    from ml.model.networks import branch_forward
+    from ml.model.train_step import PlainAdam
 
-    keras.utils.set_random_seed(9)
-    model = build_branches(("gru",), window, N_FEATURES, N_TARGETS, units=7, dense_units=5)
-    rng = np.random.default_rng(10)
-    model.set_weights([w + rng.normal(scale=0.2, size=w.shape) for w in model.get_weights()])
-    x = rng.normal(size=(13, window, N_FEATURES)).astype("float32")
-    y = rng.normal(size=(13, N_TARGETS)).astype("float32")
-    weights = tf.constant(rng.uniform(0.5, 2.0, size=N_TARGETS).astype("float32"))
-    variables = model.trainable_variables
-    gradients = []
-    for forward in (lambda v: [model(v, training=True)], branch_forward(model, ("gru",))):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(weights * tf.square(y - forward(x)[0]))
-        gradients.append(tape.gradient(loss, variables))
-    for variable, theirs, ours in zip(variables, *gradients, strict=True):
-        assert ours is not None, variable.path
-        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6, err_msg=variable.path)
+    model = build_model("lstm", WINDOW, N_FEATURES, N_TARGETS, units=4)
+    clipped = keras.optimizers.Adam(1e-3, clipnorm=1.0)
+    with pytest.raises(ValueError, match="clipnorm"):
+        PlainAdam(clipped, model.trainable_variables)
+
+
+@pytest.mark.parametrize("kinds", [(), ("lstm", "lstm"), ("lstm", "rnn")])
+def test_the_train_step_rejects_empty_repeated_or_unknown_kinds(kinds: tuple[str, ...]) -> None:
+    from ml.model.train_step import seeded_branches
+
+    with pytest.raises(ValueError, match="kind"):
+        seeded_branches(kinds, ModelConfig(units=4), N_FEATURES, N_TARGETS)
 
 
 def test_numpy_forward_saturates_without_warnings() -> None:

@@ -201,24 +201,32 @@ def test_train_step_returns_each_branch_mse_and_takes_one_adam_step() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, config.window, 5)).astype("float32")
     y = rng.normal(size=(16, 2)).astype("float32")
-    expected = [float(np.mean((np.asarray(p) - y) ** 2)) for p in compiled.model(x)]
-    before = compiled.model.get_weights()
+
+    def weights(c):
+        return [w for network in c.networks for w in network.get_weights()]
+
+    assert [n.name for n in compiled.networks] == [
+        f"gru_w{config.window}",
+        f"lstm_w{config.window}",
+    ]
+    expected = [float(np.mean((np.asarray(n(x)) - y) ** 2)) for n in compiled.networks]
+    before = weights(compiled)
     losses = compiled.train_step(x, y).numpy()
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
     assert int(compiled.optimizer.iterations.numpy()) == 1
-    after = compiled.model.get_weights()
+    after = weights(compiled)
     assert all(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     # The next fit of the same shapes starts again from the seed's weights and a fresh optimizer.
     again = seeded_branches(("gru", "lstm"), config, 5, 2)
     assert again is compiled and int(again.optimizer.iterations.numpy()) == 0
     assert all(not moment.numpy().any() for moment in again.optimizer.moments)
-    for a, b in zip(before, again.model.get_weights(), strict=True):
+    for a, b in zip(before, weights(again), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
 def test_each_kind_trains_in_the_joint_fit_as_it_would_alone(history) -> None:
-    """Both kinds are fitted in one graph (ml.model.networks.build_branches) with early stopping per kind.
+    """Both kinds are fitted by one train step (ml.model.train_step) with early stopping per kind.
     The first kind's branch starts from the same initial weights as that kind alone and sees the
     same batches, so its losses, stopping epoch and best weights are those of a fit of it alone;
     it stops when its own patience runs out, whatever the other kind does."""

@@ -88,9 +88,10 @@ class PriceForecaster:
     def raw_log_ratios(self, x: np.ndarray) -> np.ndarray:
         """The model's log-ratio predictions for relative windows `x`, before shrinkage.
 
-        A statistical model reads the unscaled windows. A network: its arithmetic in NumPy (`ml.model.networks.numpy_forward`), or, for a network
-        of another shape, a direct (eager) Keras call; not `model.predict`, which would trace a
-        graph function for every new model (about 0.3 s each, more than the prediction itself).
+        A statistical model reads the unscaled windows. A network: its arithmetic in NumPy
+        (`ml.model.networks.numpy_forward`), or, for a network with a layer no NumPy kernel
+        computes, a direct (eager) Keras call; not `model.predict`, which would trace a graph
+        function for every new model (about 0.3 s each, more than the prediction itself).
         """
         import numpy as np
 

@@ -1,8 +1,30 @@
-"""Model factory: the notebook's recurrent network, its GRU twin, and both trained side by side."""
+"""The networks: `network_layers` defines every kind once, `build_model` builds it in Keras,
+and what runs faster than a Keras call is derived from the built model (docs/models.md).
+
+The Keras model is what training fits and what is registered (`model.keras`). Read off it,
+layer by layer, from each layer's class, config and weights (no second description of the
+network exists):
+
+- `tf_forward(model)`: TensorFlow operations on the model's own variables, for the traced train
+  step and its validation pass (`ml.model.train_step`). Tracing through Keras' layer calls (input
+  checks, autocasting, name scopes, the RNN layer's step function) took about a third of
+  building a fresh process's train step, and each Airflow train task is a fresh process.
+- `numpy_forward(model)`: the same arithmetic in NumPy from the model's weights, for a
+  forecaster's predictions (`ml.model.forecaster`): an eager Keras call dispatches the unrolled
+  cell's operations one by one, 10-40 ms a call, where this takes a few ms.
+
+A layer is computed here when `KERNELS` has its Keras class and the kernel computes its config
+(`Kernel.declines`); any other layer still works: the train step calls the Keras layer itself,
+and `numpy_forward` returns None so the forecaster calls Keras. A kernel only adds speed, and
+tests/test_models.py checks every one against Keras for every network kind.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ml.config import NETWORK_KINDS
@@ -55,11 +77,31 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown network kind {kind!r}: choose from {', '.join(NETWORK_KINDS)}")
 
 
-def _recurrent(kind: str, units: int, window: int, name: str) -> keras.layers.Layer:
+def network_layers(
+    kind: str, window: int, n_targets: int, *, units: int, dense_units: int
+) -> list[keras.layers.Layer]:
+    """Every network kind's layers after its input, in order: the one definition of the
+    networks (the notebook's `recurrent(units) -> Dense(dense_units, relu) -> Dense(n_targets)`).
+
+    A layer added here is built, trained, saved and served with no other change: the train step
+    and the forecaster compute each layer with its class's kernel (`KERNELS`) where one computes
+    its config, and through Keras otherwise (docs/models.md). The names are those
+    of the registered `model.keras` files; renaming a layer makes new files, not a reason for
+    old ones to stop loading (a saved model carries its own layers).
+
+    The recurrent layer is unrolled over windows of up to `UNROLL_MAX_WINDOW` bars: for the
+    6-bar default that replaces TensorFlow's while-loop with six fused steps in Keras' own
+    calls, same results up to float rounding.
+    """
     import keras
 
-    layer = keras.layers.LSTM if kind == "lstm" else keras.layers.GRU
-    return layer(units, name=name, unroll=window <= UNROLL_MAX_WINDOW)
+    _check_kind(kind)
+    recurrent = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}[kind]
+    return [
+        recurrent(units, name=kind, unroll=window <= UNROLL_MAX_WINDOW),
+        keras.layers.Dense(dense_units, activation="relu", name="hidden"),
+        keras.layers.Dense(n_targets, name="targets"),
+    ]
 
 
 def build_model(
@@ -73,24 +115,13 @@ def build_model(
     learning_rate: float = 1e-3,
     steps_per_execution: int = 1,
 ) -> keras.Model:
-    """`LSTM(units) -> Dense(dense_units, relu) -> Dense(n_targets)` (or GRU), Adam + MSE.
-
-    The recurrent layer is unrolled over windows of up to `UNROLL_MAX_WINDOW` bars: for the
-    6-bar default that replaces TensorFlow's while-loop with six fused steps, about 15 % faster on
-    CPU, same results up to float rounding. This is the network that is registered; training fits
-    it as one branch of `build_branches` and copies the fitted weights in (`branch_weights`).
-    """
+    """The `network_layers(kind)` network on (window, n_features) inputs, Adam + MSE: the model
+    that is trained (`ml.model.train_step`) and registered."""
     import keras
 
-    _check_kind(kind)
+    layers = network_layers(kind, window, n_targets, units=units, dense_units=dense_units)
     model = keras.Sequential(
-        [
-            keras.Input(shape=(window, n_features)),
-            _recurrent(kind, units, window, kind),
-            keras.layers.Dense(dense_units, activation="relu", name="hidden"),
-            keras.layers.Dense(n_targets, name="targets"),
-        ],
-        name=f"{kind}_w{window}",
+        [keras.Input(shape=(window, n_features)), *layers], name=f"{kind}_w{window}"
     )
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -100,200 +131,121 @@ def build_model(
     return model
 
 
-def branch_layer_names(kind: str) -> tuple[str, str, str]:
-    """The layers of `kind`'s branch in a `build_branches` model, in `build_model`'s order."""
-    return kind, f"{kind}_hidden", f"{kind}_targets"
+# --------------------------------------------------------------------------------------------------
+# Derived from the built model: the train step's TensorFlow operations, the forecaster's NumPy
+# --------------------------------------------------------------------------------------------------
 
-
-def build_branches(
-    kinds: Sequence[str],
-    window: int,
-    n_features: int,
-    n_targets: int,
-    *,
-    units: int = 64,
-    dense_units: int = 8,
-    learning_rate: float = 1e-3,
-) -> keras.Model:
-    """One `build_model` network per kind, side by side on the same input, in one Keras graph.
-
-    Output i is kind i's forecast; the loss is the sum of the per-output MSEs. The branches share
-    no weights, so the gradient of the sum with respect to a branch's weights is the gradient of
-    that branch's own MSE, and Adam's update of each weight depends only on that weight's
-    gradients: each branch trains as it would alone on the same batches, while one call into the
-    compiled train function advances them all.
-    """
-    import keras
-
-    if not kinds or len(set(kinds)) != len(kinds):
-        raise ValueError(f"kinds must be distinct and non-empty, got {kinds!r}")
-    for kind in kinds:
-        _check_kind(kind)
-    inputs = keras.Input(shape=(window, n_features), name="bars")
-    outputs = []
-    for kind in kinds:
-        recurrent_name, hidden_name, targets_name = branch_layer_names(kind)
-        h = _recurrent(kind, units, window, recurrent_name)(inputs)
-        h = keras.layers.Dense(dense_units, activation="relu", name=hidden_name)(h)
-        outputs.append(keras.layers.Dense(n_targets, name=targets_name)(h))
-    model = keras.Model(inputs, outputs, name="_".join(kinds) + f"_w{window}")
-    # Training runs its own step (`ml.model.training`); the compiled loss (the sum of the
-    # per-output MSEs) serves `evaluate`.
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=["mse"] * len(kinds))
-    return model
-
-
-# What `branch_forward` assumes of the recurrent layers `_recurrent` builds (Keras' defaults).
-_CELL_DEFAULTS = {
+_ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid")
+# What the recurrent kernels assume of an LSTM or GRU layer's config (Keras' defaults) and what
+# they compute: the last output from zero states, no dropout, no masking.
+_RECURRENT = {
     "activation": "tanh",
     "recurrent_activation": "sigmoid",
     "use_bias": True,
     "dropout": 0.0,
     "recurrent_dropout": 0.0,
+    "return_sequences": False,
+    "return_state": False,
+    "go_backwards": False,
+    "stateful": False,
 }
 
 
-def branch_forward(model: keras.Model, kinds: Sequence[str]) -> Callable[[Any], list[Any]]:
-    """The forward pass of a `build_branches` model as plain TensorFlow operations on the model's
-    own variables: x (batch, window, features) -> one forecast tensor per kind, what
-    `model(x)` computes (tests/test_models.py compares them), for the traced train step and
-    validation pass.
-
-    Tracing through Keras' layer calls (input checks, autocasting, name scopes, the RNN
-    layer's step function) was about a third of building a fresh process's train step; these
-    operations trace in a fraction of it. The input half of each cell (x_t @ kernel + bias)
-    does not depend on the state, so it is one product over all steps, and each variable is
-    read once, not once per step: fewer operations to trace (and to run). The layers are
-    Keras' LSTM (gates i, f, c, o) and GRU (gates z, r, h; reset after the recurrent product)
-    cells with their default activations; any other configuration raises here instead of
-    computing something else.
-    """
-    import tensorflow as tf
-
-    branches = []
-    for kind in kinds:
-        recurrent, hidden, targets = (model.get_layer(n) for n in branch_layer_names(kind))
-        wrong = _unlike_build_model(kind, recurrent, hidden, targets)
-        if wrong:
-            raise ValueError(f"branch_forward: {kind} layers are not the ones it computes: {wrong}")
-        branches.append(
-            (_gru_last if kind == "gru" else _lstm_last, recurrent.cell, hidden, targets)
-        )
-
-    def forward(x: Any) -> list[Any]:
-        outputs = []
-        for last_state, cell, hidden, targets in branches:
-            h = last_state(x, cell)
-            h = tf.nn.relu(tf.matmul(h, hidden.kernel) + hidden.bias)
-            outputs.append(tf.matmul(h, targets.kernel) + targets.bias)
-        return outputs
-
-    return forward
-
-
-def _unlike_build_model(kind: str, recurrent: Any, hidden: Any, targets: Any) -> dict[str, Any]:
-    """What in these layers differs from a `build_model(kind)` branch ({} when nothing): the
-    cell's activations, bias and dropout, the GRU's `reset_after`, the last output only, the
-    Dense activations."""
-    config = recurrent.cell.get_config()
-    wrong = {k: config.get(k) for k, v in _CELL_DEFAULTS.items() if config.get(k) != v}
-    if kind == "gru" and not config.get("reset_after"):
-        wrong["reset_after"] = config.get("reset_after")
-    layer = recurrent.get_config()
-    for key in ("return_sequences", "go_backwards", "stateful"):
-        if layer.get(key):
-            wrong[key] = layer[key]
-    for dense, activation in ((hidden, "relu"), (targets, "linear")):
-        dense_config = dense.get_config()
-        if dense_config["activation"] != activation or not dense_config["use_bias"]:
-            wrong[dense.name] = dense_config["activation"]
-    return wrong
-
-
-def numpy_forward(model: keras.Model) -> Callable[[np.ndarray], np.ndarray] | None:
-    """`model(x)` for a `build_model` network, computed with NumPy from the model's current
-    weights (read at each call); None when `model` is not such a network (other layers or cell
-    settings), and its caller calls Keras instead.
-
-    A forecaster predicts a few hundred windows at a time (the validation and test blocks of a
-    train task, one ticker's recent bars in the forecast step); a direct Keras call spends most
-    of its time dispatching the unrolled cell's operations one by one, 10-40 ms a call in a
-    fresh process, where this arithmetic takes a few ms. The same gates, order and activations
-    as Keras' cells (see `_lstm_last` and `_gru_last`), in float32 as Keras computes:
-    tests/test_models.py compares the outputs.
-    """
+@functools.cache
+def _ops(backend: str) -> SimpleNamespace:
+    """The few operations the kernels use, in NumPy or TensorFlow (float32, as Keras computes).
+    `@`, `+`, `*` and `-` are the arrays' own."""
     import numpy as np
 
-    layers = list(model.layers)
-    kinds = {"LSTM": "lstm", "GRU": "gru"}
-    if len(layers) != 3 or type(layers[0]).__name__ not in kinds:
-        return None
-    recurrent, hidden, targets = layers
-    kind = kinds[type(recurrent).__name__]
-    if _unlike_build_model(kind, recurrent, hidden, targets):
-        return None
-    units = recurrent.cell.units
+    if backend == "numpy":
 
-    def sigmoid(z: np.ndarray) -> np.ndarray:
-        return 0.5 + 0.5 * np.tanh(0.5 * z)  # = 1 / (1 + exp(-z)), without overflowing exp
+        def steps(x: Any, kernel: Any, bias: Any) -> list[Any]:
+            n, window, features = x.shape
+            projected = (x.reshape(-1, features) @ kernel + bias).reshape(n, window, -1)
+            return [projected[:, t] for t in range(window)]
 
-    def forward(x: np.ndarray) -> np.ndarray:
-        kernel, recurrent_kernel, bias, w_hidden, b_hidden, w_out, b_out = (
-            np.asarray(w, dtype=np.float32) for w in model.get_weights()
+        return SimpleNamespace(
+            weights=lambda layer: [np.asarray(w, np.float32) for w in layer.get_weights()],
+            steps=steps,
+            zeros=lambda x, units: np.zeros((x.shape[0], units), np.float32),
+            split=lambda a, n: np.split(a, n, axis=1),
+            linear=lambda z: z,
+            relu=lambda z: np.maximum(z, 0.0),
+            tanh=np.tanh,
+            sigmoid=lambda z: 0.5 + 0.5 * np.tanh(0.5 * z),  # 1 / (1 + exp(-z)) without overflow
+            fused_lstm=None,
         )
-        x = np.asarray(x, dtype=np.float32)
-        n, window, n_features = x.shape
-        input_bias = bias if kind == "lstm" else bias[0]
-        # The input half of every step in one product (it does not depend on the state).
-        projected = (x.reshape(-1, n_features) @ kernel + input_bias).reshape(n, window, -1)
-        h = np.zeros((n, units), np.float32)
-        c = np.zeros((n, units), np.float32)
-        for t in range(window):
-            if kind == "lstm":  # gates i, f, c, o
-                i, f, g, o = np.split(projected[:, t] + h @ recurrent_kernel, 4, axis=1)
-                c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-                h = sigmoid(o) * np.tanh(c)
-            else:  # gates z, r, h; the reset gate applies after the recurrent product
-                x_z, x_r, x_h = np.split(projected[:, t], 3, axis=1)
-                h_z, h_r, h_h = np.split(h @ recurrent_kernel + bias[1], 3, axis=1)
-                update = sigmoid(x_z + h_z)
-                candidate = np.tanh(x_h + sigmoid(x_r + h_r) * h_h)
-                h = update * h + (1.0 - update) * candidate
-        hidden_out = np.maximum(h @ w_hidden + b_hidden, 0.0)
-        return hidden_out @ w_out + b_out
-
-    return forward
-
-
-def _input_projections(x: Any, kernel: Any, bias: Any) -> list[Any]:
-    """x (batch, window, features) @ kernel + bias for every step in one product: the input
-    half of a recurrent cell, which does not depend on the state; one tensor per step."""
     import tensorflow as tf
 
-    batch, window = tf.shape(x)[0], x.shape[1]
-    flat = tf.reshape(x, (-1, x.shape[2]))
-    projected = tf.reshape(tf.matmul(flat, kernel) + bias, (batch, window, kernel.shape[1]))
-    return tf.unstack(projected, num=window, axis=1)
+    def steps(x: Any, kernel: Any, bias: Any) -> list[Any]:
+        batch, window = tf.shape(x)[0], x.shape[1]
+        flat = tf.reshape(x, (-1, x.shape[2]))
+        projected = tf.reshape(tf.matmul(flat, kernel) + bias, (batch, window, kernel.shape[1]))
+        return tf.unstack(projected, num=window, axis=1)
+
+    return SimpleNamespace(
+        # Each variable read once per call, not once per step: fewer operations to trace and run.
+        weights=lambda layer: [tf.convert_to_tensor(v) for v in layer.weights],
+        steps=steps,
+        zeros=lambda x, units: tf.zeros((tf.shape(x)[0], units), x.dtype),
+        split=lambda a, n: tf.split(a, n, axis=1),
+        linear=lambda z: z,
+        relu=tf.nn.relu,
+        tanh=tf.tanh,
+        sigmoid=tf.sigmoid,
+        fused_lstm=_block_lstm,
+    )
 
 
-def _lstm_last(x: Any, cell: Any) -> Any:
-    """Keras' LSTMCell over the steps of `x`, from zero states: the last output.
+def _dense(ops: SimpleNamespace, config: dict[str, Any], weights: list[Any], x: Any) -> Any:
+    out = x @ weights[0]
+    if config["use_bias"]:
+        out = out + weights[1]
+    return getattr(ops, config["activation"])(out)
 
-    One fused operation for all the steps (TensorFlow's `BlockLSTM`, forward and gradient), not
-    a graph of a dozen operations per step: a fresh process traces and instantiates the train
-    step in less time. `BlockLSTM` orders the gates i, c, f, o (Keras: i, f, c, o), so the
-    kernel's and bias's gate blocks are swapped to match; no forget bias is added, no clipping,
-    no peepholes: the same computation as the Keras cell (tests/test_models.py compares the
-    outputs and the gradients). Not `BlockLSTMV2`, whose gate order is Keras' own: TensorFlow
-    registers the gradient of the first version for it, which assumes the other order.
-    """
+
+def _lstm(ops: SimpleNamespace, config: dict[str, Any], weights: list[Any], x: Any) -> Any:
+    """Keras' LSTMCell (gates i, f, c, o) over the steps of `x` from zero states: the last
+    output. The input half of each step (x_t @ kernel + bias) does not depend on the state, so
+    it is one product over all steps."""
+    kernel, recurrent, bias = weights
+    if ops.fused_lstm is not None:
+        return ops.fused_lstm(x, kernel, recurrent, bias)
+    h = c = ops.zeros(x, config["units"])
+    for projected in ops.steps(x, kernel, bias):
+        i, f, g, o = ops.split(projected + h @ recurrent, 4)
+        c = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
+        h = ops.sigmoid(o) * ops.tanh(c)
+    return h
+
+
+def _gru(ops: SimpleNamespace, config: dict[str, Any], weights: list[Any], x: Any) -> Any:
+    """Keras' GRUCell (gates z, r, h; reset_after: the reset gate applies after the recurrent
+    product) over the steps of `x` from a zero state: the last output."""
+    kernel, recurrent, bias = weights
+    h = ops.zeros(x, config["units"])
+    for projected in ops.steps(x, kernel, bias[0]):
+        x_z, x_r, x_h = ops.split(projected, 3)
+        h_z, h_r, h_h = ops.split(h @ recurrent + bias[1], 3)
+        z = ops.sigmoid(x_z + h_z)
+        h = z * h + (1 - z) * ops.tanh(x_h + ops.sigmoid(x_r + h_r) * h_h)
+    return h
+
+
+def _block_lstm(x: Any, kernel: Any, recurrent: Any, bias: Any) -> Any:
+    """`_lstm` in TensorFlow as one fused operation for all the steps (`BlockLSTM`, forward and
+    gradient), not a graph of a dozen operations per step: a fresh process traces and
+    instantiates the train step in less time. `BlockLSTM` orders the gates i, c, f, o (Keras:
+    i, f, c, o), so the gate blocks are swapped to match; no forget bias, clipping or
+    peepholes. Not `BlockLSTMV2`, whose gate order is Keras' own: TensorFlow registers the
+    gradient of the first version for it, which assumes the other order."""
     import tensorflow as tf
 
-    kernel = tf.concat([cell.kernel, cell.recurrent_kernel], axis=0)
-    i, f, c, o = tf.split(kernel, 4, axis=1)
-    b_i, b_f, b_c, b_o = tf.split(cell.bias, 4)
-    zeros = tf.zeros((tf.shape(x)[0], cell.units), x.dtype)
-    no_peephole = tf.zeros((cell.units,), x.dtype)
+    units = recurrent.shape[0]
+    i, f, c, o = tf.split(tf.concat([kernel, recurrent], axis=0), 4, axis=1)
+    b_i, b_f, b_c, b_o = tf.split(bias, 4)
+    zeros = tf.zeros((tf.shape(x)[0], units), x.dtype)
+    no_peephole = tf.zeros((units,), x.dtype)
     out = tf.raw_ops.BlockLSTM(
         seq_len_max=tf.constant(x.shape[1], tf.int64),
         x=tf.transpose(x, (1, 0, 2)),  # time major
@@ -311,94 +263,103 @@ def _lstm_last(x: Any, cell: Any) -> Any:
     return out.h[-1]
 
 
-def _gru_last(x: Any, cell: Any) -> Any:
-    """Keras' GRUCell (reset_after=True) over the steps of `x`, from a zero state: the last
-    output."""
-    import tensorflow as tf
-
-    bias = tf.convert_to_tensor(cell.bias)
-    recurrent = tf.convert_to_tensor(cell.recurrent_kernel)
-    h = tf.zeros((tf.shape(x)[0], cell.units), x.dtype)
-    for projected in _input_projections(x, cell.kernel, bias[0]):
-        x_z, x_r, x_h = tf.split(projected, 3, axis=1)
-        h_z, h_r, h_h = tf.split(tf.matmul(h, recurrent) + bias[1], 3, axis=1)
-        z = tf.sigmoid(x_z + h_z)
-        r = tf.sigmoid(x_r + h_r)
-        h = z * h + (1 - z) * tf.tanh(x_h + r * h_h)
-    return h
+def _dense_declines(config: dict[str, Any]) -> dict[str, Any]:
+    wrong = {} if config["activation"] in _ACTIVATIONS else {"activation": config["activation"]}
+    if config.get("lora_rank"):
+        wrong["lora_rank"] = config["lora_rank"]
+    return wrong
 
 
-class PlainAdam:
-    """The update of the model's own `keras.optimizers.Adam` (as `build_model` and
-    `build_branches` compile it: no weight decay, clipping, AMSGrad or EMA) as plain TensorFlow
-    operations: the same formula in the same order (tests/test_models.py compares them), with
-    its own moments and step counter. Keras' `apply` traced about 1.3 times as long; a fresh
-    process traces the train step once. The moments of all variables are two flat vectors
-    (`apply`), which traces about 300 operations fewer than a set per variable.
-    """
-
-    def __init__(self, optimizer: Any, variables: Sequence[Any]) -> None:
-        import numpy as np
-        import tensorflow as tf
-
-        config = optimizer.get_config()
-        extras = {
-            k: config.get(k)
-            for k in (
-                "weight_decay",
-                "clipnorm",
-                "clipvalue",
-                "global_clipnorm",
-                "amsgrad",
-                "use_ema",
-                "loss_scale_factor",
-                "gradient_accumulation_steps",
-            )
-            if config.get(k)
-        }
-        if extras:
-            raise ValueError(f"PlainAdam: the optimizer uses what it does not compute: {extras}")
-        self.learning_rate = float(optimizer.learning_rate)
-        self.beta_1, self.beta_2 = float(config["beta_1"]), float(config["beta_2"])
-        self.epsilon = float(config["epsilon"])
-        self.variables = list(variables)
-        self.sizes = [int(np.prod(v.shape)) for v in self.variables]
-        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="adam_iterations")
-        # Both moments of every variable in one flat vector each (in the variables' order): the
-        # update is element-wise, so one set of operations over all of them computes what one
-        # set per variable would, and traces in a fraction of the time.
-        self.moments = tuple(
-            tf.Variable(tf.zeros(sum(self.sizes)), trainable=False) for _ in range(2)
-        )
-
-    def apply(self, gradients: Sequence[Any]) -> None:
-        """One step (inside the traced train step), as `keras.optimizers.Adam.update_step`."""
-        import tensorflow as tf
-
-        step = tf.cast(self.iterations + 1, tf.float32)
-        beta_1_power = tf.pow(tf.constant(self.beta_1, tf.float32), step)
-        beta_2_power = tf.pow(tf.constant(self.beta_2, tf.float32), step)
-        alpha = self.learning_rate * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-        gradient = tf.concat([tf.reshape(g, (-1,)) for g in gradients], axis=0)
-        m, v = self.moments
-        m.assign_add((gradient - m) * (1 - self.beta_1))
-        v.assign_add((tf.square(gradient) - v) * (1 - self.beta_2))
-        update = (m * alpha) / (tf.sqrt(v) + self.epsilon)
-        for variable, part in zip(self.variables, tf.split(update, self.sizes), strict=True):
-            variable.assign_sub(tf.reshape(part, variable.shape))
-        self.iterations.assign_add(1)
-
-    def reset(self) -> None:
-        """Back to a fresh optimizer: no step taken, zero moments."""
-        import tensorflow as tf
-
-        self.iterations.assign(0)
-        for moment in self.moments:
-            moment.assign(tf.zeros_like(moment))
+def _recurrent_declines(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: config.get(k) for k, v in _RECURRENT.items() if config.get(k) != v}
 
 
-def branch_weights(model: keras.Model, kind: str) -> list[np.ndarray]:
-    """Copies of `kind`'s branch weights, in the order `build_model(kind, ...).set_weights` takes."""
-    return [
-        w.copy() for name in branch_layer_names(kind) for w in model.get_layer(name).get_weights()
-    ]
+def _gru_declines(config: dict[str, Any]) -> dict[str, Any]:
+    wrong = _recurrent_declines(config)
+    if not config.get("reset_after"):
+        wrong["reset_after"] = config.get("reset_after")
+    return wrong
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One Keras layer class computed outside Keras."""
+
+    # (ops, the layer's config, its weights in `get_weights` order, input) -> output
+    forward: Callable[[SimpleNamespace, dict[str, Any], list[Any], Any], Any]
+    # config -> what in it the kernel does not compute ({} when it computes the layer)
+    declines: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+# By the Keras layer's class name (exactly: a subclass may compute something else).
+KERNELS: dict[str, Kernel] = {
+    "Dense": Kernel(_dense, _dense_declines),
+    "LSTM": Kernel(_lstm, _recurrent_declines),
+    "GRU": Kernel(_gru, _gru_declines),
+}
+
+
+def layer_kernel(layer: keras.layers.Layer) -> tuple[Kernel, dict[str, Any]] | None:
+    """`layer`'s kernel and config, or None when no kernel computes it."""
+    kernel = KERNELS.get(type(layer).__name__)
+    if kernel is None:
+        return None
+    config = layer.get_config()
+    return None if kernel.declines(config) else (kernel, config)
+
+
+def _chain(model: keras.Model) -> list[keras.layers.Layer] | None:
+    """The layers of a model that applies them one after another (a `keras.Sequential`)."""
+    import keras
+
+    return list(model.layers) if isinstance(model, keras.Sequential) else None
+
+
+def tf_forward(model: keras.Model, training: bool = False) -> Callable[[Any], Any]:
+    """`model(x, training=training)` as TensorFlow operations on the model's own variables (read
+    at each call): a kernel per layer where `KERNELS` has one, the Keras layer's own call
+    otherwise."""
+    layers = _chain(model)
+    if layers is None:
+        return lambda x: model(x, training=training)
+    ops = _ops("tensorflow")
+    steps: list[Callable[[Any], Any]] = []
+    for layer in layers:
+        found = layer_kernel(layer)
+        if found is None:
+            steps.append(functools.partial(layer, training=training))
+        else:
+            kernel, config = found
+            steps.append(functools.partial(_run, kernel, ops, config, layer))
+
+    def forward(x: Any) -> Any:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return forward
+
+
+def _run(kernel: Kernel, ops: SimpleNamespace, config: dict[str, Any], layer: Any, x: Any) -> Any:
+    return kernel.forward(ops, config, ops.weights(layer), x)
+
+
+def numpy_forward(model: keras.Model) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`model(x)` computed with NumPy from the model's weights (read at each call), or None when a
+    layer has no kernel (its caller calls Keras instead)."""
+    import numpy as np
+
+    layers = _chain(model)
+    found = [layer_kernel(layer) for layer in layers or ()]
+    if layers is None or any(f is None for f in found):
+        return None
+    ops = _ops("numpy")
+    steps = [(*f, layer) for layer, f in zip(layers, found, strict=True) if f is not None]
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        for kernel, config, layer in steps:
+            x = kernel.forward(ops, config, ops.weights(layer), x)
+        return x
+
+    return forward

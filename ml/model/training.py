@@ -7,11 +7,11 @@ mean U2 against persistence over High, Low and Close, the gate's `score`); the l
 test block is never seen by fitting, early stopping or selection; it is only scored afterwards,
 against the persistence and range-aware baselines.
 
-The network kinds are fitted at once, as two branches of one Keras graph (`ml.model.networks.build_branches`):
-same batches, summed MSE, no shared weights, so each branch follows the gradients it would get
-alone. The epochs run through the project's own traced train step (`ml.model.train_step`), not
-`Model.fit`. Early stopping is per branch (`score_epoch`); the branch with the lower best
-validation loss is copied out into a standalone `build_model` network per kind. A statistical
+The network kinds are fitted at once, one `ml.model.networks.build_model` network per kind (a
+branch) in one traced train step (`ml.model.train_step`), not `Model.fit`: same batches, summed
+MSE, no shared weights, so each branch follows the gradients it would get alone. Early stopping
+is per branch (`score_epoch`); each branch's best weights are copied out into a standalone
+`build_model` network per kind. A statistical
 winner is fitted again on train and validation together (keeping its validation skill weights):
 it has no early stopping to hold the validation block for, and its selection is already made.
 """
@@ -85,7 +85,8 @@ class TrainResult:
 def fit_candidates(
     kinds: tuple[str, ...], split: SplitData, config: ModelConfig
 ) -> list[tuple[list[Any], CandidateResult]]:
-    """Fit every kind at once (one `build_branches` graph), early stopping per kind.
+    """Fit every kind at once (one traced train step over a network per kind), early stopping
+    per kind.
 
     Each epoch runs the train step over a fresh shuffle of the training windows; a branch's
     epoch training loss is the mean of its batch MSEs (every batch the same size, so the mean
