@@ -29,6 +29,7 @@ import psycopg2  # noqa: F401
 import pytest
 import redis  # noqa: F401
 
+from ml.pipeline import STAGES
 from ml.universe import MODEL_NAME_PREFIX, ticker_slug
 from scripts import production_native as native
 from scripts.launcher import processes_with_marker
@@ -157,7 +158,8 @@ def test_run_succeeds(topology: dict) -> None:
     )
     assert not failed
     # One pass: resolve_tickers, ingest, validate, promote, forecast, report + one train per ticker
-    assert len(topology["task_instances"]) == 6 + len(TICKERS)
+    # One task per stage, train mapped: one instance per ticker.
+    assert len(topology["task_instances"]) == len(STAGES) - 1 + len(TICKERS)
     report = topology["report"]
     assert report is not None, "no run report in DATA_DIR/reports"
     assert report["failed"] == []

@@ -8,7 +8,7 @@ the forecasts table and the MLflow registry.
 2. one bad batch among five tickers (file source): only that ticker fails, nothing of it is
    published or registered, its batch is in quarantine, the others finish, the run fails;
 3. the whole universe (31 tickers, synthetic data, tiny models), then the same logical date again:
-   one pass (6 tasks + one train instance per ticker), every ticker gets a model and a gate
+   one pass (one task per stage + one train instance per ticker), every ticker gets a model and a gate
    decision; the second run maps no train instance and registers nothing new.
 """
 
