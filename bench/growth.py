@@ -129,6 +129,9 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if len({r["size"] for r in cpu}) >= 2:
         xc = [float(r["size"]) for r in cpu]
         b2, c2 = _solve([[x, x * x] for x in xc], [r["scheduler_cpu_seconds"] for r in cpu])
+        if c2 < 0:  # small sizes: the scheduler's idle loop over the wall, not the tickers
+            out["scheduler_cpu_note"] = f"not projected: the fit bends down (c={c2:.3g})"
+            return out
         sched = b2 * PROJECT_TO + c2 * PROJECT_TO**2
         out["scheduler_cpu"] = {"b": round(b2, 5), "c": round(c2, 9), "seconds": round(sched),
                                 "per_ticker": round(sched / PROJECT_TO, 4)}  # fmt: skip
@@ -205,6 +208,8 @@ def table(summary: dict[str, Any]) -> str:
             lines.append(f"  {PROJECT_TO:,} tickers: scheduler CPU {s['seconds']:,} s "
                          f"({s['per_ticker']} s/ticker) from scheduler CPU = b*n + c*n^2: "
                          f"b={s['b']}, c={s['c']}")  # fmt: skip
+        if "scheduler_cpu_note" in p:
+            lines.append(f"  scheduler CPU {p['scheduler_cpu_note']}")
         lines.append(f"  targets: {json.dumps(t['targets'])}")
     return "\n".join(lines)
 
