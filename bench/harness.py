@@ -14,6 +14,7 @@ groups), and any process left whose environment carries this stack's marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -88,6 +89,16 @@ class Stack:
         return self.state / "mlflow" / "artifacts"
 
     @property
+    def metadata(self) -> Path | str:
+        """The metadata database `records.query` reads: the SQLite file (a PostgreSQL database's
+        name on the production topology)."""
+        return self.airflow_home / "airflow.db"
+
+    @property
+    def mlflow_login(self) -> tuple[str, str] | None:
+        return None  # the embedded MLflow server has no auth
+
+    @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.airflow_port}/api/v2"
 
@@ -132,6 +143,17 @@ class Stack:
             if (self.sampler.cpu_seconds() - before) / window < cores:
                 break
         return time.monotonic() - started
+
+    def scheduler_pid(self) -> int | None:
+        """The scheduler's process: the child of `airflow standalone` titled `airflow scheduler`."""
+        import psutil
+
+        with contextlib.suppress(psutil.Error, KeyError):
+            for child in psutil.Process(self.launcher.processes["standalone"].pid).children(True):
+                with contextlib.suppress(psutil.Error):
+                    if "airflow scheduler" in " ".join(child.cmdline()):
+                        return child.pid
+        return None
 
     def stop(self) -> None:
         """Stop everything this stack started (see the module docstring)."""

@@ -62,6 +62,21 @@ def _ppid(pid: int) -> int:
         return 0
 
 
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds of one process: its utime + stime and those of the children it has waited for
+    (cutime + cstime), from /proc/<pid>/stat; None if it is gone."""
+    import os
+
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after the ")": state is field 3 of proc(5), so utime (14) .. cstime (17) are [11:15]
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
@@ -73,7 +88,7 @@ def _cmdline(pid: int) -> str:
 # names belongs to its parent's component): the executor's workers and the task processes they
 # fork, then the services `airflow standalone` and the launcher start.
 COMPONENTS = (
-    ("executor workers and tasks", (_EXECUTOR_TITLE_PREFIX,)),
+    ("executor workers and tasks", (_EXECUTOR_TITLE_PREFIX, "celery worker", "celeryd:")),
     ("MLflow server", ("mlflow server", "mlflow.server")),
     ("scheduler", ("airflow scheduler",)),
     ("API server", ("airflow api-server", "airflow api_server")),

@@ -3,7 +3,7 @@
 imports        fresh-process import times (`python -c "import X"` timed inside)
 training       (1) the notebook's loop and (2) ours, each in a fresh process on the same histories
 daily          (3) the whole daily run on a private stack, then (6) the incremental days
-growth         (5) the whole run per universe size, one fresh stack each
+growth         (5) the whole run per universe size, one fresh stack each (bench/growth.py)
 profile        one ticker's steps, each in a fresh process: `-X importtime`, then cProfile
 """
 
@@ -27,7 +27,8 @@ from typing import Any
 
 from benchlib import BENCH, HISTORY_START, ROOT, write_histories
 from harness import Stack
-from scenarios import analyze, logical_dates, next_weekday, run_dag, universe_csv
+from records import DAG_ID
+from scenarios import analyze, logical_dates, next_weekday, run_dag
 
 PY = sys.executable
 IMPORTS = [
@@ -250,6 +251,15 @@ def warm_up(stack: Stack, logical: Any, mine: set[str], timeout: float) -> None:
     mine.add(run_id)
     stack.trigger(run_id, logical, {"tickers": ["ZZBENCHWARMUP"]})
     stack.set_paused(False)
+    # promote and forecast (trigger rule all_done) then fail on the missing request and are
+    # retried with backoff for minutes: once resolve_tickers has failed the run is failed here.
+    path = f"/dags/{DAG_ID}/dagRuns/{run_id}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and stack.run_state(run_id) not in ("success", "failed"):
+        with contextlib.suppress(Exception):
+            if stack.call("GET", f"{path}/taskInstances/resolve_tickers")["state"] == "failed":
+                stack.call("PATCH", path, {"state": "failed"})
+        time.sleep(1)
     state = stack.wait(run_id, timeout)
     waited = stack.wait_quiet()
     log(
@@ -303,42 +313,6 @@ def part_daily(args: argparse.Namespace, work: Path, registry: StackRegistry, pa
     finally:
         registry.stop(stack)
     return out
-
-
-def part_growth(args: argparse.Namespace, work: Path, registry: StackRegistry,
-                rows: list[dict[str, Any]]) -> list[dict[str, Any]]:  # fmt: skip
-    """(5): one fresh stack per size; fills `rows` as it goes."""
-    for size in args.growth_sizes:
-        state = work / f"stack-growth-{size}"
-        state.mkdir(parents=True, exist_ok=True)
-        universe = state / "universe.csv"
-        universe_csv(universe, size, args.universe)
-        env = {
-            "UNIVERSE_FILE": str(universe),
-            "HISTORY_START": args.growth_history_start.isoformat(),
-            "MODEL_MAX_EPOCHS": str(args.growth_epochs),
-            **args.stack_env,
-        }
-        stack = registry.new(state, env)
-        try:
-            stack.start(args.start_timeout)
-            log(f"  growth {size}: stack up in {stack.startup_seconds:.0f}s")
-            mine: set[str] = set()
-            dates = logical_dates(2)
-            warm_up(stack, dates[0], mine, args.run_timeout)
-            conf = {"max_epochs": args.growth_epochs}
-            raw = run_dag(
-                stack, f"growth{size}", args.as_of, dates[1], conf, args.run_timeout, mine, log
-            )
-            result = {**analyze(raw), "size": size}
-            rows.append(result)
-            log(
-                f"  growth {size}: {result['state']} in {result['wall_seconds']}s "
-                f"({result['per_ticker_seconds']} s/ticker)"
-            )
-        finally:
-            registry.stop(stack)
-    return rows
 
 
 # --- profile -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ read-only), and the MLflow runs (REST) with their `training_summary.json` artifa
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import sqlite3
@@ -26,7 +27,21 @@ def parse_ts(value: Any) -> datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
-def query(db: Path, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+def query(db: Path | str, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+    """Rows of `sql` (`?` placeholders) from the SQLite file `db`, or from the PostgreSQL database
+    named `db` (the production topology's, scripts/services.py)."""
+    if isinstance(db, str):
+        import psycopg2.extras
+
+        from scripts.services import pg_dsn
+
+        conn = psycopg2.connect(pg_dsn(db))
+        try:
+            with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                cur.execute(sql.replace("?", "%s"), args)
+                return [dict(r) for r in cur.fetchall()]
+        finally:
+            conn.close()
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
     try:
         conn.row_factory = sqlite3.Row
@@ -64,9 +79,12 @@ def xcom(db: Path, run_id: str, task_id: str) -> Any:
     return value
 
 
-def _mlflow(uri: str, path: str, body: dict | None = None) -> dict[str, Any]:
+def _mlflow(uri: str, path: str, body: dict | None = None, login: tuple | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json"}
+    if login:
+        token = base64.b64encode(":".join(login).encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
     req = urllib.request.Request(f"{uri}/api/2.0/mlflow/{path}", data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.loads(resp.read().decode() or "{}")
@@ -88,18 +106,19 @@ def _stamp(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, UTC) if ms else None
 
 
-def mlflow_runs(uri: str, artifacts_dir: Path, experiment: str = "price-forecast") -> list[dict]:
+def mlflow_runs(uri: str, artifacts_dir: Path, experiment: str = "price-forecast",
+                login: tuple[str, str] | None = None) -> list[dict]:  # fmt: skip
     """Every run of the experiment: id, ticker, logical date, start, end, the fit seconds and
-    the traces' share of them."""
+    the traces' share of them (`login`: the server's basic auth, if it has one)."""
     try:
-        found = _mlflow(uri, f"experiments/get-by-name?experiment_name={experiment}")
+        found = _mlflow(uri, f"experiments/get-by-name?experiment_name={experiment}", None, login)
         exp_id = found["experiment"]["experiment_id"]
     except (urllib.error.URLError, KeyError, json.JSONDecodeError):
         return []
     runs: list[dict[str, Any]] = []
     body: dict[str, Any] = {"experiment_ids": [exp_id], "max_results": 1000}
     while True:
-        page = _mlflow(uri, "runs/search", body)
+        page = _mlflow(uri, "runs/search", body, login)
         for run in page.get("runs", []):
             info = run["info"]
             tags = {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}

@@ -369,7 +369,11 @@ def context(results: dict[str, Any]) -> dict[str, Any]:
     sides = (results.get("training") or {}).get("sides") or {}
     day = results.get("daily") or {}
     daily, incr = day.get("daily"), day.get("incremental") or []
-    growth = results.get("growth") or []
+    # The sizes that ran (a failed size is a row with its error), the first topology's only: the
+    # targets compare sizes of one topology (bench/growth.py summarizes each).
+    ran = [g for g in results.get("growth") or [] if "state" in g]
+    first = ran[0].get("topology") if ran else None
+    growth = [g for g in ran if g.get("topology") == first]
     nb = sides.get("notebook")
     prof = results.get("profile")
     return {

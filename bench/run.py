@@ -4,6 +4,8 @@
     python bench/run.py --quick               a tiny smoke run of every part (minutes)
     python bench/run.py --parts notebook,ours --tickers 31 --epochs 3
     python bench/run.py --parts growth --growth-sizes 31,124,500
+    python bench/run.py --parts growth --topology both --growth-sizes 31,500,2000 \
+        --growth-epochs 1 --growth-history-start 2024-01-02
 
 Parts (all by default, always run in this order):
   imports      fresh-process import times of the heavy libraries each task process pays for
@@ -13,7 +15,8 @@ Parts (all by default, always run in this order):
   daily        (3) the whole price_forecast run through Airflow standalone (LocalExecutor) on a
                private stack, seed model config, trigger -> end of `report`, with its split
   incremental  (6) then a weekend day, the next weekday and the same day again (no new data)
-  growth       (5) the whole run for each --growth-sizes universe of made-up tickers
+  growth       (5) the whole run for each --growth-sizes universe of made-up tickers, on the
+               embedded stack and/or (--topology) the production topology (bench/growth.py)
   profile      one ticker's steps (ingest, publish, train, promote, forecast), each in a fresh
                process, timed and under cProfile (which calls)
 
@@ -45,6 +48,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import growth as bench_growth  # noqa: E402
 import parts as bench_parts  # noqa: E402
 from benchlib import AS_OF, ROOT, read_universe  # noqa: E402
 from parts import PY, StackRegistry, log  # noqa: E402
@@ -77,6 +81,11 @@ def parser() -> argparse.ArgumentParser:
     add("--growth-sizes", type=_ints, help="default 31,124,500 (--quick 4,8)")
     add("--growth-history-start", type=date.fromisoformat, default=date(2022, 1, 3))
     add("--growth-epochs", type=int, help="max epochs in (5) (default 2; --quick 1)")
+    add("--growth-kinds", default="har", help="model kinds in (5), comma list (default har, "
+        "the cheapest candidate: orchestration dominates)")  # fmt: skip
+    add("--topology", choices=(*bench_growth.TOPOLOGIES, "both"), default="embedded",
+        help="stack(s) of (5): the embedded stack (standalone, SQLite), the production "
+        "topology (Celery, PostgreSQL, Redis, started natively) or both, one after the other")  # fmt: skip
     add("--as-of", type=date.fromisoformat, default=AS_OF)
     add("--executor", help="executor of the stacks: 'stock' (LocalExecutor), 'preloading' "
         "(preloading_executor.PreloadingLocalExecutor) or a class path; default: what "
@@ -108,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.daily_max_epochs = args.daily_max_epochs or (1 if q else None)
     args.growth_sizes = args.growth_sizes or ([4, 8] if q else [31, 124, 500])
     args.growth_epochs = args.growth_epochs or (1 if q else 2)
+    args.growth_kinds = [k.strip() for k in args.growth_kinds.split(",") if k.strip()]
+    args.topologies = bench_growth.TOPOLOGIES if args.topology == "both" else (args.topology,)
     args.import_repeat = args.import_repeat or (1 if q else 2)
     executors = {
         "stock": "LocalExecutor",
@@ -156,6 +167,8 @@ def run_meta(args: argparse.Namespace, parts: set[str], work: Path) -> dict[str,
             "repeat": args.repeat,
             "growth_history_start": args.growth_history_start.isoformat(),
             "growth_epochs": args.growth_epochs,
+            "growth_kinds": args.growth_kinds,
+            "topologies": list(args.topologies),
             "import_repeat": args.import_repeat,
         },
     }
@@ -176,7 +189,9 @@ def plan(args: argparse.Namespace, parts: set[str], work: Path, registry: StackR
     if "growth" in parts:
         results["growth"] = []
         rows = results["growth"]
-        steps.append(("growth", lambda: bench_parts.part_growth(args, work, registry, rows)))
+        steps.append(
+            ("growth_summary", lambda: bench_growth.part_growth(args, work, registry, rows))
+        )
     if "profile" in parts:
         steps.append(("profile", lambda: bench_parts.part_profile(args, work)))
     return steps

@@ -38,6 +38,7 @@ from typing import Any
 
 import records
 from harness import Stack
+from memory import process_cpu_seconds
 from records import parse_ts
 
 from ml.pipeline import STAGES
@@ -116,6 +117,8 @@ def run_dag(stack: Stack, label: str, as_of: date, logical_date: datetime, conf:
     run_id = f"bench__{label}__{as_of.isoformat()}__{int(time.time())}"
     mine.add(run_id)
     cpu_before = {}
+    scheduler = stack.scheduler_pid()
+    scheduler_before = process_cpu_seconds(scheduler)
     if stack.sampler is not None:
         stack.sampler.reset_peak_total()
         cpu_before = stack.sampler.cpu_by_component()
@@ -126,6 +129,7 @@ def run_dag(stack: Stack, label: str, as_of: date, logical_date: datetime, conf:
     state = stack.wait(run_id, timeout)
     observed = time.perf_counter() - started
     cpu_after = stack.sampler.cpu_by_component() if stack.sampler is not None else {}
+    scheduler_after = process_cpu_seconds(scheduler)
     log(f"  {run_id}: {state} (observed by polling after {observed:.0f}s)")
     raw = {"label": label, "run_id": run_id, "as_of": as_of.isoformat(), "conf": full_conf}
     # CPU seconds of each component from the trigger until the bench saw the run end (polling
@@ -136,6 +140,13 @@ def run_dag(stack: Stack, label: str, as_of: date, logical_date: datetime, conf:
         "state": state,
         "observed_seconds": observed,
         "cpu_seconds": cpu,
+        # The scheduler process's own CPU (utime + stime + reaped children, /proc/<pid>/stat)
+        # over the same span; None if its pid was not found or it changed.
+        "scheduler_cpu_seconds": (
+            round(scheduler_after - scheduler_before, 2)
+            if scheduler_before is not None and scheduler_after is not None
+            else None
+        ),
         **collect(stack, run_id, as_of),
     }
 
@@ -143,7 +154,7 @@ def run_dag(stack: Stack, label: str, as_of: date, logical_date: datetime, conf:
 def collect(stack: Stack, run_id: str, as_of: date) -> dict[str, Any]:
     """What the run left: its metadata rows, the ingest XCom, the run report, the MLflow runs
     started between the trigger and the last task's end, and the sampled memory."""
-    db = stack.airflow_home / "airflow.db"
+    db = stack.metadata
     report_path = stack.data_dir / "reports" / f"{as_of.isoformat()}.json"
     dag_run = records.dag_run(db, run_id)
     tis = records.task_instances(db, run_id)
@@ -151,7 +162,8 @@ def collect(stack: Stack, run_id: str, as_of: date) -> dict[str, Any]:
     memory = sampler.by_task_instance() if sampler else {}
     queued = parse_ts(dag_run.get("queued_at"))
     end = max((parse_ts(t["end_date"]) for t in tis if t["end_date"]), default=None)
-    runs = records.mlflow_runs(stack.mlflow_uri, stack.artifacts_dir) if queued else []
+    login = stack.mlflow_login
+    runs = records.mlflow_runs(stack.mlflow_uri, stack.artifacts_dir, login=login) if queued else []
     mlflow_runs = [
         run
         for run in runs
@@ -354,6 +366,12 @@ def analyze(raw: dict[str, Any]) -> dict[str, Any]:
         "fetched": tickers["fetched"],
         "peak_total_rss_mb": raw["peak_total_rss_mb"],
         "cpu_seconds": raw.get("cpu_seconds") or {},
+        "scheduler_cpu_seconds": raw.get("scheduler_cpu_seconds"),
+        "scheduler_cpu_per_ticker": (
+            round(raw["scheduler_cpu_seconds"] / n, 4)
+            if n and raw.get("scheduler_cpu_seconds") is not None
+            else None
+        ),
         "executor": raw["executor"],
         "executor_workers": len(workers),
         "worker_peak_rss_mb": round(max((w["hwm_kb"] for w in workers), default=0) / 1024, 1),
