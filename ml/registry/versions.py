@@ -106,7 +106,7 @@ def outcome_of(instrument: Instrument, as_of: date, version: ModelVersion) -> Tr
     """What `train` reports for `as_of` when `version` already covers its bars: reused (trained
     for this very date) or skipped (trained for an earlier date; no new bars since)."""
     same_day = version.tags.get("logical_date") == as_of.isoformat()
-    metrics = json.loads(version.tags.get("test_u2", "{}"))
+    metrics, metrics_range_naive, intervals = version_figures(version)
     reason = (
         f"version {version.version} was already trained for {as_of} on the same data and config"
         if same_day
@@ -120,14 +120,22 @@ def outcome_of(instrument: Instrument, as_of: date, version: ModelVersion) -> Tr
         version.run_id,
         reason,
         metrics,
-        json.loads(version.tags.get("test_u2_range_naive", "{}")),
-        interval_figures(version),
+        metrics_range_naive,
+        intervals,
     )
 
 
-def interval_figures(version: ModelVersion) -> dict[str, Any]:
-    """The version's `test_intervals` tag, or {} for a version registered before quantiles."""
-    return json.loads(version.tags.get("test_intervals") or "{}")
+def version_figures(
+    version: ModelVersion,
+) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """The version's test-block figures from its tags: U2 against persistence, U2 against the
+    range-aware naive, and the quantiles' figures ({} for a version registered before them)."""
+    tags = version.tags
+    return (
+        json.loads(tags.get("test_u2", "{}")),
+        json.loads(tags.get("test_u2_range_naive", "{}")),
+        json.loads(tags.get("test_intervals") or "{}"),
+    )
 
 
 def reuse_outcome(

@@ -265,24 +265,16 @@ def forecast_row(forecast: ForecastRecord) -> dict[str, Any]:
     return {**{k: v for k, v in plain.items() if k != "quantiles"}, **plain["quantiles"]}
 
 
-def interval_figures(tag: str | None) -> IntervalFigures | None:
-    """A version's `test_intervals` tag as a record (None for a version without quantiles)."""
-    import json
-
-    data = json.loads(tag or "{}")
-    return from_plain(IntervalFigures, data) if data else None
-
-
 def coverage_of(version: Any) -> Coverage:
     """A registered MLflow model version (trained on a ticker's bars) as a record."""
-    import json
+    from ml.registry.versions import version_figures
 
-    tags = version.tags
+    metrics, metrics_range_naive, intervals = version_figures(version)
     return Coverage(
         version=str(version.version),
-        trained_for=tags.get("logical_date"),
-        gate_status=tags.get("gate_status"),
-        metrics=json.loads(tags.get("test_u2", "{}")),
-        metrics_range_naive=json.loads(tags.get("test_u2_range_naive", "{}")),
-        intervals=interval_figures(tags.get("test_intervals")),
+        trained_for=version.tags.get("logical_date"),
+        gate_status=version.tags.get("gate_status"),
+        metrics=metrics,
+        metrics_range_naive=metrics_range_naive,
+        intervals=from_plain(IntervalFigures, intervals) if intervals else None,
     )
