@@ -127,19 +127,31 @@ class PriceForecaster:
         low_ratio: np.ndarray | None = None,
     ) -> np.ndarray:
         """Prices (n, 4) of `point_log_ratios`."""
+        return self.forecast_windows(x, last_close, last_adj_close, high_ratio, low_ratio)[0]
+
+    def forecast_windows(
+        self,
+        x: np.ndarray,
+        last_close: np.ndarray,
+        last_adj_close: np.ndarray,
+        high_ratio: np.ndarray | None = None,
+        low_ratio: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The point prices (n, 4) and the quantile column -> (n,) prices (empty without
+        `intervals`), both from one computation of the point log-ratios."""
         import numpy as np
 
         if len(x) == 0:
-            return np.empty((0, len(TARGETS)))
+            return np.empty((0, len(TARGETS))), {}
         log_ratio = self.point_log_ratios(x, high_ratio, low_ratio)
         prices = np.stack([last_close, last_close, last_close, last_adj_close], axis=1)
-        return prices * np.exp(log_ratio)
+        return prices * np.exp(log_ratio), self.quantile_windows(x, last_close, log_ratio)
 
     def quantile_windows(
-        self, x: np.ndarray, last_close: np.ndarray, point: np.ndarray
+        self, x: np.ndarray, last_close: np.ndarray, log_ratio: np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Quantile column -> (n,) prices, for windows `x` whose point prices (n, 4) are `point`
-        (empty without `intervals`)."""
+        """Quantile column -> (n,) prices, for windows `x` whose point log-ratios (n, 4) are
+        `log_ratio` (empty without `intervals`)."""
         import numpy as np
 
         from ml.model.quantiles import QUANTILE_TARGETS
@@ -147,8 +159,7 @@ class PriceForecaster:
         if self.intervals is None or len(x) == 0:
             return {}
         order = [TARGETS.index(t) for t in QUANTILE_TARGETS]
-        log_point = np.log(point[:, order] / last_close[:, None])
-        logs = self.intervals.log_quantiles(x, self.features, log_point)
+        logs = self.intervals.log_quantiles(x, self.features, log_ratio[:, order])
         return {name: last_close * np.exp(value) for name, value in logs.items()}
 
     def residuals(self, part: WindowSet) -> np.ndarray:
@@ -191,7 +202,7 @@ class PriceForecaster:
         x = _relative_inputs(feats, self.window, self.features)
         high_ratio, low_ratio = trailing_ratios(feats, self.naive_lookback)
         ends = bars.iloc[self.window :].reset_index(drop=True)
-        prices = self.predict_windows(
+        prices, quantiles = self.forecast_windows(
             x,
             ends["Close"].to_numpy(dtype="float64"),
             ends["Adj Close"].to_numpy(dtype="float64"),
@@ -199,9 +210,7 @@ class PriceForecaster:
             low_ratio[self.window - 1 :],
         )
         out = pd.DataFrame(prices, columns=list(TARGETS))
-        for name, values in self.quantile_windows(
-            x, ends["Close"].to_numpy("float64"), prices
-        ).items():
+        for name, values in quantiles.items():
             out[name] = values
         out.insert(0, "Date", ends["Date"].to_numpy())
         return out

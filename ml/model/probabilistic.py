@@ -282,10 +282,9 @@ def score_block(forecaster: Any, split: SplitData, block: str = "test") -> Inter
     """`forecaster`'s quantiles on `split`'s `block`, scored beside both baselines (None when
     the forecaster has no quantiles)."""
     part = getattr(split, block)
-    point = forecaster.predict_windows(
+    _, quantiles = forecaster.forecast_windows(
         part.x, part.last_close, part.last_adj_close, part.high_ratio, part.low_ratio
     )
-    quantiles = forecaster.quantile_windows(part.x, part.last_close, point)
     if not quantiles:
         return None
     return score_intervals(part.actual, quantiles, block_baselines(split, block))
