@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from datetime import date
 from typing import Any, TypeVar
 
@@ -224,7 +223,6 @@ def run_day(request: DayRequest, settings: Settings) -> DayReport:
             print(f"error: the {name} step failed: {errors[name]}", file=sys.stderr)
             return None
 
-    day = DayResults(request)
     ingested = stage("ingest", lambda: ingest(request, settings))
     published = registered = orders = None
     if ingested is not None:
@@ -239,8 +237,8 @@ def run_day(request: DayRequest, settings: Settings) -> DayReport:
     trained = train_all(request, settings, orders or ())
     promoted = stage("promote", lambda: promote(request, settings, registered, trained))
     forecasted = stage("forecast", lambda: forecast(request, settings, published))
-    day = replace(
-        day,
+    day = DayResults(
+        request,
         ingested=ingested,
         published=published,
         registered=registered,
